@@ -1,0 +1,171 @@
+"""EDiT linear compressed attention (arXiv 2503.16726, DESIGN.md §1), as diffusers attention processors.
+
+The new layers (ConvFusion, Spatial Compressor) are attached to diffusers' own `Attention` module, so the
+teacher's `to_q / to_k / to_v / to_out` weights stay where they are and the model is still a diffusers model.
+The processor needs the latent grid (h, w) to run its convolutions; the EDiT transformer classes pass it as the
+`grid_size` attention kwarg.
+
+Shapes: B batch, N = h*w image tokens, M = ceil(h/s)*ceil(w/s) compressed tokens, C channels, H heads, d = C/H.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch import nn
+
+
+@dataclass(frozen=True)
+class EDiTConfig:
+    """Choices the paper leaves open; saved inside the transformer's config.json as `edit_config`."""
+
+    convfusion_reduction: int = 4  # r: ConvFusion's 3x3 conv maps C -> C/r channels
+    convfusion_groups: int = 8  # GroupNorm groups inside ConvFusion (clipped to divide C/r)
+    kv_stride: int = 2  # Spatial Compressor: depthwise 3x3 conv stride, M ~ N / stride^2
+    eps: float = 1e-6  # linear attention denominator epsilon (kept explicit for fp16 safety)
+    accumulate_fp32: bool = True  # compute S = mean K^T V and z = mean K in fp32 even in fp16 models
+    # MM-EDiT only
+    eta_mode: str = "token_count"  # "token_count": eta = N_I/(N_I+N_P); "exact": per-row softmax mass on images
+    softmax_projections: str = "teacher"  # "teacher": softmax terms use plain W_q/W_k/W_v (+QK-norm) of the teacher
+    convert_dual_attention: bool = True  # SD3.5: turn the image-only second attention (attn2) into EDiT too
+
+    def __post_init__(self):
+        if self.convfusion_reduction < 1 or self.kv_stride < 1:
+            raise ValueError("convfusion_reduction and kv_stride must be >= 1")
+        if self.eta_mode not in ("token_count", "exact"):
+            raise ValueError(f"eta_mode must be 'token_count' or 'exact', got {self.eta_mode!r}")
+        if self.softmax_projections != "teacher":
+            raise ValueError(f"softmax_projections supports only 'teacher', got {self.softmax_projections!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "EDiTConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (d or {}).items() if k in known})
+
+
+def _divisor_at_most(n: int, k: int) -> int:
+    return max(g for g in range(1, min(n, k) + 1) if n % g == 0)
+
+
+class ConvFusion(nn.Module):
+    """Z = Conv1x1_{C/r->C}(LeakyReLU(GroupNorm(Conv3x3_{C->C/r}(X)))): local context added to the queries."""
+
+    def __init__(self, dim: int, reduction: int, groups: int):
+        super().__init__()
+        hidden = max(dim // reduction, 1)
+        self.conv_in = nn.Conv2d(dim, hidden, 3, padding=1)
+        self.norm = nn.GroupNorm(_divisor_at_most(hidden, groups), hidden)
+        self.conv_out = nn.Conv2d(hidden, dim, 1)
+        # Zero last conv: a freshly converted model computes exactly the teacher's W_q X.
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, h, w)
+        return self.conv_out(F.leaky_relu(self.norm(self.conv_in(x))))  # (B, C, h, w)
+
+
+class SpatialCompressor(nn.Module):
+    """Depthwise 3x3 conv, stride s, padding 1: (B, C, h, w) -> (B, C, ceil(h/s), ceil(w/s))."""
+
+    def __init__(self, dim: int, stride: int):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim, 3, stride=stride, padding=1, groups=dim, bias=True)
+        # Local average: compressed tokens start as the mean of their neighbourhood.
+        nn.init.constant_(self.conv.weight, 1.0 / 9.0)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def tokens_to_grid(x: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    b, n, c = x.shape  # (B, N, C) -> (B, C, h, w)
+    return x.transpose(1, 2).reshape(b, c, grid_size[0], grid_size[1])
+
+
+def grid_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    b, c = x.shape[:2]  # (B, C, h, w) -> (B, h*w, C)
+    return x.reshape(b, c, -1).transpose(1, 2)
+
+
+def relu_linear_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float, accumulate_fp32: bool = True
+) -> torch.Tensor:
+    """y_i = (q_i S) / (q_i z + eps), S = mean_j k_j^T v_j, z = mean_j k_j, per head.
+
+    q: (B, H, N, d) and k: (B, H, M, d), already non-negative (ReLU feature map); v: (B, H, M, d).
+    Means instead of sums keep S and z at activation scale, so fp16 does not overflow on long sequences.
+    V is padded with a column of ones (LiteMLA / Sana trick): one matmul yields numerator and denominator.
+    """
+    out_dtype = q.dtype
+    if accumulate_fp32:
+        q, k, v = q.float(), k.float(), v.float()
+    m = k.shape[-2]
+    v1 = F.pad(v, (0, 1), value=1.0)  # (B, H, M, d+1)
+    kv = torch.matmul(k.transpose(-1, -2) * (1.0 / m), v1)  # (B, H, d, d+1): [S | z]
+    out = torch.matmul(q, kv)  # (B, H, N, d+1)
+    y = out[..., :-1] / (out[..., -1:] + eps)  # (B, H, N, d)
+    return y.to(out_dtype)
+
+
+def add_edit_layers(attn: Attention, config: EDiTConfig) -> None:
+    """Attach ConvFusion and the Spatial Compressors to a diffusers `Attention` module (weights untouched)."""
+    dim = attn.to_q.in_features
+    attn.conv_fusion = ConvFusion(dim, config.convfusion_reduction, config.convfusion_groups)
+    attn.k_compressor = SpatialCompressor(attn.to_k.out_features, config.kv_stride)
+    attn.v_compressor = SpatialCompressor(attn.to_v.out_features, config.kv_stride)
+
+
+def edit_qkv(attn: Attention, x: torch.Tensor, grid_size: tuple[int, int]):
+    """EDiT feature maps of image tokens x (B, N, C): Q (B,H,N,d), K (B,H,M,d) non-negative, V (B,H,M,d)."""
+    b = x.shape[0]
+    grid = tokens_to_grid(x, grid_size)  # (B, C, h, w)
+    z = grid_to_tokens(attn.conv_fusion(grid))  # (B, N, C)
+    q = F.relu(attn.to_q(x + z))  # (B, N, C)
+    k = F.relu(grid_to_tokens(attn.k_compressor(tokens_to_grid(attn.to_k(x), grid_size))))  # (B, M, C)
+    v = grid_to_tokens(attn.v_compressor(tokens_to_grid(attn.to_v(x), grid_size)))  # (B, M, C)
+    heads = attn.heads
+    q, k, v = (t.reshape(b, t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+    return q, k, v
+
+
+def merge_heads(y: torch.Tensor) -> torch.Tensor:
+    b, h, n, d = y.shape  # (B, H, N, d) -> (B, N, H*d)
+    return y.transpose(1, 2).reshape(b, n, h * d)
+
+
+class EDiTAttnProcessor:
+    """Linear compressed self-attention over image tokens (replaces a DiT block's self-attention)."""
+
+    def __init__(self, config: EDiTConfig):
+        self.config = config
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        grid_size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        if grid_size is None:
+            raise ValueError("EDiTAttnProcessor needs the latent grid: pass grid_size=(h, w)")
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("EDiT attention is self-attention over image tokens: no context, no mask")
+        q, k, v = edit_qkv(attn, hidden_states, grid_size)
+        y = relu_linear_attention(q, k, v, self.config.eps, self.config.accumulate_fp32)  # (B, H, N, d)
+        return attn.to_out[1](attn.to_out[0](merge_heads(y)))  # (B, N, C)
+
+
+class GridAwareAttnProcessor(AttnProcessor2_0):
+    """diffusers' SDPA processor that accepts (and ignores) the `grid_size` kwarg the EDiT blocks receive."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 grid_size=None):
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
