@@ -1,0 +1,86 @@
+"""Load a teacher (preset or local diffusers folder) and convert its transformer to EDiT / MM-EDiT."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from diffusers import DiffusionPipeline, PixArtTransformer2DModel, SD3Transformer2DModel
+
+from ..runtime.atomic import atomic_output_dir
+from ..runtime.errors import UserError
+from .edit_attention import EDiTConfig
+from .edit_pixart import EDiTPixArtTransformer2DModel
+from .mm_edit_sd3 import MMEDiTSD3Transformer2DModel
+from .presets import PRESETS
+
+logger = logging.getLogger(__name__)
+
+# arch name -> (teacher transformer class, student class, pipeline family)
+ARCHS = {
+    "edit": (PixArtTransformer2DModel, EDiTPixArtTransformer2DModel, "pixart"),
+    "mm-edit": (SD3Transformer2DModel, MMEDiTSD3Transformer2DModel, "sd3"),
+}
+SUPPORTED_PIPELINES = {"PixArtSigmaPipeline": "pixart", "PixArtAlphaPipeline": "pixart",
+                       "StableDiffusion3Pipeline": "sd3"}
+
+
+def load_pipeline(src: str | Path) -> DiffusionPipeline:
+    """A preset name or a local diffusers pipeline folder -> the pipeline (fp32, eval mode)."""
+    src = str(src)
+    if src in PRESETS:
+        return PRESETS[src].build()
+    path = Path(src)
+    if not path.exists():
+        raise UserError(f"{src!r} is neither a preset ({', '.join(PRESETS)}) nor an existing folder")
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise UserError(f"{src} is not a diffusers pipeline folder: model_index.json is missing")
+    try:
+        class_name = json.loads(index.read_text())["_class_name"]
+    except (ValueError, KeyError):
+        raise UserError(f"{index} is not a valid diffusers model_index.json") from None
+    if class_name not in SUPPORTED_PIPELINES:
+        raise UserError(f"{src} holds a {class_name}; expected one of {', '.join(SUPPORTED_PIPELINES)}")
+    try:
+        return DiffusionPipeline.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the pipeline in {src}: {str(e).splitlines()[0]}") from None
+
+
+def pipeline_family(pipe: DiffusionPipeline) -> str:
+    name = type(pipe).__name__
+    if name not in SUPPORTED_PIPELINES:
+        raise UserError(f"unsupported pipeline class {name}; expected one of {', '.join(SUPPORTED_PIPELINES)}")
+    return SUPPORTED_PIPELINES[name]
+
+
+def convert_pipeline(pipe: DiffusionPipeline, arch: str, edit: EDiTConfig | None = None) -> DiffusionPipeline:
+    """Swap the pipeline's transformer for its EDiT / MM-EDiT conversion (teacher weights copied)."""
+    teacher_cls, student_cls, family = ARCHS[arch]
+    transformer = pipe.transformer
+    if type(transformer) is not teacher_cls:
+        raise UserError(
+            f"--arch {arch} converts a {teacher_cls.__name__}; this pipeline's transformer is a "
+            f"{type(transformer).__name__}" + (" (already converted)" if isinstance(transformer, student_cls) else "")
+        )
+    student = student_cls.from_teacher(transformer, edit).eval()
+    pipe.register_modules(transformer=student)
+    logger.info("converted %s -> %s (%d layers)", teacher_cls.__name__, student_cls.__name__,
+                len(student.transformer_blocks))
+    return pipe
+
+
+def convert(src: str | Path, arch: str, out: str | Path, edit: EDiTConfig | None = None,
+            overwrite: bool = False) -> Path:
+    """`edit-mobile convert`: write a diffusers pipeline folder whose transformer is EDiT / MM-EDiT."""
+    if arch not in ARCHS:
+        raise UserError(f"unknown --arch {arch!r}; expected one of {', '.join(ARCHS)}")
+    pipe = load_pipeline(src)
+    pipe = convert_pipeline(pipe, arch, edit)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "edit_mobile.json").write_text(json.dumps(
+            {"source": str(src), "arch": arch, "edit_config": pipe.transformer.edit.to_dict()}, indent=2))
+    return Path(out)
