@@ -8,7 +8,7 @@ from pathlib import Path
 
 from diffusers import DiffusionPipeline, PixArtTransformer2DModel, SD3Transformer2DModel
 
-from ..runtime.atomic import atomic_output_dir
+from ..runtime.atomic import atomic_output_dir, check_output_free
 from ..runtime.errors import UserError
 from .edit_attention import EDiTConfig
 from .edit_pixart import EDiTPixArtTransformer2DModel
@@ -77,6 +77,7 @@ def convert(src: str | Path, arch: str, out: str | Path, edit: EDiTConfig | None
     """`edit-mobile convert`: write a diffusers pipeline folder whose transformer is EDiT / MM-EDiT."""
     if arch not in ARCHS:
         raise UserError(f"unknown --arch {arch!r}; expected one of {', '.join(ARCHS)}")
+    check_output_free(out, overwrite)
     pipe = load_pipeline(src)
     pipe = convert_pipeline(pipe, arch, edit)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:

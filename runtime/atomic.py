@@ -10,12 +10,17 @@ from pathlib import Path
 from .errors import UserError
 
 
+def check_output_free(out: str | Path, overwrite: bool = False) -> None:
+    """Fail early (before hours of work) if `out` exists and may not be replaced."""
+    if Path(out).exists() and not overwrite:
+        raise UserError(f"output folder {out} already exists (choose another --out or pass --overwrite)")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str | Path, overwrite: bool = False):
     """Yield a temporary folder next to `out`; it becomes `out` only if the block finishes without error."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"output folder {out} already exists (choose another --out or pass --overwrite)")
+    check_output_free(out, overwrite)
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise UserError(f"cannot write {out}: parent folder {parent} does not exist")

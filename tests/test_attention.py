@@ -1,0 +1,163 @@
+"""EDiT linear compressed attention and MM-EDiT hybrid attention against naive reference formulations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
+
+from edit_mobile.models.edit_attention import (
+    EDiTAttnProcessor,
+    EDiTConfig,
+    add_edit_layers,
+    edit_qkv,
+    relu_linear_attention,
+)
+from edit_mobile.models.mm_edit_attention import MMEDiTAttnProcessor
+
+torch.manual_seed(0)
+
+
+def naive_linear_attention(q, k, v, eps):
+    """The same formula with the (N x M) attention matrix materialised, in float64."""
+    q, k, v = q.double(), k.double(), v.double()
+    a = q @ k.transpose(-1, -2)  # (B, H, N, M)
+    m = k.shape[-2]
+    return ((a @ v) / m) / (a.sum(-1, keepdim=True) / m + eps)
+
+
+def randomize(module: torch.nn.Module) -> None:
+    """Give the freshly initialised (zero / constant) EDiT layers random weights so every path is exercised."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+
+
+def self_attention(dim=32, heads=2, config=None):
+    attn = Attention(query_dim=dim, heads=heads, dim_head=dim // heads, bias=True)
+    add_edit_layers(attn, config or EDiTConfig())
+    attn.set_processor(EDiTAttnProcessor(config or EDiTConfig()))
+    return attn.eval()
+
+
+@pytest.mark.parametrize("grid", [(8, 8), (7, 5), (9, 9)])
+def test_linear_attention_kernel_matches_naive(grid):
+    b, h, d = 3, 2, 16
+    n = grid[0] * grid[1]
+    q, k, v = F.relu(torch.randn(b, h, n, d)), F.relu(torch.randn(b, h, n // 4 + 1, d)), torch.randn(b, h, n // 4 + 1, d)
+    y = relu_linear_attention(q, k, v, eps=1e-6)
+    assert torch.allclose(y.double(), naive_linear_attention(q, k, v, 1e-6), atol=1e-5)
+
+
+@pytest.mark.parametrize("grid", [(8, 8), (7, 5), (5, 9)])
+def test_edit_processor_matches_naive_formula(grid):
+    attn = self_attention()
+    randomize(attn)
+    x = torch.randn(2, grid[0] * grid[1], 32)
+    with torch.no_grad():
+        y = attn(x, grid_size=grid)
+        # Reference: DESIGN.md §1 written out with explicit convolutions on the (B, C, h, w) grid.
+        g = x.transpose(1, 2).reshape(2, 32, *grid)
+        cf = attn.conv_fusion
+        z = F.conv2d(F.leaky_relu(cf.norm(F.conv2d(g, cf.conv_in.weight, cf.conv_in.bias, padding=1))),
+                     cf.conv_out.weight, cf.conv_out.bias)
+        q = F.relu(attn.to_q(x + z.flatten(2).transpose(1, 2)))
+
+        def compress(t, conv):
+            t = t.transpose(1, 2).reshape(2, 32, *grid)
+            return F.conv2d(t, conv.conv.weight, conv.conv.bias, stride=2, padding=1, groups=32).flatten(2).transpose(1, 2)
+
+        k = F.relu(compress(attn.to_k(x), attn.k_compressor))
+        v = compress(attn.to_v(x), attn.v_compressor)
+        assert k.shape[1] == ((grid[0] + 1) // 2) * ((grid[1] + 1) // 2)
+        heads = lambda t: t.reshape(2, t.shape[1], 2, 16).transpose(1, 2)  # noqa: E731
+        ref = naive_linear_attention(heads(q), heads(k), heads(v), 1e-6).float()
+        ref = attn.to_out[0](ref.transpose(1, 2).reshape(2, -1, 32))
+    assert torch.allclose(y, ref, atol=1e-5), (y - ref).abs().max()
+
+
+def test_fresh_conversion_queries_equal_teacher_relu_wq():
+    attn = self_attention()
+    x = torch.randn(2, 6 * 7, 32)
+    with torch.no_grad():
+        q, _, _ = edit_qkv(attn, x, (6, 7))
+        expected = F.relu(attn.to_q(x)).reshape(2, 42, 2, 16).transpose(1, 2)
+    assert torch.equal(q, expected)
+
+
+def test_true_fp16_large_activations_stay_finite():
+    """64x64 grid, activations of scale 30, computed in torch.half: finite and within 1e-2 of fp32."""
+    attn = self_attention(dim=64, heads=4)
+    randomize(attn)
+    x = torch.randn(1, 64 * 64, 64) * 30
+    with torch.no_grad():
+        y32 = attn(x, grid_size=(64, 64))
+        y16 = attn.half()(x.half(), grid_size=(64, 64))
+    assert y16.dtype == torch.float16
+    assert torch.isfinite(y16).all()
+    rel = (y16.float() - y32).norm() / y32.norm()
+    assert rel < 1e-2, rel
+
+
+def test_fp16_without_mean_normalisation_would_overflow():
+    """Why the means matter: the same accumulation as plain sums over 1024 tokens overflows fp16."""
+    k = torch.full((1, 1, 1024, 16), 30.0, dtype=torch.float16)
+    v = torch.full((1, 1, 1024, 16), 30.0, dtype=torch.float16)
+    assert not torch.isfinite(k.transpose(-1, -2) @ v).all()
+    q = torch.ones(1, 1, 4, 16, dtype=torch.float16)
+    assert torch.isfinite(relu_linear_attention(q, k, v, 1e-6, accumulate_fp32=False)).all()
+
+
+def joint_attention(dim=32, heads=2, context_pre_only=False):
+    attn = Attention(query_dim=dim, cross_attention_dim=None, added_kv_proj_dim=dim, dim_head=dim // heads,
+                     heads=heads, out_dim=dim, context_pre_only=context_pre_only, bias=True, qk_norm="rms_norm",
+                     eps=1e-6, processor=JointAttnProcessor2_0())
+    return attn.eval()
+
+
+@pytest.mark.parametrize("eta_mode", ["token_count", "exact"])
+def test_mm_edit_prompt_rows_exact_and_image_rows_follow_formula(eta_mode):
+    config = EDiTConfig(eta_mode=eta_mode)
+    attn = joint_attention()
+    img, txt, grid = torch.randn(2, 5 * 6, 32), torch.randn(2, 7, 32), (5, 6)
+    with torch.no_grad():
+        teacher_img, teacher_txt = attn(img, encoder_hidden_states=txt)
+        add_edit_layers(attn, config)
+        randomize(attn.conv_fusion), randomize(attn.k_compressor), randomize(attn.v_compressor)
+        attn.set_processor(MMEDiTAttnProcessor(config))
+        y_img, y_txt = attn(img, encoder_hidden_states=txt, grid_size=grid)
+
+        # Prompt rows: the teacher's exact joint softmax.
+        assert torch.allclose(y_txt, teacher_txt, atol=1e-6)
+
+        # Image rows: eta * linear(image) + (1 - eta) * softmax(image -> prompt).
+        split = lambda t: t.reshape(2, t.shape[1], 2, 16).transpose(1, 2)  # noqa: E731
+        q_i, k_i = attn.norm_q(split(attn.to_q(img))), attn.norm_k(split(attn.to_k(img)))
+        q_p, k_p = attn.norm_added_q(split(attn.add_q_proj(txt))), attn.norm_added_k(split(attn.add_k_proj(txt)))
+        v_p = split(attn.add_v_proj(txt))
+        s_ip = (q_i @ k_p.transpose(-1, -2)) / 4.0
+        cross = torch.softmax(s_ip, -1) @ v_p
+        lin = naive_linear_attention(*edit_qkv(attn, img, grid), 1e-6).float()
+        if eta_mode == "exact":
+            z_i = torch.exp((q_i @ k_i.transpose(-1, -2)) / 4.0).sum(-1, keepdim=True)
+            z_p = torch.exp(s_ip).sum(-1, keepdim=True)
+            eta = z_i / (z_i + z_p)
+        else:
+            eta = 30 / 37
+        ref = attn.to_out[0]((eta * lin + (1 - eta) * cross).transpose(1, 2).reshape(2, 30, 32))
+    assert torch.allclose(y_img, ref, atol=1e-5), (y_img - ref).abs().max()
+
+
+def test_mm_edit_context_pre_only_block_returns_image_rows():
+    attn = joint_attention(context_pre_only=True)
+    add_edit_layers(attn, EDiTConfig())
+    attn.set_processor(MMEDiTAttnProcessor(EDiTConfig()))
+    with torch.no_grad():
+        y_img, _ = attn(torch.randn(1, 16, 32), encoder_hidden_states=torch.randn(1, 3, 32), grid_size=(4, 4))
+    assert y_img.shape == (1, 16, 32) and torch.isfinite(y_img).all()
+
+
+def test_config_rejects_unknown_eta_mode():
+    with pytest.raises(ValueError, match="eta_mode"):
+        EDiTConfig(eta_mode="guess")
