@@ -67,7 +67,16 @@ class ConvFusion(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, h, w)
-        return self.conv_out(F.leaky_relu(self.norm(self.conv_in(x))))  # (B, C, h, w)
+        y = self.conv_in(x)  # (B, C/r, h, w)
+        # GroupNorm written out: torch's ONNX exporter builds nn.GroupNorm's reshapes from run-time shapes, which
+        # leaves every later shape in the graph unknown (and then wraps PixArt's final squeeze in an invalid If).
+        b, c, h, w = y.shape
+        yg = y.reshape(b, self.norm.num_groups, -1)  # (B, G, C/r/G * h * w)
+        mean = yg.mean(-1, keepdim=True)
+        var = (yg - mean).square().mean(-1, keepdim=True)
+        y = ((yg - mean) * torch.rsqrt(var + self.norm.eps)).reshape(b, c, h, w)
+        y = y * self.norm.weight[:, None, None] + self.norm.bias[:, None, None]
+        return self.conv_out(F.leaky_relu(y))  # (B, C, h, w)
 
 
 class SpatialCompressor(nn.Module):
@@ -85,13 +94,20 @@ class SpatialCompressor(nn.Module):
 
 
 def tokens_to_grid(x: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
-    b, n, c = x.shape  # (B, N, C) -> (B, C, h, w)
-    return x.transpose(1, 2).reshape(b, c, grid_size[0], grid_size[1])
+    """(B, N, C) -> (B, C, h, w) as a channels-last view of the same memory: no copy.
+
+    Tokens are stored row by row over the grid, so a contiguous (B, N, C) tensor already is an NHWC image.
+    PyTorch's CPU convolutions and GroupNorm keep channels-last inputs channels-last, so `grid_to_tokens` turns
+    their outputs back into tokens as views too. (The former transpose to contiguous NCHW and back cost two
+    strided full-size copies per tensor, more than the depthwise convolutions themselves.)
+    """
+    b, n, c = x.shape
+    return x.reshape(b, grid_size[0], grid_size[1], c).permute(0, 3, 1, 2)
 
 
 def grid_to_tokens(x: torch.Tensor) -> torch.Tensor:
-    b, c = x.shape[:2]  # (B, C, h, w) -> (B, h*w, C)
-    return x.reshape(b, c, -1).transpose(1, 2)
+    b, c = x.shape[:2]  # (B, C, h, w) -> (B, h*w, C): a view when x is channels-last, a copy otherwise
+    return x.permute(0, 2, 3, 1).reshape(b, -1, c)
 
 
 def relu_linear_attention(
@@ -102,12 +118,15 @@ def relu_linear_attention(
     q: (B, H, N, d) and k: (B, H, M, d), already non-negative (ReLU feature map); v: (B, H, M, d).
     Means instead of sums keep S and z at activation scale, so fp16 does not overflow on long sequences.
     V is padded with a column of ones (LiteMLA / Sana trick): one matmul yields numerator and denominator.
+    q, k, v may be head views of token-major (B, N, C) tensors (see `split_heads`): matmul reads them in place.
     """
     out_dtype = q.dtype
-    if accumulate_fp32:
+    if accumulate_fp32 and q.dtype != torch.float32:  # fp32 inputs need no cast (and no copy)
         q, k, v = q.float(), k.float(), v.float()
     m = k.shape[-2]
-    v1 = F.pad(v, (0, 1), value=1.0)  # (B, H, M, d+1)
+    # cat with ones rather than F.pad: the exporter computes F.pad's amounts at run time (unknown shapes).
+    v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # (B, H, M, d+1)
+    # Scale K before the sum (not S after it): the mean is what keeps a non-fp32 accumulation finite.
     kv = torch.matmul(k.transpose(-1, -2) * (1.0 / m), v1)  # (B, H, d, d+1): [S | z]
     out = torch.matmul(q, kv)  # (B, H, N, d+1)
     y = out[..., :-1] / (out[..., -1:] + eps)  # (B, H, N, d)
@@ -122,17 +141,23 @@ def add_edit_layers(attn: Attention, config: EDiTConfig) -> None:
     attn.v_compressor = SpatialCompressor(attn.to_v.out_features, config.kv_stride)
 
 
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, c = x.shape  # (B, N, C) -> (B, H, N, d): a view, no copy
+    return x.view(b, n, heads, c // heads).transpose(1, 2)
+
+
 def edit_qkv(attn: Attention, x: torch.Tensor, grid_size: tuple[int, int]):
-    """EDiT feature maps of image tokens x (B, N, C): Q (B,H,N,d), K (B,H,M,d) non-negative, V (B,H,M,d)."""
-    b = x.shape[0]
-    grid = tokens_to_grid(x, grid_size)  # (B, C, h, w)
+    """EDiT feature maps of image tokens x (B, N, C): Q (B,H,N,d), K (B,H,M,d) non-negative, V (B,H,M,d).
+
+    Everything stays token-major (channels-last on the grid): the grid and head splits are views, not copies.
+    """
+    x = x.contiguous()  # the grid view needs (B, N, C) memory order; a no-op for the usual contiguous input
+    grid = tokens_to_grid(x, grid_size)  # (B, C, h, w), channels-last view of x
     z = grid_to_tokens(attn.conv_fusion(grid))  # (B, N, C)
     q = F.relu(attn.to_q(x + z))  # (B, N, C)
     k = F.relu(grid_to_tokens(attn.k_compressor(tokens_to_grid(attn.to_k(x), grid_size))))  # (B, M, C)
     v = grid_to_tokens(attn.v_compressor(tokens_to_grid(attn.to_v(x), grid_size)))  # (B, M, C)
-    heads = attn.heads
-    q, k, v = (t.reshape(b, t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
-    return q, k, v
+    return tuple(split_heads(t.contiguous(), attn.heads) for t in (q, k, v))
 
 
 def merge_heads(y: torch.Tensor) -> torch.Tensor:

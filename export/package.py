@@ -1,0 +1,143 @@
+"""`edit-mobile export`: a preset or diffusers folder -> an artifact package (docs/package.md), atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..models.convert import load_pipeline, pipeline_family
+from ..runtime.atomic import atomic_output_dir, check_output_free
+from ..runtime.errors import UserError
+from .components import pipeline_components
+from .onnx_export import OPSET, export_onnx, onnx_parity
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+TARGETS = ("onnx", "ort-mobile")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tool_versions() -> dict:
+    names = ["edit-mobile", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "numpy"]
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def parse_resolution(text: str | int) -> tuple[int, int]:
+    """'512' or '512x768' (height x width) -> (height, width)."""
+    try:
+        parts = [int(p) for p in str(text).lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) <= 0:
+        raise UserError(f"--resolution must be N or HxW in pixels, got {text!r}")
+    return parts[0], parts[1]
+
+
+def convert_to_ort(model_path: Path) -> Path:
+    """ONNX Runtime's own converter: model.onnx -> model.ort (fixed optimizations, for minimal mobile builds)."""
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    convert_onnx_models_to_ort(model_path, output_dir=model_path.parent,
+                               optimization_styles=[OptimizationStyle.Fixed])
+    ort_path = model_path.with_suffix(".ort")
+    if not ort_path.is_file():
+        raise RuntimeError(f"ONNX Runtime's converter wrote no {ort_path.name}")
+    return ort_path
+
+
+def write_reduced_operator_config(package: Path, model_paths: list[Path]) -> Path:
+    """The operator list a minimal ONNX Runtime mobile build needs for these models (--include_ops_by_config)."""
+    from onnxruntime.tools.convert_onnx_models_to_ort import create_config_from_models
+
+    config = package / "required_operators.config"
+    create_config_from_models(model_paths, config, enable_type_reduction=False)
+    return config
+
+
+def export_package(src: str, out: str | Path, target: str = "onnx", resolution: str | int = 512,
+                   batch: int = 2, max_text_tokens: int | None = None, overwrite: bool = False) -> dict:
+    """Export every component of the pipeline in `src`; returns the manifest."""
+    if target not in TARGETS:
+        raise UserError(f"unknown --target {target!r}; expected one of {', '.join(TARGETS)}")
+    if batch not in (1, 2):
+        raise UserError(f"--batch must be 1 or 2, got {batch}")
+    if max_text_tokens is not None and max_text_tokens < 1:
+        raise UserError(f"--max-text-tokens must be positive, got {max_text_tokens}")
+    height, width = parse_resolution(resolution)
+    check_output_free(out, overwrite)
+    pipe = load_pipeline(src)
+    family = pipeline_family(pipe)
+    specs = pipeline_components(pipe, family, (height, width), batch, max_text_tokens)
+    vae = pipe.vae.config
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "source": str(src),
+        "family": family,
+        "architecture": type(pipe.transformer).__name__,
+        "edit_config": pipe.transformer.edit.to_dict() if hasattr(pipe.transformer, "edit") else None,
+        "target": target,
+        "resolution": [height, width],
+        "batch": batch,
+        "latent_shape": list(next(s for s in specs if s.name == "vae_decoder").inputs[0].shape[1:]),
+        "vae": {"scaling_factor": vae.scaling_factor, "shift_factor": vae.get("shift_factor")},
+        "transformer_out_channels": pipe.transformer.config.out_channels,
+        "text": {},
+        "scheduler": {"path": "scheduler/scheduler_config.json"},
+        "components": {},
+        "export": {},
+        "tools": tool_versions(),
+        "validation": None,
+    }
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        model_paths = []
+        for spec in tqdm(specs, desc="export", unit="component"):
+            start = time.perf_counter()
+            path = export_onnx(spec, tmp / spec.name)
+            parity = onnx_parity(spec, path)
+            seconds = time.perf_counter() - start
+            if target == "ort-mobile":
+                path = convert_to_ort(path)
+            model_paths.append(path)
+            manifest["components"][spec.name] = {
+                "path": str(path.relative_to(tmp)),
+                "precision": "fp32",
+                "opset": OPSET,
+                **spec.io_dict(),
+            }
+            manifest["export"][spec.name] = {"seconds": round(seconds, 2), "onnx_vs_torch_max_abs": parity}
+            if "tokenizer" in spec.extra:
+                tok_name = spec.extra["tokenizer"]
+                tokenizer = getattr(pipe, tok_name)
+                tokenizer.save_pretrained(tmp / tok_name)
+                manifest["text"][tok_name] = {"path": tok_name, "max_length": spec.extra["max_length"],
+                                              "pad_id": tokenizer.pad_token_id, "component": spec.name}
+        pipe.scheduler.save_config(tmp / "scheduler")
+        if target == "ort-mobile":
+            write_reduced_operator_config(tmp, model_paths)
+        for name, entry in manifest["components"].items():
+            entry["files"] = {str(f.relative_to(tmp)): sha256(f) for f in sorted((tmp / name).iterdir())
+                              if f.is_file()}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
