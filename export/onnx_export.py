@@ -32,7 +32,8 @@ def export_onnx(spec: ComponentSpec, out_dir: Path, seed: int = 0) -> Path:
     example = tuple(s.example(gen) for s in spec.inputs)
     module = spec.module.eval()
     path = out_dir / "model.onnx"
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp, torch.inference_mode(), warnings.catch_warnings():
+    # no_grad, not inference_mode: under inference_mode the exporter turns some parameter views into graph inputs.
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp, torch.no_grad(), warnings.catch_warnings():
         # Tracing warns about Python ints taken from shapes: intended, every shape is static.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
@@ -41,6 +42,7 @@ def export_onnx(spec: ComponentSpec, out_dir: Path, seed: int = 0) -> Path:
                           output_names=[s.name for s in spec.outputs], opset_version=OPSET, dynamo=False,
                           do_constant_folding=True)
         model = onnx.load(str(raw))  # also loads any external data the exporter scattered into tmp
+        inline_initializer_identities(model)
         large = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
         gathered = Path(tmp) / "gathered" / "model.onnx"
         gathered.parent.mkdir()
@@ -50,6 +52,27 @@ def export_onnx(spec: ComponentSpec, out_dir: Path, seed: int = 0) -> Path:
     check_onnx(path, spec)
     logger.info("exported %s: %.1f MB", spec.name, sum(f.stat().st_size for f in out_dir.iterdir()) / 1e6)
     return path
+
+
+def inline_initializer_identities(model: onnx.ModelProto) -> None:
+    """Replace `Identity(initializer)` nodes by the initializer itself.
+
+    The exporter deduplicates equal constants (a freshly converted EDiT has identical GroupNorm weights in every
+    layer) into Identity nodes, and ONNX Runtime's graph optimizer then drops such an Identity while a later node
+    still reads its output ("Node input ... is not a graph input, initializer, or output of a previous node").
+    """
+    initializers = {t.name for t in model.graph.initializer}
+    alias = {n.output[0]: n.input[0] for n in model.graph.node
+             if n.op_type == "Identity" and n.input[0] in initializers}
+    outputs = {o.name for o in model.graph.output}
+    alias = {k: v for k, v in alias.items() if k not in outputs}
+    keep = [n for n in model.graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    for node in keep:
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
 
 
 def save_onnx(model: onnx.ModelProto, path: Path, large: bool) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -14,21 +13,13 @@ from tqdm.auto import tqdm
 from ..models.convert import load_pipeline, pipeline_family
 from ..runtime.atomic import atomic_output_dir, check_output_free
 from ..runtime.errors import UserError
+from ..runtime.package import SCHEMA_VERSION, parse_resolution, sha256_file
 from .components import pipeline_components
 from .onnx_export import OPSET, export_onnx, onnx_parity
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 TARGETS = ("onnx", "ort-mobile")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def tool_versions() -> dict:
@@ -40,19 +31,6 @@ def tool_versions() -> dict:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     return versions
-
-
-def parse_resolution(text: str | int) -> tuple[int, int]:
-    """'512' or '512x768' (height x width) -> (height, width)."""
-    try:
-        parts = [int(p) for p in str(text).lower().split("x")]
-    except ValueError:
-        parts = []
-    if len(parts) == 1:
-        parts *= 2
-    if len(parts) != 2 or min(parts) <= 0:
-        raise UserError(f"--resolution must be N or HxW in pixels, got {text!r}")
-    return parts[0], parts[1]
 
 
 def convert_to_ort(model_path: Path) -> Path:
@@ -137,7 +115,7 @@ def export_package(src: str, out: str | Path, target: str = "onnx", resolution: 
         if target == "ort-mobile":
             write_reduced_operator_config(tmp, model_paths)
         for name, entry in manifest["components"].items():
-            entry["files"] = {str(f.relative_to(tmp)): sha256(f) for f in sorted((tmp / name).iterdir())
+            entry["files"] = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted((tmp / name).iterdir())
                               if f.is_file()}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest

@@ -66,17 +66,20 @@ class ConvFusion(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, h, w)
-        y = self.conv_in(x)  # (B, C/r, h, w)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, h, w), channels-last from tokens_to_grid
+        y = self.conv_in(x)  # (B, C/r, h, w), channels-last like x
+        b, c, h, w = y.shape
+        g = self.norm.num_groups
         # GroupNorm written out: torch's ONNX exporter builds nn.GroupNorm's reshapes from run-time shapes, which
         # leaves every later shape in the graph unknown (and then wraps PixArt's final squeeze in an invalid If).
-        b, c, h, w = y.shape
-        yg = y.reshape(b, self.norm.num_groups, -1)  # (B, G, C/r/G * h * w)
-        mean = yg.mean(-1, keepdim=True)
-        var = (yg - mean).square().mean(-1, keepdim=True)
-        y = ((yg - mean) * torch.rsqrt(var + self.norm.eps)).reshape(b, c, h, w)
-        y = y * self.norm.weight[:, None, None] + self.norm.bias[:, None, None]
-        return self.conv_out(F.leaky_relu(y))  # (B, C, h, w)
+        # It is computed on the token-major view (channels last) so that no NCHW copy is made on the way.
+        yt = y.permute(0, 2, 3, 1).reshape(b, h * w, g, c // g)  # (B, N, G, C/r/G): a view of y
+        mean = yt.mean((1, 3), keepdim=True)  # (B, 1, G, 1)
+        var = (yt - mean).square().mean((1, 3), keepdim=True)  # (B, 1, G, 1), biased like nn.GroupNorm
+        scale = torch.rsqrt(var + self.norm.eps) * self.norm.weight.view(g, c // g)  # (B, 1, G, C/r/G)
+        shift = self.norm.bias.view(g, c // g) - mean * scale
+        yt = F.leaky_relu(yt * scale + shift).reshape(b, h, w, c)  # (B, h, w, C/r): normalised, affine, LeakyReLU
+        return self.conv_out(yt.permute(0, 3, 1, 2))  # (B, C, h, w), channels-last
 
 
 class SpatialCompressor(nn.Module):

@@ -2,8 +2,9 @@
 
 Pretrained weights cannot be downloaded here, so every preset is built from configs with fixed seeds, with the
 real diffusers / transformers classes (the stock pipeline classes load them). Tokenizers are the real
-`T5Tokenizer` / `CLIPTokenizer` classes with small vocabularies trained locally with `tokenizers` on the bundled
-prompt list. A user with real weights points any command at a local diffusers folder instead.
+`T5Tokenizer` / `CLIPTokenizer` classes with small vocabularies trained with `tokenizers` on the bundled prompt
+list and shipped in models/assets (`scripts/train_tiny_tokenizers.py` remakes them; the BPE trainer breaks ties
+in a random order, so training at build time would not give the same tokenizer twice). A user with real weights points any command at a local diffusers folder instead.
 
 True-size presets (`pixart-sigma-xl`, `sd35-medium`) have the published transformer and VAE architectures; their
 text encoders keep the true width (so the transformer sees true-size prompt embeddings) but only one or two
@@ -27,8 +28,6 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from tokenizers import models, trainers
-from tokenizers.pre_tokenizers import ByteLevel
 from transformers import (
     CLIPTextConfig,
     CLIPTextModelWithProjection,
@@ -45,30 +44,21 @@ def bundled_prompts() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def build_t5_tokenizer(vocab_size: int = 600) -> T5Tokenizer:
-    """A real T5Tokenizer (Unigram, `</s>` appended) whose vocabulary is trained on the bundled prompts."""
-    backend = T5Tokenizer(extra_ids=0)._tokenizer  # T5's own normalizer / pre-tokenizer pipeline
-    backend.model = models.Unigram()
-    trainer = trainers.UnigramTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", shrinking_factor=0.75
-    )
-    backend.train_from_iterator(bundled_prompts(), trainer=trainer)
-    vocab = [tuple(p) for p in json.loads(backend.to_str())["model"]["vocab"]]
+def _asset_json(name: str) -> dict:
+    return json.loads(resources.files("edit_mobile.models").joinpath(f"assets/{name}").read_text(encoding="utf-8"))
+
+
+def build_t5_tokenizer() -> T5Tokenizer:
+    """A real T5Tokenizer (Unigram, `</s>` appended) with the shipped 325-piece vocabulary."""
+    vocab = [tuple(p) for p in _asset_json("tiny_t5_unigram.json")["vocab"]]
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
-def build_clip_tokenizer(vocab_size: int = 800, max_length: int = 77) -> CLIPTokenizer:
-    """A real CLIPTokenizer (byte-level BPE, `</w>` suffix) whose merges are trained on the bundled prompts."""
-    backend = CLIPTokenizer()._tokenizer  # CLIP's own normalizer / pre-tokenizer pipeline
-    backend.model = models.BPE(end_of_word_suffix="</w>", unk_token="<|endoftext|>")
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|startoftext|>", "<|endoftext|>"],
-        initial_alphabet=ByteLevel.alphabet(), end_of_word_suffix="</w>", show_progress=False,
-    )
-    backend.train_from_iterator(bundled_prompts(), trainer=trainer)
-    model = json.loads(backend.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    return CLIPTokenizer(vocab=model["vocab"], merges=merges, model_max_length=max_length)
+def build_clip_tokenizer(max_length: int = 77) -> CLIPTokenizer:
+    """A real CLIPTokenizer (byte-level BPE, `</w>` suffix) with the shipped 800-token vocabulary."""
+    bpe = _asset_json("tiny_clip_bpe.json")
+    merges = [tuple(m.split(" ")) for m in bpe["merges"]]
+    return CLIPTokenizer(vocab=bpe["vocab"], merges=merges, model_max_length=max_length)
 
 
 def _t5_encoder(vocab_size: int, d_model: int, layers: int, heads: int, d_ff: int) -> T5EncoderModel:

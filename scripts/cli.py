@@ -14,7 +14,7 @@ import sys
 from ..runtime.errors import UserError
 
 # name -> module under edit_mobile.scripts; each has build_parser(parser) and main(args)
-SUBCOMMANDS = ["convert", "export", "generate"]
+SUBCOMMANDS = ["convert", "export", "inspect", "generate", "validate"]
 
 
 def build_parser() -> argparse.ArgumentParser:

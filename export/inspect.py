@@ -1,0 +1,86 @@
+"""`edit-mobile inspect`: what is inside each exported graph, and what would stop it on a device."""
+
+from __future__ import annotations
+
+import collections
+import re
+from importlib import resources
+from pathlib import Path
+
+import onnx
+
+from ..runtime.errors import UserError
+from ..runtime.package import read_manifest
+
+# Execution providers whose supported-op lists ship with ONNX Runtime (onnxruntime/tools/mobile_helpers):
+# an op outside a list runs on the CPU instead of the accelerator (a partitioned, slower graph).
+EP_OP_LISTS = {"coreml": "coreml_supported_mlprogram_ops.md", "nnapi": "nnapi_supported_ops.md"}
+
+
+def supported_ops(ep: str) -> set[str]:
+    text = resources.files("onnxruntime.tools.mobile_helpers").joinpath(EP_OP_LISTS[ep]).read_text()
+    return {m.group(1) for m in re.finditer(r"^\|ai\.onnx:(\w+)\|", text, flags=re.M)}
+
+
+def _dims(value) -> list:
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            for d in value.type.tensor_type.shape.dim]
+
+
+def inspect_model(path: Path) -> dict:
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    ops = collections.Counter((f"{n.domain}:" if n.domain else "") + n.op_type for n in graph.node)
+    params = sum(int(_prod(t.dims)) for t in graph.initializer)
+    dynamic = [f"{v.name}{_dims(v)}" for v in [*graph.input, *graph.output]
+               if any(not isinstance(d, int) or d <= 0 for d in _dims(v))]
+    unknown_inner = sum(1 for v in graph.value_info if any(not isinstance(d, int) or d <= 0 for d in _dims(v)))
+    fp64 = [t.name for t in graph.initializer if t.data_type == onnx.TensorProto.DOUBLE]
+    fp64 += [v.name for v in graph.value_info if v.type.tensor_type.elem_type == onnx.TensorProto.DOUBLE]
+    files = [path, *[path.parent / e.value for t in graph.initializer for e in t.external_data if e.key == "location"]]
+    size = sum(f.stat().st_size for f in dict.fromkeys(files))
+    return {
+        "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])),
+        "parameters": params,
+        "size_mb": round(size / 1e6, 3),
+        "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import},
+        "dynamic_io_dims": dynamic,
+        "intermediate_values_with_unknown_shape": unknown_inner,
+        "fp64_tensors": fp64,
+        "ops_outside": {ep: sorted(op for op in ops if op not in supported_ops(ep)) for ep in EP_OP_LISTS},
+    }
+
+
+def _prod(dims) -> int:
+    out = 1
+    for d in dims:
+        out *= d
+    return out
+
+
+def inspect_package(package: str | Path) -> dict:
+    root = Path(package)
+    manifest = read_manifest(root)
+    report = {}
+    for name, entry in manifest["components"].items():
+        path = root / entry["path"]
+        onnx_path = path.with_suffix(".onnx")  # .ort packages keep their source .onnx beside the .ort file
+        if not onnx_path.is_file():
+            raise UserError(f"{name}: {onnx_path} is missing")
+        report[name] = {"precision": entry.get("precision"), **inspect_model(onnx_path)}
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = []
+    for name, r in report.items():
+        top = ", ".join(f"{op}×{n}" for op, n in list(r["ops"].items())[:8])
+        lines.append(f"{name}: {r['parameters'] / 1e6:.2f} M params, {r['size_mb']:.1f} MB, {r['precision']}, "
+                     f"opset {r['opset']}")
+        lines.append(f"  ops ({sum(r['ops'].values())}): {top}{' ...' if len(r['ops']) > 8 else ''}")
+        lines.append(f"  dynamic I/O dims: {r['dynamic_io_dims'] or 'none'}; fp64 tensors: "
+                     f"{len(r['fp64_tensors']) or 'none'}; values of unknown shape: "
+                     f"{r['intermediate_values_with_unknown_shape']}")
+        for ep, ops in r["ops_outside"].items():
+            lines.append(f"  outside the {ep} execution provider's op list: {', '.join(ops) or 'none'}")
+    return "\n".join(lines)

@@ -1,0 +1,184 @@
+"""`edit-mobile validate`: the same prompt, seed and noise through the diffusers PyTorch pipeline and through the
+package, compared per component, per denoising step and on the final image, with gates that fail."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..models.convert import load_pipeline, pipeline_family
+from ..runtime.backends import component_backend
+from ..runtime.errors import UserError
+from ..runtime.metrics import compare, psnr
+from ..runtime.package import Package, load_package, write_validation
+from ..runtime.pipeline import Text2ImagePipeline, initial_noise, to_uint8
+from .components import pipeline_components
+
+logger = logging.getLogger(__name__)
+
+# Minimum PSNR (dB) of every component against PyTorch fp32, by the component's precision in the manifest.
+COMPONENT_GATES_DB = {"fp32": 60.0, "fp16": 40.0, "int8-weights": 35.0, "int8-dynamic": 25.0, "int8-static": 25.0}
+IMAGE_GATE_DB = 40.0  # final image of an all-fp32 package against the PyTorch image
+
+
+@dataclass
+class ValidationOptions:
+    prompt: str = "a red circle on a white background"
+    negative_prompt: str = ""
+    steps: int = 20
+    guidance: float | None = None
+    seed: int = 0
+    transformer_checks: int = 3  # timesteps (first, middle, last, ...) at which the transformer is compared
+    min_component_psnr: float | None = None  # override every component gate
+    min_image_psnr: float | None = None
+
+
+def _to_np(x) -> np.ndarray:
+    return x.detach().cpu().float().numpy() if torch.is_tensor(x) else np.asarray(x)
+
+
+def run_reference(pipe, package: Package, opts: ValidationOptions, noise: np.ndarray, guidance: float):
+    """Run diffusers with the package's noise; record latents after each step and the transformer's inputs."""
+    family = package.family
+    latents, calls = [], []
+
+    def on_step_end(_pipe, _i, _t, kwargs):  # SD3's callback_on_step_end
+        latents.append(_to_np(kwargs["latents"]).copy())
+        return kwargs
+
+    def on_step(_i, _t, step_latents):  # PixArt-Σ's older callback(step, timestep, latents)
+        latents.append(_to_np(step_latents).copy())
+
+    def record_inputs(_module, args, kwargs):
+        sample = args[0] if args else kwargs["hidden_states"]
+        rec = {"sample": _to_np(sample), "timestep": _to_np(kwargs["timestep"]).astype(np.float32),
+               "encoder_hidden_states": _to_np(kwargs["encoder_hidden_states"])}
+        if family == "pixart":
+            rec["encoder_attention_mask"] = _to_np(kwargs["encoder_attention_mask"]).astype(np.float32)
+        else:
+            rec["pooled_projections"] = _to_np(kwargs["pooled_projections"])
+        calls.append(rec)
+
+    height, width = package.resolution
+    t5_length = package.text_for("text_encoder" if family == "pixart" else "text_encoder_3").max_length
+    kwargs = dict(prompt=opts.prompt, negative_prompt=opts.negative_prompt, num_inference_steps=opts.steps,
+                  guidance_scale=guidance, height=height, width=width, latents=torch.from_numpy(noise.copy()),
+                  output_type="np", max_sequence_length=t5_length)
+    if family == "pixart":
+        kwargs.update(clean_caption=False, use_resolution_binning=False, callback=on_step, callback_steps=1)
+    else:
+        kwargs.update(callback_on_step_end=on_step_end)
+    hook = pipe.transformer.register_forward_pre_hook(record_inputs, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            image = pipe(**kwargs).images[0]
+    finally:
+        hook.remove()
+    return image, latents, calls
+
+
+def _worst(results: list[dict]) -> dict:
+    return {"psnr_db": min(r["psnr_db"] for r in results),
+            "max_abs": None if any(r["max_abs"] is None for r in results) else max(r["max_abs"] for r in results),
+            "cosine": min(r["cosine"] for r in results), "finite": all(r["finite"] for r in results),
+            "checks": len(results)}
+
+
+def compare_components(pipe, package: Package, runtime: Text2ImagePipeline, opts: ValidationOptions,
+                       calls: list[dict], ref_latents: np.ndarray, ref_image: np.ndarray) -> dict:
+    """Each component on identical inputs: the exported graph vs its PyTorch module (the export wrappers)."""
+    specs = {s.name: s for s in pipeline_components(pipe, package.family, tuple(package.resolution),
+                                                    package.batch, None if package.family == "sd3" else
+                                                    package.text_for("text_encoder").max_length)}
+    inputs: dict[str, list[dict]] = {}
+    for name, tok in runtime.tokenizers.items():
+        enc = tok.encode(runtime._preprocess(opts.prompt))
+        feed = {"input_ids": enc.input_ids}
+        if "attention_mask" in {s.name for s in package.input_specs(name)}:
+            feed["attention_mask"] = enc.attention_mask
+        inputs[name] = [feed]
+    picks = np.unique(np.linspace(0, len(calls) - 1, min(opts.transformer_checks, len(calls))).round().astype(int))
+    inputs["transformer"] = [{k: v[: package.batch] for k, v in calls[i].items()} for i in picks]
+    vae = package.vae
+    unscaled = ref_latents / np.float32(vae["scaling_factor"]) + np.float32(vae.get("shift_factor") or 0.0)
+    inputs["vae_decoder"] = [{"latent_sample": unscaled.astype(np.float32)}]
+    image = (ref_image.astype(np.float32).transpose(2, 0, 1)[None] * 2.0 - 1.0).astype(np.float32)
+    inputs["vae_encoder"] = [{"sample": image}]
+
+    report = {}
+    for name in package.components:
+        if name not in specs:
+            raise UserError(f"the reference pipeline has no component {name!r}")
+        spec = specs[name]
+        backend = runtime.models.get(name) or component_backend(package, name, "ort")
+        out_names = [s.name for s in spec.outputs]
+        results = []
+        for feed in inputs[name]:
+            with torch.inference_mode():
+                ref = spec.module(*[torch.from_numpy(np.ascontiguousarray(feed[s.name])) for s in spec.inputs])
+            ref = [ref] if torch.is_tensor(ref) else list(ref)
+            got = backend.run({s.name: feed[s.name].astype(s.dtype) for s in spec.inputs})
+            results += [compare(_to_np(r), got[n].astype(np.float32)) for r, n in zip(ref, out_names)]
+        report[name] = {"precision": package.components[name].precision, **_worst(results)}
+    return report
+
+
+def validate(package_dir: str, reference: str | None = None, opts: ValidationOptions | None = None,
+             threads: int | None = None) -> dict:
+    opts = opts or ValidationOptions()
+    package = load_package(package_dir)
+    reference = reference or package.source
+    pipe = load_pipeline(reference)
+    if pipeline_family(pipe) != package.family:
+        raise UserError(f"reference {reference} is a {pipeline_family(pipe)} pipeline, the package {package.family}")
+    runtime = Text2ImagePipeline(package, threads=threads)
+    guidance = opts.guidance if opts.guidance is not None else {"pixart": 4.5, "sd3": 7.0}[package.family]
+    noise = initial_noise(package, opts.seed)
+
+    ref_image, ref_latents, calls = run_reference(pipe, package, opts, noise, guidance)
+    result = runtime(opts.prompt, opts.negative_prompt, steps=opts.steps, guidance=guidance, latents=noise)
+    if len(ref_latents) != len(result.latents):
+        raise RuntimeError(f"diffusers ran {len(ref_latents)} steps, the runtime {len(result.latents)}")
+
+    components = compare_components(pipe, package, runtime, opts, calls, ref_latents[-1], ref_image)
+    for entry in components.values():
+        gate = opts.min_component_psnr if opts.min_component_psnr is not None else \
+            COMPONENT_GATES_DB.get(entry["precision"], COMPONENT_GATES_DB["fp32"])
+        entry.update(gate_db=gate, passed=bool(entry["finite"] and entry["psnr_db"] >= gate))
+    trajectory = [{"step": i, "timestep": float(t), "psnr_db": psnr(r, g)}
+                  for i, (t, r, g) in enumerate(zip(result.timesteps, ref_latents, result.latents))]
+    ref_uint8 = (ref_image * 255).round().astype(np.uint8)
+    image_gate = opts.min_image_psnr if opts.min_image_psnr is not None else IMAGE_GATE_DB
+    image_psnr = psnr(ref_uint8.astype(np.float64), result.image.astype(np.float64), peak=255.0)
+    report = {
+        "passed": False,
+        "package": str(package_dir),
+        "reference": str(reference),
+        "prompt": opts.prompt, "negative_prompt": opts.negative_prompt, "steps": opts.steps,
+        "guidance": guidance, "seed": opts.seed,
+        "components": components,
+        "trajectory": trajectory,
+        "image": {"psnr_db": image_psnr, "gate_db": image_gate, "passed": image_psnr >= image_gate},
+    }
+    report["passed"] = bool(report["image"]["passed"] and all(c["passed"] for c in components.values()))
+    write_validation(package, report)
+    return report
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{'component':<16}{'precision':<14}{'PSNR dB':>9}{'gate':>7}{'max abs':>11}{'cosine':>10}  result"]
+    for name, c in report["components"].items():
+        max_abs = "non-finite" if c["max_abs"] is None else f"{c['max_abs']:.2e}"
+        lines.append(f"{name:<16}{c['precision']:<14}{c['psnr_db']:>9.1f}{c['gate_db']:>7.0f}{max_abs:>11}"
+                     f"{c['cosine']:>10.6f}  {'ok' if c['passed'] else 'FAIL'}")
+    traj = report["trajectory"]
+    lines.append(f"trajectory: {len(traj)} steps, latent PSNR min {min(t['psnr_db'] for t in traj):.1f} dB, "
+                 f"last {traj[-1]['psnr_db']:.1f} dB")
+    img = report["image"]
+    lines.append(f"image: PSNR {img['psnr_db']:.1f} dB (gate {img['gate_db']:.0f})  "
+                 f"{'ok' if img['passed'] else 'FAIL'}")
+    lines.append("PASSED" if report["passed"] else "FAILED")
+    return "\n".join(lines)

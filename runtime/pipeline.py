@@ -1,0 +1,224 @@
+"""The text-to-image loop on an artifact package (numpy + a backend, no torch), step for step as diffusers does it.
+
+PixArt-Σ (PixArtSigmaPipeline) and SD3 (StableDiffusion3Pipeline):
+  tokenize -> text encoder(s) -> scheduler loop with classifier-free guidance (uncond first) -> VAE decoder -> uint8.
+Initial noise comes from numpy (`initial_noise`), so `edit-mobile validate` can hand the very same array to
+diffusers as `latents`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .backends import BACKENDS, component_backend, to_numpy_dtype
+from .errors import UserError
+from .package import Package, load_package
+from .schedulers import scheduler_from_config
+from .tokenizer import PromptTokenizer
+
+DEFAULT_GUIDANCE = {"pixart": 4.5, "sd3": 7.0}  # diffusers' pipeline defaults
+
+
+def initial_noise(package: Package, seed: int) -> np.ndarray:
+    """float32 (1, C, h, w) standard normal noise from `seed`, NOT yet scaled by the scheduler's init_noise_sigma.
+
+    Pass it to diffusers as `latents=`: PixArtSigmaPipeline multiplies passed latents by init_noise_sigma (as
+    `Text2ImagePipeline` does), StableDiffusion3Pipeline uses them as they are (as `Text2ImagePipeline` does).
+    """
+    return np.random.default_rng(seed).standard_normal((1, *package.latent_shape), dtype=np.float32)
+
+
+@dataclass
+class GenerationResult:
+    image: np.ndarray  # uint8 (H, W, 3)
+    latents: list[np.ndarray]  # latents after each step, float32 (1, C, h, w)
+    initial_latents: np.ndarray  # the loop's starting latents (noise * init_noise_sigma where diffusers scales)
+    timesteps: np.ndarray
+    # Only with record=True:
+    text_embeddings: dict[str, np.ndarray] = field(default_factory=dict)  # name -> array, CFG batch (uncond, cond)
+    transformer_inputs: list[list[dict[str, np.ndarray]]] = field(default_factory=list)  # per step, per call
+    noise_preds: list[np.ndarray] = field(default_factory=list)  # per step, after guidance / learned-sigma cut
+    decoded: np.ndarray | None = None  # VAE decoder output, float32 (1, 3, H, W)
+
+
+class Text2ImagePipeline:
+    """`Text2ImagePipeline(package)("a cat")` -> GenerationResult with a uint8 image."""
+
+    def __init__(self, package: Package | str | Path, backend: str = "ort", threads: int | None = None,
+                 optimization: str = "all", providers: list[str] | None = None, progress: bool = True):
+        if backend not in BACKENDS:
+            raise UserError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+        self.package = package if isinstance(package, Package) else load_package(package)
+        self.family = self.package.family
+        self.progress = progress
+        try:
+            self._scheduler_config = self.package.scheduler_config()
+            scheduler_from_config(self._scheduler_config)  # fail now on an unsupported scheduler, not mid-call
+        except ValueError as e:
+            raise UserError(f"package scheduler: {e}") from None
+        encoders = ["text_encoder"] if self.family == "pixart" else ["text_encoder", "text_encoder_2", "text_encoder_3"]
+        kw = dict(threads=threads, optimization=optimization, providers=providers)
+        self.tokenizers = {}
+        for name in encoders:
+            spec = self.package.text_for(name)
+            self.tokenizers[name] = PromptTokenizer(spec.path, spec.max_length, spec.pad_id)
+        self.models = {name: component_backend(self.package, name, backend, **kw)
+                       for name in [*encoders, "transformer", "vae_decoder"]}
+        self._specs = {name: {s.name: s for s in self.package.input_specs(name)} for name in self.models}
+
+    # --- components ----------------------------------------------------------------------------------------------
+    def _run(self, name: str, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        """Run one component, casting inputs to the manifest dtypes (fp16 packages) and outputs to float32."""
+        specs = self._specs[name]
+        cast = {k: np.ascontiguousarray(v, dtype=to_numpy_dtype(specs[k].dtype)) if k in specs else v
+                for k, v in inputs.items()}
+        out = self.models[name].run(cast)
+        return {k: v.astype(np.float32, copy=False) if np.issubdtype(v.dtype, np.floating) else v
+                for k, v in out.items()}
+
+    def _preprocess(self, text: str) -> str:
+        # PixArtSigmaPipeline._text_preprocessing with clean_caption off (its bs4 / ftfy cleaning is not reproduced).
+        return text.lower().strip() if self.family == "pixart" else text
+
+    def encode_prompt(self, prompt: str) -> dict[str, np.ndarray]:
+        """One prompt's transformer conditioning, batch 1.
+
+        pixart: {"encoder_hidden_states": (1,T,D), "encoder_attention_mask": f32 (1,T)};
+        sd3: {"encoder_hidden_states": (1,77+T,D), "pooled_projections": (1,P_1+P_2)}.
+        """
+        prompt = self._preprocess(prompt)
+        if self.family == "pixart":
+            enc = self.tokenizers["text_encoder"].encode(prompt)
+            hidden = self._run("text_encoder", input_ids=enc.input_ids,
+                               attention_mask=enc.attention_mask)["last_hidden_state"]
+            return {"encoder_hidden_states": hidden, "encoder_attention_mask": enc.attention_mask.astype(np.float32)}
+        clip_hidden, pooled = [], []
+        for name in ("text_encoder", "text_encoder_2"):
+            out = self._run(name, input_ids=self.tokenizers[name].encode(prompt).input_ids)
+            clip_hidden.append(out["hidden_states"])
+            pooled.append(out["text_embeds"])
+        t5 = self._run("text_encoder_3",
+                       input_ids=self.tokenizers["text_encoder_3"].encode(prompt).input_ids)["last_hidden_state"]
+        clip = np.concatenate(clip_hidden, axis=-1)
+        if clip.shape[-1] > t5.shape[-1]:
+            raise UserError(f"package: CLIP width {clip.shape[-1]} exceeds the T5 width {t5.shape[-1]}")
+        clip = np.pad(clip, ((0, 0), (0, 0), (0, t5.shape[-1] - clip.shape[-1])))
+        return {"encoder_hidden_states": np.concatenate([clip, t5], axis=1),
+                "pooled_projections": np.concatenate(pooled, axis=-1)}
+
+    def _denoise(self, latent_input: np.ndarray, t, cond: dict[str, np.ndarray], record: list | None) -> np.ndarray:
+        """Transformer on the (CFG-)batched input; a batch-1 package gets one call per batch row."""
+        rows = latent_input.shape[0]
+        timestep = np.full((rows,), t, dtype=np.float32)
+        batch = self.package.batch
+        outs = []
+        for start in range(0, rows, batch):
+            inputs = {"sample": latent_input[start:start + batch], "timestep": timestep[start:start + batch],
+                      **{k: v[start:start + batch] for k, v in cond.items()}}
+            if inputs["sample"].shape[0] < batch:  # no CFG on a batch-2 package: repeat the row, keep the first
+                inputs = {k: np.concatenate([v] * batch) for k, v in inputs.items()}
+            if record is not None:
+                record.append(inputs)
+            outs.append(self._run("transformer", **inputs)["out_sample"][: rows - start])
+        return np.concatenate(outs) if len(outs) > 1 else outs[0]
+
+    def decode(self, latents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Final latents -> (uint8 (H,W,3) image, raw decoder output (1,3,H,W))."""
+        vae = self.package.vae
+        latents = latents / np.float32(vae["scaling_factor"])
+        if vae.get("shift_factor") is not None:
+            latents = latents + np.float32(vae["shift_factor"])
+        decoded = self._run("vae_decoder", latent_sample=latents)["sample"]
+        return to_uint8(decoded), decoded
+
+    # --- the loop ------------------------------------------------------------------------------------------------
+    def __call__(self, prompt: str, negative_prompt: str = "", steps: int = 20, guidance: float | None = None,
+                 seed: int = 0, latents: np.ndarray | None = None,
+                 callback: Callable[[int, object, np.ndarray], None] | None = None,
+                 record: bool = False) -> GenerationResult:
+        """Generate one image. `latents` (unscaled noise, (1,C,h,w)) overrides `seed`; `record` keeps the text
+        embeddings, every transformer input and every guided noise prediction (memory: steps x inputs)."""
+        if steps < 1:
+            raise UserError(f"steps must be >= 1, got {steps}")
+        guidance = DEFAULT_GUIDANCE[self.family] if guidance is None else float(guidance)
+        do_cfg = guidance > 1.0  # as diffusers: guidance <= 1 runs the conditional branch only
+        C = self.package.latent_shape[0]
+
+        cond = self.encode_prompt(prompt)
+        if do_cfg:
+            uncond = self.encode_prompt(negative_prompt or "")
+            cond = {k: np.concatenate([uncond[k], cond[k]]) for k in cond}
+
+        scheduler = scheduler_from_config(self._scheduler_config)
+        scheduler.set_timesteps(steps)
+        if latents is None:
+            latents = initial_noise(self.package, seed)
+        latents = np.asarray(latents, dtype=np.float32)
+        if latents.shape != (1, *self.package.latent_shape):
+            raise ValueError(f"latents have shape {latents.shape}, expected {(1, *self.package.latent_shape)}")
+        if self.family == "pixart":  # PixArtSigmaPipeline.prepare_latents scales passed latents; SD3's does not
+            latents = latents * np.float32(scheduler.init_noise_sigma)
+        result = GenerationResult(image=None, latents=[], initial_latents=latents, timesteps=scheduler.timesteps)
+        if record:
+            result.text_embeddings = dict(cond)
+
+        for i, t in enumerate(tqdm(scheduler.timesteps, desc="generate", unit="step", disable=not self.progress)):
+            latent_input = np.concatenate([latents] * 2) if do_cfg else latents
+            if self.family == "pixart":  # SD3's pipeline does not call scale_model_input
+                latent_input = scheduler.scale_model_input(latent_input, t)
+            calls = [] if record else None
+            noise = self._denoise(latent_input, t, cond, calls)
+            if do_cfg:
+                noise_uncond, noise_text = noise[:1], noise[1:]
+                noise = noise_uncond + guidance * (noise_text - noise_uncond)
+            if self.package.transformer_out_channels == 2 * C:  # PixArt's learned sigma: keep the noise half
+                noise = noise[:, :C]
+            latents = np.asarray(scheduler.step(noise, t, latents), dtype=np.float32)
+            result.latents.append(latents)
+            if record:
+                result.transformer_inputs.append(calls)
+                result.noise_preds.append(noise)
+            if callback is not None:
+                callback(i, t, latents)
+
+        result.image, decoded = self.decode(latents)
+        if record:
+            result.decoded = decoded
+        return result
+
+
+def to_uint8(decoded: np.ndarray) -> np.ndarray:
+    """VAE output (1,3,H,W) in [-1,1] -> uint8 (H,W,3), as diffusers' postprocess + numpy_to_pil."""
+    image = np.clip(decoded[0] * np.float32(0.5) + np.float32(0.5), 0, 1).transpose(1, 2, 0)
+    return (image * 255).round().astype(np.uint8)
+
+
+def save_png(image: np.ndarray, path: str | Path) -> Path:
+    """Write a uint8 (H,W,3) image as PNG atomically (temporary file in the same folder, then rename)."""
+    from PIL import Image
+
+    image = np.ascontiguousarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"cannot write {path}: folder {parent} does not exist")
+    tmp = parent / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            Image.fromarray(image).save(f, format="PNG")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

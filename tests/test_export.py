@@ -1,0 +1,127 @@
+"""Export -> generate -> validate on the tiny presets (teacher and EDiT / MM-EDiT), graph checks, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import onnx
+import pytest
+
+from edit_mobile.export.inspect import inspect_package
+from edit_mobile.scripts.cli import main as cli
+
+# (package name, SRC key in tiny_dirs, target)
+CASES = [("pixart", "tiny-pixart", "onnx"), ("pixart-edit", "tiny-pixart-edit-trained", "ort-mobile"),
+         ("sd3", "tiny-sd3", "onnx"), ("sd3-mm-edit", "tiny-sd3-mm-edit-trained", "onnx")]
+
+
+@pytest.fixture(scope="module")
+def packages(tiny_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("packages")
+    out = {}
+    for name, src, target in CASES:
+        out[name] = root / name
+        assert cli(["export", str(tiny_dirs[src]), "--target", target, "--resolution", "256",
+                    "--out", str(out[name])]) == 0
+    return out
+
+
+@pytest.mark.parametrize("name", [c[0] for c in CASES])
+def test_export_generate_validate(packages, tmp_path, name):
+    pkg = packages[name]
+    assert cli(["generate", str(pkg), "--prompt", "a red circle", "--steps", "4", "--out",
+                str(tmp_path / "x.png")]) == 0
+    assert (tmp_path / "x.png").stat().st_size > 0
+    report_path = tmp_path / "report.json"
+    assert cli(["validate", str(pkg), "--steps", "4", "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["passed"] is True
+    assert set(report["components"]) >= {"transformer", "vae_decoder", "text_encoder"}
+    assert all(c["psnr_db"] >= 60 for c in report["components"].values())
+    assert len(report["trajectory"]) == 4 and report["image"]["psnr_db"] >= 40
+    assert json.loads((pkg / "manifest.json").read_text())["validation"]["passed"] is True
+
+
+def test_graphs_are_static_and_clean(packages):
+    for name, pkg in packages.items():
+        for comp, r in inspect_package(pkg).items():
+            assert r["dynamic_io_dims"] == [] and r["fp64_tensors"] == [], (name, comp)
+            assert r["intermediate_values_with_unknown_shape"] == 0, (name, comp)
+            assert "If" not in r["ops"], (name, comp)
+
+
+def test_ort_mobile_package_has_ort_files_and_operator_config(packages):
+    pkg = packages["pixart-edit"]
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    assert all(c["path"].endswith(".ort") for c in manifest["components"].values())
+    config = (pkg / "required_operators.config").read_text()
+    assert "ai.onnx;17;" in config and "Conv" in config
+
+
+def test_manifest_records_shapes_hashes_and_tools(packages):
+    manifest = json.loads((packages["sd3-mm-edit"] / "manifest.json").read_text())
+    assert manifest["schema_version"] == 1 and manifest["architecture"] == "MMEDiTSD3Transformer2DModel"
+    assert manifest["resolution"] == [256, 256] and manifest["latent_shape"] == [16, 32, 32]
+    spec = {i["name"]: i["shape"] for i in manifest["components"]["transformer"]["inputs"]}
+    assert spec["sample"] == [2, 16, 32, 32] and spec["encoder_hidden_states"] == [2, 77 + 256, 64]
+    assert all(len(h) == 64 for c in manifest["components"].values() for h in c["files"].values())
+    assert manifest["tools"]["onnx"] and manifest["tools"]["torch"]
+
+
+def test_model_over_2gb_limit_uses_external_data(tmp_path, monkeypatch):
+    """The external-data path, exercised on a tiny model by lowering the threshold."""
+    import edit_mobile.export.onnx_export as onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    assert cli(["export", "tiny-pixart", "--resolution", "256", "--out", str(tmp_path / "p")]) == 0
+    files = sorted(p.name for p in (tmp_path / "p" / "transformer").iterdir())
+    assert files == ["model.onnx", "model.onnx.data"]
+    model = onnx.load(str(tmp_path / "p" / "transformer" / "model.onnx"), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    assert cli(["validate", str(tmp_path / "p"), "--steps", "2"]) == 0
+
+
+def _corrupt(pkg, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(pkg, bad)
+    path = bad / "transformer" / "model.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return bad
+
+
+@pytest.mark.parametrize("command", ["generate", "validate"])
+def test_one_changed_byte_is_refused(packages, tmp_path, capsys, command):
+    bad = _corrupt(packages["pixart"], tmp_path)
+    extra = ["--prompt", "x", "--out", str(tmp_path / "x.png")] if command == "generate" else []
+    assert cli([command, str(bad), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "sha256 mismatch for transformer/model.onnx" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["export", "tiny-pixart", "--resolution", "250"], "must be a multiple of 16"),
+    (["export", "tiny-pixart", "--resolution", "big"], "--resolution must be N or HxW"),
+    (["export", "no-such-model", "--resolution", "256"], "neither a preset"),
+])
+def test_export_bad_input_writes_nothing(tmp_path, capsys, argv, message):
+    assert cli([*argv, "--out", str(tmp_path / "pkg")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "{pkg}", "--prompt", "x", "--backend", "tpu", "--out", "{tmp}/x.png"], "unknown backend"),
+    (["generate", "{pkg}", "--prompt", "x", "--resolution", "512", "--out", "{tmp}/x.png"],
+     "package was exported for 256x256"),
+    (["generate", "{tmp}", "--prompt", "x", "--out", "{tmp}/x.png"], "manifest.json"),
+    (["validate", "{pkg}", "--reference", "tiny-sd3"], "is a sd3 pipeline"),
+])
+def test_runtime_bad_input(packages, tmp_path, capsys, argv, message):
+    argv = [a.format(pkg=packages["pixart"], tmp=tmp_path) for a in argv]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
