@@ -1,0 +1,243 @@
+"""Training data for distillation: an image + caption folder or a synthetic source, and the cached encoder.
+
+Folder layout (docs/distillation.md): images and their captions side by side in one flat folder,
+
+    DATA/
+      0001.png   an image: .png .jpg .jpeg .webp, any size and aspect ratio
+      0001.txt   its caption: UTF-8 text with the same stem (an empty file is an empty prompt)
+      cat.jpg
+      cat.txt
+
+Every image needs a caption (the loader names the ones that lack it); subfolders are not searched. Images are
+resized so that the shorter side is the stage resolution and centre-cropped to a square.
+
+The synthetic source draws, deterministically from its index, one or two coloured shapes on a coloured background
+with a caption that says what is drawn ("a large red circle and a small blue square on a white background"):
+enough structure for tests and quick runs, no files needed. `--data synthetic` has 1024 items, `synthetic:N` N.
+
+`PipelineEncoder` turns captions into the pipeline's own text encodings and images into VAE latents. Both are
+cached in memory (up to a byte budget) and computed one item at a time, so an item's encoding does not depend
+on which other items happen to share its batch: a resumed run sees bit-identical inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from ..runtime.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+class FolderSource:
+    """Images with same-stem .txt captions in one flat folder (see the module docstring)."""
+
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise UserError(f"data folder {folder} does not exist (pass a folder of images + captions, or 'synthetic')")
+        self.images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not self.images:
+            raise UserError(f"data folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        missing = [p.name for p in self.images if not p.with_suffix(".txt").is_file()]
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise UserError(f"data folder {folder}: {len(missing)} image(s) without a same-stem .txt caption: {shown}")
+        self.captions = [p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in self.images]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def caption(self, index: int) -> str:
+        return self.captions[index]
+
+    def image(self, index: int, resolution: int) -> Image.Image:
+        try:
+            with Image.open(self.images[index]) as im:
+                return center_crop_resize(im.convert("RGB"), resolution)
+        except OSError as e:
+            raise UserError(f"cannot read image {self.images[index]}: {e}") from None
+
+
+def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
+    """Shorter side -> size (bicubic), then the central size x size square."""
+    w, h = image.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    image = image.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+COLORS = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
+    "orange": (245, 140, 30), "purple": (140, 60, 180), "pink": (240, 130, 180), "brown": (130, 80, 40),
+    "black": (20, 20, 20), "white": (245, 245, 245), "grey": (128, 128, 128),
+}
+SHAPES = ("circle", "square", "triangle", "ring")
+
+
+class SyntheticSource:
+    """Procedural shapes with matching captions; item i is the same image and caption on every call and rank."""
+
+    def __init__(self, size: int = 1024, seed: int = 0):
+        if size < 1:
+            raise UserError(f"synthetic data size must be >= 1, got {size}")
+        self.size, self.seed = size, seed
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _scene(self, index: int):
+        rng = random.Random(self.seed * 1_000_003 + index)  # ints hash deterministically: same scene everywhere
+        names = list(COLORS)
+        background = rng.choice(names)
+        shapes = []
+        for _ in range(rng.choice((1, 2))):
+            color = rng.choice([c for c in names if c != background])
+            big = rng.random() < 0.5
+            radius = rng.uniform(0.22, 0.32) if big else rng.uniform(0.1, 0.18)  # fraction of the image side
+            cx, cy = rng.uniform(radius, 1 - radius), rng.uniform(radius, 1 - radius)
+            shapes.append((color, rng.choice(SHAPES), "large" if big else "small", cx, cy, radius))
+        return background, shapes
+
+    def caption(self, index: int) -> str:
+        background, shapes = self._scene(index)
+        things = " and ".join(f"a {size} {color} {shape}" for color, shape, size, *_ in shapes)
+        return f"{things} on a {background} background"
+
+    def image(self, index: int, resolution: int) -> Image.Image:
+        background, shapes = self._scene(index)
+        image = Image.new("RGB", (resolution, resolution), COLORS[background])
+        draw = ImageDraw.Draw(image)
+        for color, shape, _, cx, cy, radius in shapes:
+            x, y, r = cx * resolution, cy * resolution, radius * resolution
+            box = (x - r, y - r, x + r, y + r)
+            if shape == "circle":
+                draw.ellipse(box, fill=COLORS[color])
+            elif shape == "square":
+                draw.rectangle(box, fill=COLORS[color])
+            elif shape == "triangle":
+                draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=COLORS[color])
+            else:
+                draw.ellipse(box, outline=COLORS[color], width=max(1, round(r / 3)))
+        return image
+
+
+def open_source(spec: str | Path, seed: int = 0):
+    """'synthetic' (1024 items) or 'synthetic:N' -> SyntheticSource; anything else is a data folder."""
+    name, _, size = str(spec).partition(":")
+    if name == "synthetic":
+        if size and not size.isdigit():
+            raise UserError(f"bad data source {spec!r}: expected a folder, 'synthetic' or 'synthetic:N'")
+        return SyntheticSource(int(size or 1024), seed)
+    return FolderSource(spec)
+
+
+def image_to_tensor(image: Image.Image):
+    import torch
+
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3) in [-1, 1]
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # (3, H, W)
+
+
+@dataclass
+class TextBatch:
+    """Transformer conditioning for one batch; `kwargs()` gives the keyword arguments of the transformer call."""
+
+    encoder_hidden_states: object  # (B, T, D)
+    encoder_attention_mask: object | None = None  # PixArt: (B, T) 1 = token, 0 = padding
+    pooled_projections: object | None = None  # SD3: (B, P)
+
+    def kwargs(self) -> dict:
+        out = {"encoder_hidden_states": self.encoder_hidden_states}
+        if self.encoder_attention_mask is not None:
+            out["encoder_attention_mask"] = self.encoder_attention_mask
+        if self.pooled_projections is not None:
+            out["pooled_projections"] = self.pooled_projections
+        return out
+
+
+class PipelineEncoder:
+    """Captions -> the pipeline's text encodings, images -> VAE latents; both cached (one item at a time).
+
+    PixArt-Σ: T5 hidden states with the attention mask; only the unpadded tokens are cached and a batch is padded
+    to its longest caption (the mask makes this equal to the pipeline's fixed-length padding).
+    SD3: the pipeline's joint CLIP-L/G + T5 prompt embeddings and pooled projections (no mask in SD3).
+    Latents: the VAE posterior mean, scaled (and shifted for SD3) as the pipeline expects.
+    """
+
+    def __init__(self, pipe, family: str, device, dtype, max_text_tokens: int | None = None,
+                 cache_bytes: int = 4 << 30):
+        self.pipe, self.family, self.device, self.dtype = pipe, family, device, dtype
+        self.max_text_tokens = max_text_tokens or (300 if family == "pixart" else 256)
+        self.cache_bytes, self.cached_bytes = cache_bytes, 0
+        self._text: dict[str, tuple] = {}
+        self._latents: dict[tuple, object] = {}
+
+    def _remember(self, cache: dict, key, value):
+        size = sum(t.numel() * t.element_size() for t in (value if isinstance(value, tuple) else (value,)))
+        if self.cached_bytes + size <= self.cache_bytes:
+            cache[key] = value
+            self.cached_bytes += size
+        return value
+
+    def _encode_caption(self, caption: str):
+        import torch
+
+        with torch.no_grad():
+            if self.family == "pixart":
+                # Encode at the caption's own length: under T5's attention mask the padding to max_text_tokens
+                # that the pipeline adds changes nothing for the caption's tokens, and costs up to 300 tokens.
+                text = self.pipe._text_preprocessing(caption, clean_caption=False)[0]
+                n_tokens = len(self.pipe.tokenizer(text, truncation=True, max_length=self.max_text_tokens).input_ids)
+                emb, mask, _, _ = self.pipe.encode_prompt(
+                    caption, do_classifier_free_guidance=False, device=self.device, clean_caption=False,
+                    max_sequence_length=n_tokens)
+                n = max(int(mask[0].sum()), 1)
+                return (emb[0, :n].to(self.dtype),)  # (n, D): the caption's tokens only
+            emb, _, pooled, _ = self.pipe.encode_prompt(
+                caption, caption, caption, device=self.device, do_classifier_free_guidance=False,
+                max_sequence_length=self.max_text_tokens)
+            return emb[0].to(self.dtype), pooled[0].to(self.dtype)  # (T, D), (P,)
+
+    def text(self, captions: list[str]) -> TextBatch:
+        import torch
+
+        items = [self._text.get(c) or self._remember(self._text, c, self._encode_caption(c)) for c in captions]
+        if self.family == "pixart":
+            n = max(item[0].shape[0] for item in items)
+            emb = torch.zeros(len(items), n, items[0][0].shape[-1], dtype=self.dtype, device=self.device)
+            mask = torch.zeros(len(items), n, dtype=torch.long, device=self.device)
+            for i, (e,) in enumerate(items):
+                emb[i, :e.shape[0]], mask[i, :e.shape[0]] = e, 1
+            return TextBatch(emb, encoder_attention_mask=mask)
+        return TextBatch(torch.stack([e for e, _ in items]), pooled_projections=torch.stack([p for _, p in items]))
+
+    def _encode_image(self, source, index: int, resolution: int):
+        import torch
+
+        vae = self.pipe.vae
+        pixels = image_to_tensor(source.image(index, resolution))[None].to(self.device, vae.dtype)
+        with torch.no_grad():
+            latent = vae.encode(pixels).latent_dist.mean[0]  # (C, R/8, R/8)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((latent - shift) * vae.config.scaling_factor).float()
+
+    def latents(self, source, indices: list[int], resolution: int):
+        import torch
+
+        out = []
+        for i in indices:
+            key = (i, resolution)
+            out.append(self._latents.get(key) if key in self._latents
+                       else self._remember(self._latents, key, self._encode_image(source, i, resolution)))
+        return torch.stack(out)  # (B, C, R/8, R/8), fp32

@@ -1,0 +1,238 @@
+"""Distillation: the loss goes down, the output exports, exact resume, two processes agree, data sources, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import edit_mobile.models  # noqa: F401  (registers the EDiT classes for diffusers' from_pretrained)
+from edit_mobile.models import EDiTPixArtTransformer2DModel
+from edit_mobile.models.data import FolderSource, SyntheticSource
+from edit_mobile.models.distill import DistillConfig, distill, parse_loss_weights, stage_plan, state_digest
+from edit_mobile.runtime.errors import UserError
+from edit_mobile.scripts.cli import main as cli
+
+FAST = ["--resolution", "64", "--batch-size", "2", "--data", "synthetic:8"]  # 64 px: 4x4 tokens on the tiny presets
+
+
+def _state(out):
+    return json.loads((out / "trainer_state.json").read_text())
+
+
+def _weights(folder):
+    return EDiTPixArtTransformer2DModel.from_pretrained(folder / "transformer").state_dict()
+
+
+def test_cli_distill_lowers_loss_and_writes_an_exportable_pipeline(tiny_dirs, tmp_path):
+    from edit_mobile.export.package import export_package
+    from edit_mobile.models.convert import load_pipeline
+
+    out = tmp_path / "distilled"
+    argv = ["distill", "--teacher", "tiny-pixart", "--student", str(tiny_dirs["tiny-pixart-edit"]),
+            "--out", str(out), "--steps", "20", "--checkpoint-every", "10", *FAST]
+    assert cli(argv) == 0
+    state = _state(out)
+    assert state["eval"]["20"]["loss"] < state["eval"]["0"]["loss"]
+    rows = list(csv.DictReader((out / "losses.csv").open()))
+    assert [int(r["step"]) for r in rows] == list(range(1, 21))
+    assert (out / "losses.png").stat().st_size > 0
+    for step in (10, 20):
+        ckpt = out / "checkpoints" / f"step-{step}"
+        for name in ("transformer/diffusion_pytorch_model.safetensors", "optimizer.bin", "distill_config.json",
+                     "trainer_state.json"):
+            assert (ckpt / name).is_file(), name
+    assert DistillConfig.load(out / "distill_config.json").steps == 20
+
+    pipe = load_pipeline(out)
+    assert type(pipe.transformer) is EDiTPixArtTransformer2DModel
+    before, after = _weights(tiny_dirs["tiny-pixart-edit"]), pipe.transformer.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert state["rank_weight_digests"] == [state_digest(pipe.transformer)]
+    manifest = export_package(str(out), tmp_path / "pkg", resolution=64, batch=1)
+    assert "transformer" in manifest["components"]
+
+
+def test_distillation_losses_go_down(tiny_dirs, tmp_path):
+    # The tiny teacher has random weights, so its task loss pulls the student away from it: train on the
+    # distillation terms alone and check that both come down on the fixed evaluation batch.
+    config = DistillConfig(teacher=str(tiny_dirs["tiny-pixart"]), student=str(tiny_dirs["tiny-pixart-edit"]),
+                           out=str(tmp_path / "d"), steps=6, resolutions=[64], batch_size=2, data="synthetic:8",
+                           loss_weights={"task": 0.0, "output": 1.0, "feature": 1.0}, checkpoint_every=6)
+    summary = distill(config)
+    start, end = summary["eval_start"], summary["eval_end"]
+    assert end["output"] < start["output"] and end["feature"] < 0.8 * start["feature"], (start, end)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_dirs, tmp_path):
+    def config(out):
+        return DistillConfig(teacher=str(tiny_dirs["tiny-pixart"]), student=str(tiny_dirs["tiny-pixart-edit"]),
+                             out=str(out), steps=4, resolutions=[64], batch_size=2, data="synthetic:8", grad_accum=2,
+                             checkpoint_every=2, keep_checkpoints=3)
+
+    full = tmp_path / "full"
+    distill(config(full))
+    # An interrupted run: its folder holds the config, the step-2 checkpoint and losses logged past it.
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step-2", part / "checkpoints" / "step-2")
+    for name in ("distill_config.json", "losses.csv"):
+        shutil.copy(full / name, part / name)
+    distill(config(part), resume=True)
+
+    a, b = _weights(full), _weights(part)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logged = [[r["loss"] for r in csv.DictReader((out / "losses.csv").open())] for out in (full, part)]
+    assert logged[0] == logged[1] and len(logged[0]) == 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_end_with_identical_weights(tiny_dirs, tmp_path):
+    """torchrun, 2 CPU processes over gloo, with gradient accumulation: both ranks' final weights agree (digests
+    gathered from every rank) and match one process with the same global batch (same samples and noise) up to
+    float rounding."""
+    common = ["--teacher", str(tiny_dirs["tiny-pixart"]), "--student", str(tiny_dirs["tiny-pixart-edit"]),
+              "--steps", "3", "--grad-accum", "2", "--resolution", "64", "--caption-dropout", "0.5", "--data", "synthetic:8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "edit_mobile.scripts.cli", "distill", *common,
+           "--out", str(tmp_path / "two"), "--batch-size", "1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    digests = _state(tmp_path / "two")["rank_weight_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    two = _weights(tmp_path / "two")
+    assert digests[0] == state_digest(EDiTPixArtTransformer2DModel.from_pretrained(tmp_path / "two" / "transformer"))
+
+    assert cli(["distill", *common, "--out", str(tmp_path / "one"), "--batch-size", "2"]) == 0
+    one, start = _weights(tmp_path / "one"), _weights(tiny_dirs["tiny-pixart-edit"])
+    moved = sum((one[k] - start[k]).norm() ** 2 for k in one) ** 0.5
+    apart = sum((one[k] - two[k]).norm() ** 2 for k in one) ** 0.5
+    assert apart < 1e-3 * moved, (apart, moved)
+
+
+def test_mm_edit_sd3_distills_from_an_image_folder(tiny_dirs, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    from edit_mobile.models import MMEDiTSD3Transformer2DModel
+
+    data = tmp_path / "data"  # an image + caption folder (images of any size are cropped to the resolution)
+    data.mkdir()
+    for i, (size, color) in enumerate([((96, 64), "red"), ((64, 80), "blue"), ((70, 70), "green")]):
+        Image.new("RGB", size, color).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"a {color} wall")
+    out = tmp_path / "sd3"
+    summary = distill(DistillConfig(teacher=str(tiny_dirs["tiny-sd3"]), student=str(tiny_dirs["tiny-sd3-mm-edit"]),
+                                    out=str(out), steps=2, resolutions=[64], batch_size=2, data=str(data),
+                                    feature_prompt=True))
+    assert all(torch.isfinite(torch.tensor(v)) for v in summary["eval_end"].values())
+    assert summary["eval_end"]["feature"] > 0
+    pipe = StableDiffusion3Pipeline.from_pretrained(out)
+    assert type(pipe.transformer) is MMEDiTSD3Transformer2DModel
+
+
+def test_synthetic_source_is_deterministic_per_index():
+    a, b = SyntheticSource(size=16, seed=3), SyntheticSource(size=16, seed=3)
+    assert a.caption(5) == b.caption(5) and a.image(5, 64).tobytes() == b.image(5, 64).tobytes()
+    assert a.image(5, 32).size == (32, 32) and "background" in a.caption(5)
+    assert len({a.caption(i) for i in range(16)}) > 8
+
+
+def test_folder_source_reads_captions_and_crops(tmp_path):
+    Image.new("RGB", (120, 80), (255, 0, 0)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a red square\n")
+    source = FolderSource(tmp_path)
+    assert len(source) == 1 and source.caption(0) == "a red square"
+    assert source.image(0, 64).size == (64, 64)
+
+
+def test_parsing_helpers():
+    assert parse_loss_weights("task=0,feature=2.5") == {"task": 0.0, "output": 1.0, "feature": 2.5}
+    config = DistillConfig(teacher="t", student="s", out="o", steps=10, resolutions=[64, 128])
+    assert stage_plan(config, 256) == [(0, 64), (5, 128)]
+    assert stage_plan(DistillConfig(teacher="t", student="s", out="o", steps=3), 256) == [(0, 256)]
+    with pytest.raises(UserError):
+        DistillConfig(teacher="t", student="s", out="o", steps=10, resolutions=[64, 128], stage_steps=[3]).validate()
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("sd3_teacher", "architectures differ"),
+    ("teacher_as_student", "not an EDiT / MM-EDiT model"),
+    ("narrower_student", "does not match the teacher's transformer: num_layers"),
+    ("converted_teacher", "already converted); a teacher must be the unconverted PixArtTransformer2DModel"),
+    ("missing_data", "does not exist"),
+    ("uncaptioned_data", "2 image(s) without a same-stem .txt caption: b.png, c.jpg"),
+    ("unwritable_out", "cannot write"),
+    ("existing_out", "already exists"),
+    ("bad_weights", "bad --loss-weights item 'task=abc'"),
+    ("bad_resolution", "unknown resolution 100: must be a multiple of 16"),
+    ("word_resolution", "unknown resolution 'big'"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tiny_dirs, tmp_path, capsys, case, expected):
+    teacher, student = "tiny-pixart", str(tiny_dirs["tiny-pixart-edit"])
+    out, extra = tmp_path / "out", []
+    if case == "sd3_teacher":
+        teacher = "tiny-sd3"
+    elif case == "teacher_as_student":
+        student = str(tiny_dirs["tiny-pixart"])
+    elif case == "narrower_student":
+        shutil.copytree(student, tmp_path / "narrow")
+        cfg = tmp_path / "narrow" / "transformer" / "config.json"
+        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "num_layers": 1}))
+        student = str(tmp_path / "narrow")
+    elif case == "converted_teacher":
+        teacher = student
+    elif case == "missing_data":
+        extra = ["--data", str(tmp_path / "nowhere")]
+    elif case == "uncaptioned_data":
+        data = tmp_path / "data"
+        data.mkdir()
+        for name in ("a.png", "b.png", "c.jpg"):
+            Image.new("RGB", (8, 8)).save(data / name)
+        (data / "a.txt").write_text("a black square")
+        extra = ["--data", str(data)]
+    elif case == "unwritable_out":
+        (tmp_path / "file").write_text("not a folder")
+        out = tmp_path / "file" / "out"
+    elif case == "existing_out":
+        out.mkdir()
+    elif case == "bad_weights":
+        extra = ["--loss-weights", "task=abc"]
+    elif case == "bad_resolution":
+        extra = ["--resolution", "100"]
+    elif case == "word_resolution":
+        extra = ["--resolution", "big"]
+    argv = ["distill", "--teacher", teacher, "--student", student, "--out", str(out), "--steps", "2",
+            "--batch-size", "1", *extra]
+    if "--resolution" not in extra:
+        argv += ["--resolution", "64"]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert case == "existing_out" or not out.exists()
+
+
+def test_resume_refuses_changed_settings(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    DistillConfig(teacher="tiny-pixart", student=str(tiny_dirs["tiny-pixart-edit"]), out=str(out), steps=2,
+                  resolutions=[64], batch_size=1, lr=1e-4).save(out / "distill_config.json")
+    argv = ["distill", "--teacher", "tiny-pixart", "--student", str(tiny_dirs["tiny-pixart-edit"]), "--out", str(out),
+            "--steps", "4", "--resolution", "64", "--batch-size", "1", "--lr", "1e-3", "--resume"]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "lr 0.0001 -> 0.001" in err
