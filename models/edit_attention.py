@@ -74,12 +74,12 @@ class ConvFusion(nn.Module):
         # leaves every later shape in the graph unknown (and then wraps PixArt's final squeeze in an invalid If).
         # It is computed on the token-major view (channels last) so that no NCHW copy is made on the way.
         yt = y.permute(0, 2, 3, 1).reshape(b, h * w, g, c // g)  # (B, N, G, C/r/G): a view of y
-        mean = yt.mean((1, 3), keepdim=True)  # (B, 1, G, 1)
-        var = (yt - mean).square().mean((1, 3), keepdim=True)  # (B, 1, G, 1), biased like nn.GroupNorm
+        var, mean = torch.var_mean(yt, dim=(1, 3), correction=0, keepdim=True)  # (B, 1, G, 1), biased like GroupNorm
+        # Normalisation and affine folded into one per-channel scale and shift: a single pass (addcmul) over y.
         scale = torch.rsqrt(var + self.norm.eps) * self.norm.weight.view(g, c // g)  # (B, 1, G, C/r/G)
         shift = self.norm.bias.view(g, c // g) - mean * scale
-        yt = F.leaky_relu(yt * scale + shift).reshape(b, h, w, c)  # (B, h, w, C/r): normalised, affine, LeakyReLU
-        return self.conv_out(yt.permute(0, 3, 1, 2))  # (B, C, h, w), channels-last
+        yt = F.leaky_relu(torch.addcmul(shift, yt, scale), inplace=True)  # (B, N, G, C/r/G)
+        return self.conv_out(yt.reshape(b, h, w, c).permute(0, 3, 1, 2))  # (B, C, h, w), channels-last
 
 
 class SpatialCompressor(nn.Module):
@@ -100,9 +100,9 @@ def tokens_to_grid(x: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
     """(B, N, C) -> (B, C, h, w) as a channels-last view of the same memory: no copy.
 
     Tokens are stored row by row over the grid, so a contiguous (B, N, C) tensor already is an NHWC image.
-    PyTorch's CPU convolutions and GroupNorm keep channels-last inputs channels-last, so `grid_to_tokens` turns
-    their outputs back into tokens as views too. (The former transpose to contiguous NCHW and back cost two
-    strided full-size copies per tensor, more than the depthwise convolutions themselves.)
+    PyTorch's convolutions keep channels-last inputs channels-last, so `grid_to_tokens` turns their outputs back
+    into tokens as views too. (A transpose to contiguous NCHW and back costs two strided full-size copies per
+    tensor, more than the depthwise convolutions themselves; the ONNX graph gets the same Transpose nodes.)
     """
     b, n, c = x.shape
     return x.reshape(b, grid_size[0], grid_size[1], c).permute(0, 3, 1, 2)
@@ -132,7 +132,8 @@ def relu_linear_attention(
     # Scale K before the sum (not S after it): the mean is what keeps a non-fp32 accumulation finite.
     kv = torch.matmul(k.transpose(-1, -2) * (1.0 / m), v1)  # (B, H, d, d+1): [S | z]
     out = torch.matmul(q, kv)  # (B, H, N, d+1)
-    y = out[..., :-1] / (out[..., -1:] + eps)  # (B, H, N, d)
+    # Divide in place (the matmul's backward does not need its output): no second (B, H, N, d) tensor.
+    y = out[..., :-1].div_(out[..., -1:] + eps)  # (B, H, N, d), a view of out
     return y.to(out_dtype)
 
 
@@ -145,8 +146,8 @@ def add_edit_layers(attn: Attention, config: EDiTConfig) -> None:
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    b, n, c = x.shape  # (B, N, C) -> (B, H, N, d): a view, no copy
-    return x.view(b, n, heads, c // heads).transpose(1, 2)
+    b, n, c = x.shape  # (B, N, C) -> (B, H, N, d): a view of a contiguous x, no copy
+    return x.reshape(b, n, heads, c // heads).transpose(1, 2)
 
 
 def edit_qkv(attn: Attention, x: torch.Tensor, grid_size: tuple[int, int]):
@@ -156,11 +157,13 @@ def edit_qkv(attn: Attention, x: torch.Tensor, grid_size: tuple[int, int]):
     """
     x = x.contiguous()  # the grid view needs (B, N, C) memory order; a no-op for the usual contiguous input
     grid = tokens_to_grid(x, grid_size)  # (B, C, h, w), channels-last view of x
-    z = grid_to_tokens(attn.conv_fusion(grid))  # (B, N, C)
-    q = F.relu(attn.to_q(x + z))  # (B, N, C)
-    k = F.relu(grid_to_tokens(attn.k_compressor(tokens_to_grid(attn.to_k(x), grid_size))))  # (B, M, C)
+    # The residual add and the ReLUs run in place on fresh conv / linear outputs, whose backward never reads them:
+    # at 2048² every avoided (B, N, C) temporary saves a 75 MB allocation (and its page faults).
+    xz = grid_to_tokens(attn.conv_fusion(grid)).add_(x)  # (B, N, C): X + Z
+    q = attn.to_q(xz).relu_()  # (B, N, C)
+    k = grid_to_tokens(attn.k_compressor(tokens_to_grid(attn.to_k(x), grid_size))).relu_()  # (B, M, C)
     v = grid_to_tokens(attn.v_compressor(tokens_to_grid(attn.to_v(x), grid_size)))  # (B, M, C)
-    return tuple(split_heads(t.contiguous(), attn.heads) for t in (q, k, v))
+    return split_heads(q, attn.heads), split_heads(k, attn.heads), split_heads(v, attn.heads)
 
 
 def merge_heads(y: torch.Tensor) -> torch.Tensor:

@@ -17,26 +17,20 @@ One JSON row per (level, resolution) is printed as soon as it is measured; --jso
 
 from __future__ import annotations
 
+import argparse
+import copy
+import json
+import statistics
 import sys
+import time
 from pathlib import Path
 
-# `python scripts/bench_attention.py` puts scripts/ first on sys.path, where scripts/inspect.py would shadow the
-# standard library's `inspect` (torch imports it): drop that entry, this script imports nothing from its folder.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
+import torch
+from diffusers import PixArtTransformer2DModel
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-from diffusers import PixArtTransformer2DModel  # noqa: E402
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0  # noqa: E402
-
-from edit_mobile.models.edit_attention import EDiTAttnProcessor, EDiTConfig, add_edit_layers  # noqa: E402
-from edit_mobile.models.edit_pixart import EDiTPixArtTransformer2DModel  # noqa: E402
+from edit_mobile.models.edit_attention import EDiTAttnProcessor, EDiTConfig, add_edit_layers
+from edit_mobile.models.edit_pixart import EDiTPixArtTransformer2DModel
 
 # PixArt-Σ-XL-2 (the `pixart-sigma-xl` preset's transformer): width, heads, T5-XXL prompt embeddings.
 DIM, HEADS, HEAD_DIM = 1152, 16, 72
@@ -178,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per side after a warm-up (default 5)")
     p.add_argument("--levels", nargs="+", choices=("layer", "transformer"), default=("layer", "transformer"))
-    p.add_argument("--resolutions", nargs="+", type=int, default=RESOLUTIONS, help="image sizes (default 512 1024 2048)")
+    p.add_argument("--resolutions", nargs="+", type=int, default=RESOLUTIONS,
+                   help="image sizes (default 512 1024 2048)")
     p.add_argument("--depth", type=int, default=2, help="transformer blocks at the transformer level (default 2)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows to this file as a JSON list")
     return p

@@ -13,8 +13,11 @@ import sys
 
 from ..runtime.errors import UserError
 
-# name -> module under edit_mobile.scripts; each has build_parser(parser) and main(args)
-SUBCOMMANDS = ["convert", "export", "inspect", "generate", "validate"]
+# command name -> module under edit_mobile.scripts; each has HELP, build_parser(parser) and main(args).
+# (inspect lives in inspect_package.py: a scripts/inspect.py would shadow the standard library's `inspect`
+# whenever a script in scripts/ is run as `python scripts/X.py`.)
+SUBCOMMANDS = {"convert": "convert", "distill": "distill", "export": "export", "quantize": "quantize",
+               "inspect": "inspect_package", "generate": "generate", "validate": "validate", "bench": "bench"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,8 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in SUBCOMMANDS:
-        module = importlib.import_module(f"edit_mobile.scripts.{name}")
+    for name, module_name in SUBCOMMANDS.items():
+        module = importlib.import_module(f"edit_mobile.scripts.{module_name}")
         sub_parser = sub.add_parser(name, help=module.HELP, description=module.__doc__,
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
         module.build_parser(sub_parser)
@@ -34,9 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _hide_torchvision_notice(record: logging.LogRecord) -> bool:
+    # diffusers' SD3 pipeline module imports transformers' SigLIP / CLIP image processors, and transformers then
+    # says that torchvision is missing. No command here processes images with them: the notice is only noise.
+    return "requires torchvision (not installed)" not in record.getMessage()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("transformers.utils.import_utils").addFilter(_hide_torchvision_notice)
     try:
         return int(args._main(args) or 0)
     except UserError as e:
