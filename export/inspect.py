@@ -61,6 +61,9 @@ def _prod(dims) -> int:
 def inspect_package(package: str | Path) -> dict:
     root = Path(package)
     manifest = read_manifest(root)
+    if manifest.get("target") == "coreml":
+        raise UserError(f"{package} is a Core ML package: inspect reads ONNX graphs (Core ML programs are checked by "
+                        "`edit-mobile validate` through the reference executor)")
     report = {}
     for name, entry in manifest["components"].items():
         path = root / entry["path"]

@@ -19,11 +19,11 @@ from .onnx_export import OPSET, export_onnx, onnx_parity
 
 logger = logging.getLogger(__name__)
 
-TARGETS = ("onnx", "ort-mobile")
+TARGETS = ("onnx", "ort-mobile", "coreml")
 
 
 def tool_versions() -> dict:
-    names = ["edit-mobile", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "numpy"]
+    names = ["edit-mobile", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "coremltools", "numpy"]
     versions = {}
     for name in names:
         try:
@@ -55,10 +55,22 @@ def write_reduced_operator_config(package: Path, model_paths: list[Path]) -> Pat
 
 
 def export_package(src: str, out: str | Path, target: str = "onnx", resolution: str | int = 512,
-                   batch: int = 2, max_text_tokens: int | None = None, overwrite: bool = False) -> dict:
-    """Export every component of the pipeline in `src`; returns the manifest."""
+                   batch: int = 2, max_text_tokens: int | None = None, overwrite: bool = False,
+                   compute_precision: str | None = None, deployment_target: str | None = None) -> dict:
+    """Export every component of the pipeline in `src`; returns the manifest.
+
+    `compute_precision` (fp16 | fp32, default fp16) and `deployment_target` (iOS17 | iOS18 | macOS14 | macOS15,
+    default iOS17) apply to target "coreml" only."""
     if target not in TARGETS:
         raise UserError(f"unknown --target {target!r}; expected one of {', '.join(TARGETS)}")
+    if target == "coreml":
+        from .coreml_export import check_options
+
+        compute_precision, deployment_target = compute_precision or "fp16", deployment_target or "iOS17"
+        check_options(compute_precision, deployment_target)
+    elif compute_precision is not None or deployment_target is not None:
+        raise UserError("--compute-precision and --deployment-target apply to --target coreml only "
+                        "(ONNX packages get fp16 / int8 from `edit-mobile quantize`)")
     if batch not in (1, 2):
         raise UserError(f"--batch must be 1 or 2, got {batch}")
     if max_text_tokens is not None and max_text_tokens < 1:
@@ -92,6 +104,14 @@ def export_package(src: str, out: str | Path, target: str = "onnx", resolution: 
         model_paths = []
         for spec in tqdm(specs, desc="export", unit="component"):
             start = time.perf_counter()
+            if target == "coreml":
+                path, entry, export_info = _export_coreml_component(spec, tmp, manifest, compute_precision,
+                                                                    deployment_target)
+                model_paths.append(path)
+                manifest["components"][spec.name] = entry
+                manifest["export"][spec.name] = {"seconds": round(time.perf_counter() - start, 2), **export_info}
+                _save_tokenizer(pipe, spec, tmp, manifest)
+                continue
             path = export_onnx(spec, tmp / spec.name)
             parity = onnx_parity(spec, path)
             seconds = time.perf_counter() - start
@@ -105,17 +125,40 @@ def export_package(src: str, out: str | Path, target: str = "onnx", resolution: 
                 **spec.io_dict(),
             }
             manifest["export"][spec.name] = {"seconds": round(seconds, 2), "onnx_vs_torch_max_abs": parity}
-            if "tokenizer" in spec.extra:
-                tok_name = spec.extra["tokenizer"]
-                tokenizer = getattr(pipe, tok_name)
-                tokenizer.save_pretrained(tmp / tok_name)
-                manifest["text"][tok_name] = {"path": tok_name, "max_length": spec.extra["max_length"],
-                                              "pad_id": tokenizer.pad_token_id, "component": spec.name}
+            _save_tokenizer(pipe, spec, tmp, manifest)
         pipe.scheduler.save_config(tmp / "scheduler")
         if target == "ort-mobile":
             write_reduced_operator_config(tmp, model_paths)
         for name, entry in manifest["components"].items():
-            entry["files"] = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted((tmp / name).iterdir())
+            # rglob: a Core ML .mlpackage is a folder; every file inside it is listed and hashed
+            entry["files"] = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted((tmp / name).rglob("*"))
                               if f.is_file()}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
+
+
+def _save_tokenizer(pipe, spec, tmp: Path, manifest: dict) -> None:
+    if "tokenizer" in spec.extra:
+        tok_name = spec.extra["tokenizer"]
+        tokenizer = getattr(pipe, tok_name)
+        tokenizer.save_pretrained(tmp / tok_name)
+        manifest["text"][tok_name] = {"path": tok_name, "max_length": spec.extra["max_length"],
+                                      "pad_id": tokenizer.pad_token_id, "component": spec.name}
+
+
+def _export_coreml_component(spec, tmp: Path, manifest: dict, compute_precision: str, deployment_target: str):
+    """model.mlpackage for one component, checked against PyTorch in the numpy reference executor."""
+    from ..runtime.coreml_reference import CoreMLReferenceProgram
+    from .coreml_export import coreml_parity, export_coreml, package_size
+
+    start = time.perf_counter()
+    path = export_coreml(spec, tmp / spec.name, compute_precision, deployment_target,
+                         metadata={"source": manifest["source"], "architecture": manifest["architecture"]})
+    convert_seconds = time.perf_counter() - start
+    parity = coreml_parity(spec, path, compute_precision)
+    entry = {"path": str(path.relative_to(tmp)), "precision": compute_precision,
+             "deployment_target": deployment_target, **spec.io_dict()}
+    twin = json.loads(CoreMLReferenceProgram(path).metadata()["user_defined"].get("edit_mobile.ane_twin", "null"))
+    info = {"convert_seconds": round(convert_seconds, 2), "bytes": package_size(path), "ane_twin": twin,
+            "coreml_reference_vs_torch": parity}
+    return path, entry, info

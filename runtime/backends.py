@@ -122,12 +122,22 @@ class OrtBackend:
 def create_backend(name: str, model_path: str | Path, input_specs: Iterable[TensorSpec | dict],
                    output_names: list[str], *, threads: int | None = None, optimization: str = "all",
                    providers: list[str] | None = None) -> Backend:
-    """A backend by name: "ort" (ONNX Runtime); "coreml" / "coreml-reference" come with the Core ML work."""
+    """A backend by name: "ort" (ONNX Runtime), "coreml" (Core ML, macOS), "coreml-reference" (numpy executor of
+    the Core ML program, runtime/coreml_reference.py)."""
     if name == "ort":
+        if Path(model_path).suffix == ".mlpackage":
+            raise UserError(f"{model_path} is a Core ML model: use --backend coreml (macOS) or --backend "
+                            f"coreml-reference (the numpy reference executor)")
         return OrtBackend(model_path, input_specs, output_names, threads=threads, optimization=optimization,
                           providers=providers)
-    if name in ("coreml", "coreml-reference"):
-        raise UserError(f"backend {name!r} is not available yet (use --backend ort)")
+    if name == "coreml":
+        from .coreml_reference import CoreMLBackend
+
+        return CoreMLBackend(model_path, input_specs, output_names)
+    if name == "coreml-reference":
+        from .coreml_reference import CoreMLReferenceBackend
+
+        return CoreMLReferenceBackend(model_path, input_specs, output_names)
     raise UserError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
 
 

@@ -198,7 +198,8 @@ def load_package(root: str | Path, verify: bool = True) -> Package:
         path = resolve_inside(root, rel, f"components.{name}.path")
         for frel in files:
             resolve_inside(root, frel, f"components.{name}.files")
-        if not path.is_file():
+        # A Core ML model is a folder (.mlpackage); its files are listed (and hashed) one by one in `files`.
+        if not (path.is_file() or (path.suffix == ".mlpackage" and path.is_dir())):
             raise UserError(f"package {root} is incomplete: {rel} is missing")
         components[name] = Component(name=name, path=path, relpath=rel, files=files, precision=c.get("precision"),
                                      opset=c.get("opset"), inputs=inputs, outputs=outputs,

@@ -51,7 +51,10 @@ class Text2ImagePipeline:
     """`Text2ImagePipeline(package)("a cat")` -> GenerationResult with a uint8 image."""
 
     def __init__(self, package: Package | str | Path, backend: str = "ort", threads: int | None = None,
-                 optimization: str = "all", providers: list[str] | None = None, progress: bool = True):
+                 optimization: str = "all", providers: list[str] | None = None, progress: bool = True,
+                 backends: dict | None = None):
+        """`backends`: already created backends by component name (e.g. `edit-mobile bench` passes instrumented
+        ones, after timing their creation); the components not in it are created here."""
         if backend not in BACKENDS:
             raise UserError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
         self.package = package if isinstance(package, Package) else load_package(package)
@@ -68,7 +71,8 @@ class Text2ImagePipeline:
         for name in encoders:
             spec = self.package.text_for(name)
             self.tokenizers[name] = PromptTokenizer(spec.path, spec.max_length, spec.pad_id)
-        self.models = {name: component_backend(self.package, name, backend, **kw)
+        given = backends or {}
+        self.models = {name: given[name] if name in given else component_backend(self.package, name, backend, **kw)
                        for name in [*encoders, "transformer", "vae_decoder"]}
         self._specs = {name: {s.name: s for s in self.package.input_specs(name)} for name in self.models}
 

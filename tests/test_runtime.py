@@ -197,8 +197,8 @@ def test_backend_factory_errors(tmp_path):
     model = tiny_model(tmp_path / "m.onnx")
     with pytest.raises(UserError, match=r"unknown backend 'tflite' \(choose from ort, coreml, coreml-reference\)"):
         create_backend("tflite", model, SPECS, ["y"])
-    for name in ("coreml", "coreml-reference"):
-        with pytest.raises(UserError, match="not available yet"):
+    for name in ("coreml", "coreml-reference"):  # an ONNX model given to a Core ML backend
+        with pytest.raises(UserError, match=r"is not a Core ML model \(\.mlpackage\)"):
             create_backend(name, model, SPECS, ["y"])
     with pytest.raises(UserError, match=r"NoSuchExecutionProvider not available here \(available: .*CPU"):
         create_backend("ort", model, SPECS, ["y"], providers=["NoSuchExecutionProvider"])

@@ -1,0 +1,152 @@
+"""Calibration data for quantization: the real inputs of every component, recorded along sampling trajectories.
+
+`record_calibration` runs the package's own text-to-image loop (numpy + ONNX Runtime, `Text2ImagePipeline` with
+`record=True`) on a few prompts and keeps, per component, exactly what that component was fed:
+  transformer     every call at every denoising step (timestep-aware: all noise levels of the schedule, both CFG
+                  halves), so static activation ranges cover the whole trajectory, not one random tensor;
+  text encoders   the tokenized prompts and the empty negative prompt;
+  vae_decoder     the final latents, unscaled as the runtime passes them;
+  vae_encoder     the decoded images in [-1, 1] (what an image-to-image caller would encode).
+No torch here: the recording uses the fp32 package itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..runtime.errors import UserError
+from ..runtime.package import Package
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROMPT_COUNT = 4  # prompts taken, evenly spread, from the shipped list (models/assets/prompts.txt)
+DEFAULT_STEPS = 10  # sampling steps per calibration prompt: every one of them is recorded
+
+
+def default_prompts(count: int = DEFAULT_PROMPT_COUNT) -> list[str]:
+    """`count` prompts spread evenly over the shipped prompt list (shapes, photos, art styles...)."""
+    from ..models.presets import bundled_prompts
+
+    prompts = bundled_prompts()
+    picks = np.linspace(0, len(prompts) - 1, min(count, len(prompts))).round().astype(int)
+    return [prompts[i] for i in picks]
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """One prompt per non-empty line; UserError if the file is missing, unreadable or holds no prompt."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"calibration prompt file {path} does not exist")
+    try:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read calibration prompt file {path}: {e}") from None
+    if not prompts:
+        raise UserError(f"calibration prompt file {path} is empty (expected one prompt per line)")
+    return prompts
+
+
+@dataclass
+class CalibrationSet:
+    """Per component, the list of input feeds (name -> array, exactly the component's manifest inputs)."""
+
+    prompts: list[str]
+    steps: int
+    guidance: float
+    feeds: dict[str, list[dict[str, np.ndarray]]] = field(default_factory=dict)
+    # transformer only: (prompt index, step index, timestep) of each feed, for reports and subset picking
+    transformer_meta: list[tuple[int, int, float]] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        timesteps = sorted({round(t, 3) for _, _, t in self.transformer_meta}, reverse=True)
+        return {"prompts": len(self.prompts), "steps": self.steps, "guidance": self.guidance,
+                "samples": {name: len(f) for name, f in self.feeds.items()}, "timesteps": timesteps}
+
+    def subset(self, name: str, count: int) -> list[dict[str, np.ndarray]]:
+        """Up to `count` feeds of one component, spread evenly (over prompts and timesteps for the transformer)."""
+        feeds = self.feeds[name]
+        picks = np.unique(np.linspace(0, len(feeds) - 1, min(count, len(feeds))).round().astype(int))
+        return [feeds[i] for i in picks]
+
+
+def record_calibration(package: Package, prompts: list[str], steps: int = DEFAULT_STEPS,
+                       guidance: float | None = None, seed: int = 0, threads: int | None = None) -> CalibrationSet:
+    """Run the sampling loop of `package` on each prompt and record every component's real inputs."""
+    from ..runtime.pipeline import DEFAULT_GUIDANCE, Text2ImagePipeline
+
+    if not prompts:
+        raise UserError("no calibration prompts")
+    if steps < 1:
+        raise UserError(f"--calibration-steps must be >= 1, got {steps}")
+    runtime = Text2ImagePipeline(package, threads=threads, progress=False)
+    guidance = DEFAULT_GUIDANCE[package.family] if guidance is None else float(guidance)
+    calib = CalibrationSet(prompts=list(prompts), steps=steps, guidance=guidance,
+                           feeds={name: [] for name in package.components})
+    vae = package.vae
+    for p, prompt in enumerate(prompts):
+        result = runtime(prompt, "", steps=steps, guidance=guidance, seed=seed + p, record=True)
+        for i, (t, calls) in enumerate(zip(result.timesteps, result.transformer_inputs)):
+            for call in calls:  # views of the shared prompt embeddings: no copies per step
+                calib.feeds["transformer"].append(_cast(call, package.input_specs("transformer")))
+                calib.transformer_meta.append((p, i, float(t)))
+        for name, tok in runtime.tokenizers.items():
+            specs = package.input_specs(name)
+            for text in (prompt, ""):  # the prompt and the (empty) negative prompt, as the loop encodes them
+                enc = tok.encode(runtime._preprocess(text))
+                calib.feeds[name].append(_cast({"input_ids": enc.input_ids, "attention_mask": enc.attention_mask},
+                                               specs))
+        latents = result.latents[-1] / np.float32(vae["scaling_factor"])
+        if vae.get("shift_factor") is not None:
+            latents = latents + np.float32(vae["shift_factor"])
+        if "vae_decoder" in calib.feeds:
+            calib.feeds["vae_decoder"].append(_cast({"latent_sample": latents}, package.input_specs("vae_decoder")))
+        if "vae_encoder" in calib.feeds:
+            image = np.clip(result.decoded, -1.0, 1.0)
+            calib.feeds["vae_encoder"].append(_cast({"sample": image}, package.input_specs("vae_encoder")))
+    logger.info("calibration: %d prompts x %d steps -> %s", len(prompts), steps,
+                {k: len(v) for k, v in calib.feeds.items()})
+    return calib
+
+
+def _cast(values: dict[str, np.ndarray], specs) -> dict[str, np.ndarray]:
+    """Keep exactly the component's inputs, in the manifest dtypes (the fp32 package's own)."""
+    from ..runtime.backends import to_numpy_dtype
+
+    return {s.name: np.ascontiguousarray(values[s.name], dtype=to_numpy_dtype(s.dtype)) for s in specs}
+
+
+class FeedReader:
+    """An `onnxruntime.quantization.CalibrationDataReader` over recorded feeds (ORT calls `get_next` until None)."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]):
+        self.feeds = list(feeds)
+        self._next = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._next >= len(self.feeds):
+            return None
+        self._next += 1
+        return self.feeds[self._next - 1]
+
+    def rewind(self) -> None:
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+    def __iter__(self):
+        return iter(self.feeds)
+
+
+def feed_reader(feeds: list[dict[str, np.ndarray]]):
+    """A FeedReader that also is an instance of ORT's CalibrationDataReader (imported lazily: needs onnx)."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _Reader(FeedReader, CalibrationDataReader):
+        pass
+
+    return _Reader(feeds)

@@ -1,0 +1,306 @@
+"""Core ML compression of a package's ML programs with `coremltools.optimize.coreml`, into a new package.
+
+precisions (weights of linear / conv / matmul / gather ops with at least WEIGHT_THRESHOLD elements; biases,
+norms and position tables stay as they are):
+  int8-weights  linear symmetric int8, one scale per output channel (constexpr_affine_dequantize)
+  palettize-4   4-bit k-means palettization, one 16-entry table per tensor (constexpr_lut_to_dense)
+  palettize-6   6-bit k-means palettization, one 64-entry table per tensor
+  w8a8          int8 activations (quantize / dequantize pairs, ranges calibrated on recorded inputs) + int8-weights
+
+Activation ranges for w8a8: coremltools' `linear_quantize_activations` measures them with `MLModel.predict`, which
+exists only on macOS. We record real inputs with the package's own sampling loop (`Text2ImagePipeline` on the
+`coreml-reference` backend: every transformer call of every step, both CFG halves, the tokenized prompts),
+measure every intermediate tensor's range with the numpy reference executor on the very same program, and apply
+the same coremltools graph passes that `linear_quantize_activations` applies to its measured ranges
+(`compression::insert_prefix/suffix_quantize_dequantize_pair`, `common::dequantize_quantize_pair_elimination`).
+These are internal coremltools APIs (pinned coremltools==9.0); the public function cannot run on Linux.
+
+Every compressed program is checked twice before the package is written: its constexpr weights as expanded by
+the reference executor equal coremltools' own `decompress_weights` (bit for bit), and its outputs on recorded
+inputs are compared with the uncompressed program (PSNR, recorded in the manifest).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from ..runtime.atomic import atomic_output_dir, check_output_free
+from ..runtime.errors import UserError
+from ..runtime.metrics import psnr
+from ..runtime.package import MANIFEST, load_package, read_manifest, sha256_file
+from .coreml_export import import_coremltools
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("int8-weights", "palettize-4", "palettize-6", "w8a8")
+WEIGHT_THRESHOLD = 512  # elements: a 32x32 matrix of the tiny presets is compressed, biases and norm weights are not
+COMPRESSED_OPS = ("linear", "conv", "matmul", "gather")  # consumers whose constant weights are compressed
+MIN_RANGE = 1e-5  # smallest activation range: int8 scale 1e-5 / 127 stays above fp16's smallest subnormal (6e-8)
+CALIBRATION_PROMPTS = ("a red circle on a white background", "a photo of a cat", "an oil painting of a harbour",
+                       "a mountain landscape at sunset")
+
+
+def _configs(precision: str):
+    import coremltools.optimize.coreml as cto
+
+    if precision in ("int8-weights", "w8a8"):
+        op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
+                                         weight_threshold=WEIGHT_THRESHOLD)
+    else:
+        op = cto.OpPalettizerConfig(mode="kmeans", nbits=int(precision.split("-")[1]), granularity="per_tensor",
+                                    weight_threshold=WEIGHT_THRESHOLD)
+    return cto.OptimizationConfig(op_type_configs={name: op for name in COMPRESSED_OPS})
+
+
+def activation_ranges(program, samples: list[dict[str, np.ndarray]]) -> dict[str, dict[str, float]]:
+    """{tensor: {"rmin", "rmax"}} over `samples` for the inputs and every intermediate numeric tensor (not outputs),
+    measured by the reference executor, in the format coremltools' activation quantization passes read."""
+    stats: dict[str, dict[str, float]] = defaultdict(dict)
+
+    def update(name: str, value: np.ndarray) -> None:
+        # every numeric tensor, as coremltools' own calibration records them (it also reads int32 ranges)
+        if not (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)) or not value.size:
+            return
+        lo, hi = float(np.min(value)), float(np.max(value))
+        entry = stats[name]
+        entry["rmin"] = min(lo, entry.get("rmin", lo))
+        entry["rmax"] = max(hi, entry.get("rmax", hi))
+
+    outputs = set(program.output_names)
+    for sample in samples:
+        for name, value in sample.items():
+            update(name, np.asarray(value))
+        program.run(sample, observer=lambda n, v: None if n in outputs else update(n, v))
+    # A (near-)constant zero tensor (e.g. a freshly converted EDiT's zero-initialised ConvFusion output) would get
+    # a scale that underflows fp16 to 0, which Core ML's quantize op refuses: keep every range at least +-MIN_RANGE.
+    for entry in stats.values():
+        if max(abs(entry["rmin"]), abs(entry["rmax"])) < MIN_RANGE:
+            entry["rmin"], entry["rmax"] = min(entry["rmin"], -MIN_RANGE), max(entry["rmax"], MIN_RANGE)
+    return stats
+
+
+def _quantize_activations(mlmodel, stats: dict):
+    """coremltools.optimize.coreml.linear_quantize_activations with ranges measured here (see the docstring)."""
+    import coremltools.optimize.coreml as cto
+    from coremltools import _SPECIFICATION_VERSION_IOS_17
+    from coremltools.converters.mil.frontend.milproto import load as milproto_load_module
+    from coremltools.converters.mil.mil.passes.graph_pass import PassOption
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+    from coremltools.models import utils as model_utils
+    from coremltools.optimize.coreml.experimental._model_debugger import ModelDebugger
+    from coremltools.optimize.coreml.experimental._post_training_quantization import (
+        _adjust_concat_surrounding_activation_stats,
+    )
+
+    config = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric"))
+    _adjust_concat_surrounding_activation_stats(ModelDebugger(mlmodel)._get_concat_op_info(), stats)
+    passes = []
+    for name in ("compression::insert_prefix_quantize_dequantize_pair",
+                 "compression::insert_suffix_quantize_dequantize_pair"):
+        graph_pass = PASS_REGISTRY[name]
+        graph_pass.set_options([PassOption("config", config)])
+        graph_pass.set_options([PassOption("activation_stats", stats)])
+        passes.append(graph_pass)
+    passes.append(PASS_REGISTRY["common::dequantize_quantize_pair_elimination"])
+    return model_utils._apply_graph_pass(mlmodel, passes, spec_version=_SPECIFICATION_VERSION_IOS_17,
+                                         pymil_load_func=milproto_load_module.load, skip_model_load=True)
+
+
+def compress_program(src: Path, dst: Path, precision: str, samples: list[dict[str, np.ndarray]] | None = None) -> None:
+    """src .mlpackage -> dst .mlpackage compressed to `precision` (samples: calibration inputs, w8a8 only)."""
+    ct = import_coremltools()
+    import coremltools.optimize.coreml as cto
+
+    from ..runtime.coreml_reference import CoreMLReferenceProgram
+
+    ct_logger = logging.getLogger("coremltools")
+    level = ct_logger.level
+    ct_logger.setLevel(logging.ERROR)
+    try:
+        mlmodel = ct.models.MLModel(str(src), skip_model_load=True)
+        if precision == "w8a8":
+            if not samples:
+                raise UserError("w8a8 needs calibration inputs")
+            try:
+                mlmodel = _quantize_activations(mlmodel, activation_ranges(CoreMLReferenceProgram(src), samples))
+            except ValueError as e:  # e.g. a quantize op inserted on an int32 tensor (T5's position buckets)
+                raise UserError(f"coremltools cannot quantize the activations of {src.parent.name}: "
+                                f"{str(e).splitlines()[0]} (use int8-weights for it)") from None
+        if precision in ("int8-weights", "w8a8"):
+            mlmodel = cto.linear_quantize_weights(mlmodel, _configs(precision))
+        else:
+            mlmodel = cto.palettize_weights(mlmodel, _configs(precision))
+        mlmodel.save(str(dst))
+    finally:
+        ct_logger.setLevel(level)
+
+
+def check_expansion(path: Path) -> dict:
+    """Every constexpr weight of the program, expanded by the reference executor, against coremltools'
+    `decompress_weights` of the same saved program; raises RuntimeError on any difference."""
+    ct = import_coremltools()
+    import coremltools.optimize.coreml as cto
+
+    from ..runtime.coreml_reference import CoreMLReferenceProgram
+
+    program = CoreMLReferenceProgram(path)
+    ours = program.constants()
+    compressed = [op.outputs[0].name for op in program.ops if op.type.startswith("constexpr_")]
+    ct_logger = logging.getLogger("coremltools")
+    level = ct_logger.level
+    ct_logger.setLevel(logging.ERROR)
+    try:
+        decompressed = cto.decompress_weights(ct.models.MLModel(str(path), skip_model_load=True))
+    finally:
+        ct_logger.setLevel(level)
+    with tempfile.TemporaryDirectory() as tmp:  # the decompressed program, read back like any saved package
+        decompressed.save(str(Path(tmp) / "decompressed.mlpackage"))
+        reference = CoreMLReferenceProgram(Path(tmp) / "decompressed.mlpackage").constants()
+    for name in compressed:
+        if name not in reference:
+            raise RuntimeError(f"{path}: coremltools' decompression has no constant {name!r}")
+        a, b = ours[name], reference[name]
+        if a.shape != b.shape or a.dtype != b.dtype or not np.array_equal(a, b, equal_nan=True):
+            diff = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max()) if a.shape == b.shape else None
+            raise RuntimeError(f"{path}: weight {name} expands differently from coremltools' decompression "
+                               f"({a.dtype}{a.shape} vs {b.dtype}{b.shape}, max |diff| {diff})")
+    return {"compressed_weights": len(compressed), "equal_to_coremltools_decompression": True}
+
+
+def record_inputs(package, prompts: list[str], steps: int, seed: int = 0) -> dict[str, list[dict]]:
+    """Per component, real inputs: the package's own sampling loop on the numpy reference executor."""
+    from ..runtime.pipeline import Text2ImagePipeline
+
+    runtime = Text2ImagePipeline(package, backend="coreml-reference", progress=False)
+    feeds: dict[str, list[dict]] = {name: [] for name in package.components}
+    for p, prompt in enumerate(prompts):
+        result = runtime(prompt, "", steps=steps, seed=seed + p, record=True)
+        for calls in result.transformer_inputs:
+            feeds["transformer"] += [dict(c) for c in calls]
+        for name, tok in runtime.tokenizers.items():
+            wanted = {s.name for s in package.input_specs(name)}
+            for text in (prompt, ""):
+                enc = tok.encode(runtime._preprocess(text))
+                feeds[name].append({k: v for k, v in {"input_ids": enc.input_ids,
+                                                      "attention_mask": enc.attention_mask}.items() if k in wanted})
+        vae = package.vae
+        latents = result.latents[-1] / np.float32(vae["scaling_factor"]) + np.float32(vae.get("shift_factor") or 0.0)
+        if "vae_decoder" in feeds:
+            feeds["vae_decoder"].append({"latent_sample": latents.astype(np.float32)})
+        if "vae_encoder" in feeds:
+            feeds["vae_encoder"].append({"sample": np.clip(result.decoded, -1, 1).astype(np.float32)})
+    return feeds
+
+
+def _parse_components(components, available: list[str], precision: str) -> list[str]:
+    if components is None:  # w8a8: the denoiser only (coremltools cannot quantize T5's integer position arithmetic)
+        return [n for n in available if n == "transformer" or (n.startswith("text_encoder") and precision != "w8a8")]
+    if isinstance(components, str):
+        components = [c.strip() for c in components.split(",") if c.strip()]
+    unknown = [c for c in components if c not in available]
+    if unknown or not components:
+        raise UserError(f"unknown component(s) {', '.join(unknown) or '(none given)'}; the package has "
+                        f"{', '.join(available)}")
+    return list(dict.fromkeys(components))
+
+
+def quantize_coreml_package(package_dir: str | Path, out_dir: str | Path, precision: str,
+                            components: list[str] | str | None = None, overwrite: bool = False,
+                            calibration_prompts: list[str] | None = None, calibration_steps: int = 4) -> dict:
+    """Compress the Core ML programs of `components` (default: transformer and text encoders) of a Core ML package
+    into a new package at `out_dir` (written atomically); returns its manifest."""
+    from .validate import COMPONENT_GATES_DB
+
+    package_dir, out_dir = Path(package_dir), Path(out_dir)
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown Core ML precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if out_dir.resolve() == package_dir.resolve():
+        raise UserError("--out must differ from the input package (the quantized package is a new folder)")
+    check_output_free(out_dir, overwrite)
+    manifest = read_manifest(package_dir)
+    if manifest.get("target") != "coreml":
+        raise UserError(f"{package_dir} is a {manifest.get('target')!r} package, not a Core ML one")
+    if calibration_steps < 1:
+        raise UserError(f"calibration steps must be >= 1, got {calibration_steps}")
+    package = load_package(package_dir)
+    names = _parse_components(components, list(package.components), precision)
+    for name in names:
+        current = package.components[name].precision or "fp32"
+        if current not in ("fp16", "fp32"):
+            raise UserError(f"{name} is already {current}; compress the fp16 / fp32 package instead")
+
+    start = time.perf_counter()
+    prompts = list(calibration_prompts or (CALIBRATION_PROMPTS if precision == "w8a8" else CALIBRATION_PROMPTS[:1]))
+    steps = calibration_steps if precision == "w8a8" else 2
+    feeds = record_inputs(package, prompts, steps)
+    new = json.loads(json.dumps(package.manifest))
+    new["validation"] = None
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        skip = {Path(package.components[n].relpath).parts[0] for n in names}
+        for item in package.root.iterdir():
+            if item.name in skip or item.name in (MANIFEST, MANIFEST + ".tmp"):
+                continue
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        for name in names:
+            comp = package.components[name]
+            t0 = time.perf_counter()
+            dst = tmp / comp.relpath
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            samples = feeds[name]
+            compress_program(comp.path, dst, precision, samples)
+            seconds = time.perf_counter() - t0
+            expansion = check_expansion(dst)
+            check = _compare_programs(comp.path, dst, samples[: max(1, min(len(samples), 4))])
+            entry = new["components"][name]
+            entry["precision"] = precision
+            entry["gate_psnr_db"] = COMPONENT_GATES_DB.get(precision)
+            entry["files"] = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted((tmp / name).rglob("*"))
+                              if f.is_file()}
+            entry["quantization"] = {
+                "method": f"coremltools.optimize.coreml ({_describe(precision)})",
+                "source_precision": comp.precision,
+                "weight_threshold": WEIGHT_THRESHOLD, "compressed_ops": list(COMPRESSED_OPS),
+                "calibration": {"prompts": len(prompts), "steps": steps, "samples": len(samples)}
+                if precision == "w8a8" else None,
+                "expansion_check": expansion, "check": check, "seconds": round(seconds, 2),
+                "size_bytes": {"source": _size(comp.path), "quantized": _size(dst)},
+            }
+            logger.info("%s -> %s: %.1f dB vs the %s program, %.2fx the size", name, precision, check["psnr_db"],
+                        comp.precision, _size(dst) / max(_size(comp.path), 1))
+        new["quantization"] = {"precision": precision, "components": {n: precision for n in names},
+                               "seconds": round(time.perf_counter() - start, 1)}
+        (tmp / MANIFEST).write_text(json.dumps(new, indent=2))
+    return new
+
+
+def _describe(precision: str) -> str:
+    return {"int8-weights": "linear_quantize_weights, int8 symmetric per channel",
+            "palettize-4": "palettize_weights, k-means 4 bits per tensor",
+            "palettize-6": "palettize_weights, k-means 6 bits per tensor",
+            "w8a8": "int8 activations calibrated with the reference executor + linear_quantize_weights int8"}[precision]
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def _compare_programs(src: Path, dst: Path, samples: list[dict]) -> dict:
+    """Worst output PSNR of the compressed program against the source program on recorded inputs."""
+    from ..runtime.coreml_reference import CoreMLReferenceProgram
+
+    a, b = CoreMLReferenceProgram(src), CoreMLReferenceProgram(dst)
+    worst = float("inf")
+    for sample in samples:
+        ra, rb = a.run(sample), b.run(sample)
+        for name in a.output_names:
+            worst = min(worst, psnr(ra[name].astype(np.float32), rb[name].astype(np.float32)))
+    return {"psnr_db": round(worst, 2), "samples": len(samples),
+            "against": "the uncompressed program, both run by the reference executor, recorded inputs"}

@@ -1,0 +1,325 @@
+"""`edit-mobile quantize`: an fp32 ONNX package -> a new package with fp16 / int8 components, atomically.
+
+One precision per component (`--precision int8-dynamic`, or `transformer=int8-dynamic,vae_decoder=fp16`). The
+calibration data are the package's own component inputs recorded along sampling trajectories
+(`calibration.record_calibration`); each quantized component is checked against its fp32 graph on held-out
+recorded inputs, and its manifest entry records the precision, how it was made, the fidelity gate that
+`edit-mobile validate` applies to it, and the new files' sha256.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..runtime.atomic import atomic_output_dir, check_output_free
+from ..runtime.errors import UserError
+from ..runtime.package import MANIFEST, Package, load_package, read_manifest, sha256_file
+from . import quantize_onnx as qo
+from .calibration import (DEFAULT_PROMPT_COUNT, DEFAULT_STEPS, CalibrationSet, default_prompts, read_prompt_file,
+                          record_calibration)
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = qo.PRECISIONS
+CALIBRATION_METHODS = qo.CALIBRATION_METHODS
+# Minimum PSNR (dB) of a component against PyTorch fp32, written into the manifest as `gate_psnr_db`
+# (the issue's defaults; validate.COMPONENT_GATES_DB holds the same values for manifests without the field).
+GATES_DB = {"fp16": 40.0, "int8-weights": 35.0, "int8-dynamic": 25.0, "int8-static": 25.0}
+# Components quantized when --components is not given. fp16: every model. int8: the transformer (most weights and
+# all the per-step compute) and the text encoders (run once); the VAE stays fp32: its convolutions do not
+# quantize with the dynamic / weight-only ONNX Runtime quantizers, and static int8 of the decoder costs the most
+# image PSNR per byte saved (docs/quantization.md).
+INT8_DEFAULT_COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+CHECK_SAMPLES = 8  # recorded inputs per component on which each result is compared with its fp32 graph
+SENSITIVITY_MARGIN_DB = 10.0  # the sensitivity pass excludes node groups until PSNR >= gate + this margin
+SENSITIVITY_MAX_FRACTION = 0.25  # ... or until this share of the node groups is excluded
+
+
+def parse_plan(precision: str, components: str | None, available: list[str]) -> dict[str, str]:
+    """`--precision` (one name, or `comp=prec,...`) and `--components` -> {component: precision}."""
+    text = (precision or "").strip()
+    if not text:
+        raise UserError(f"--precision is empty; expected one of {', '.join(PRECISIONS)}")
+    plan: dict[str, str] = {}
+    if "=" in text:
+        if components:
+            raise UserError("give either --precision COMP=PREC,... or --precision PREC --components ..., not both")
+        for item in text.split(","):
+            name, _, prec = (s.strip() for s in item.partition("="))
+            plan[name] = prec
+    else:
+        if text not in PRECISIONS:
+            raise UserError(f"unknown precision {text!r}; expected one of {', '.join(PRECISIONS)}")
+        if components:
+            names = [c.strip() for c in components.split(",") if c.strip()]
+            if not names:
+                raise UserError("--components is empty")
+        elif text == "fp16":
+            names = list(available)
+        else:
+            names = [c for c in INT8_DEFAULT_COMPONENTS if c in available]
+        plan = {name: text for name in names}
+    for name, prec in plan.items():
+        if name not in available:
+            raise UserError(f"unknown component {name!r}; this package has {', '.join(available)}")
+        if prec not in PRECISIONS:
+            raise UserError(f"unknown precision {prec!r} for {name}; expected one of {', '.join(PRECISIONS)}")
+    return plan
+
+
+def _source_onnx(package: Package, name: str) -> Path:
+    """The component's ONNX graph (an ort-mobile package keeps model.onnx next to model.ort)."""
+    path = package.component_path(name)
+    if path.suffix == ".ort":
+        path = path.with_suffix(".onnx")
+        if not path.is_file():
+            raise UserError(f"{name}: {path.name} is missing next to the .ort file; re-export the package")
+    return path
+
+
+def _files_size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and f.suffix != ".ort")
+
+
+def quantize_package(package_dir: str | Path, out: str | Path, precision: str, components: str | None = None,
+                     calibration_prompts: str | Path | None = None, calibration_steps: int = DEFAULT_STEPS,
+                     calibration_method: str = "minmax", per_channel: bool = False, sensitivity: bool = False,
+                     overwrite: bool = False, threads: int | None = None, seed: int = 0) -> dict:
+    """Write a quantized copy of the package in `package_dir` to `out`; returns the new manifest."""
+    package_dir, out = Path(package_dir), Path(out)
+    if out.resolve() == package_dir.resolve():
+        raise UserError("--out must differ from the input package (the quantized package is a new folder)")
+    check_output_free(out, overwrite)
+    manifest = read_manifest(package_dir)
+    if manifest.get("target") == "coreml":
+        raise UserError("this is a Core ML package: `edit-mobile quantize` dispatches it to the Core ML quantizer")
+    package = load_package(package_dir)
+    plan = parse_plan(precision, components, list(package.components))
+    for name in plan:
+        current = package.components[name].precision or "fp32"
+        if current != "fp32":
+            raise UserError(f"{name} is already {current}; quantize the fp32 package instead")
+    if calibration_method not in CALIBRATION_METHODS:
+        raise UserError(f"unknown --calibration-method {calibration_method!r}; expected one of "
+                        f"{', '.join(CALIBRATION_METHODS)}")
+    if calibration_steps < 1:
+        raise UserError(f"--calibration-steps must be >= 1, got {calibration_steps}")
+    prompts = read_prompt_file(calibration_prompts) if calibration_prompts is not None else default_prompts()
+
+    start = time.perf_counter()
+    calib = record_calibration(package, prompts, steps=calibration_steps, seed=seed, threads=threads)
+    logger.info("calibration recorded in %.1f s", time.perf_counter() - start)
+    new = copy.deepcopy(manifest)
+    new["validation"] = None
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        _copy_unchanged(package_dir, tmp, manifest, plan)
+        for name, prec in plan.items():
+            entry = new["components"][name]
+            info = quantize_component(package, name, prec, tmp / name, calib, per_channel=per_channel,
+                                      calibration_method=calibration_method, sensitivity=sensitivity,
+                                      threads=threads)
+            path = tmp / name / "model.onnx"
+            if manifest.get("target") == "ort-mobile":
+                from .package import convert_to_ort
+
+                path = convert_to_ort(path)
+            entry["path"] = str(path.relative_to(tmp))
+            entry["precision"] = prec
+            entry["gate_psnr_db"] = GATES_DB[prec]
+            entry["quantization"] = info
+            entry["files"] = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted((tmp / name).iterdir())
+                              if f.is_file()}
+        if manifest.get("target") == "ort-mobile":
+            from .package import write_reduced_operator_config
+
+            write_reduced_operator_config(tmp, [tmp / e["path"] for e in new["components"].values()])
+        new["quantization"] = {
+            "from": str(package_dir),
+            "components": dict(plan),
+            "calibration": {**calib.summary(), "prompt_source": str(calibration_prompts) if calibration_prompts
+                            else f"models/assets/prompts.txt ({DEFAULT_PROMPT_COUNT} spread evenly)"},
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        new.setdefault("tools", {})["onnxruntime"] = _version("onnxruntime")
+        (tmp / MANIFEST).write_text(json.dumps(new, indent=2))
+    return new
+
+
+def _version(name: str) -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _copy_unchanged(src: Path, dst: Path, manifest: dict, plan: dict[str, str]) -> None:
+    """Everything of the source package except manifest.json and the folders of the components to quantize."""
+    skip = {Path(manifest["components"][name]["path"]).parts[0] for name in plan}
+    for item in src.iterdir():
+        if item.name in skip or item.name in (MANIFEST, MANIFEST + ".tmp"):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, dst / item.name)
+        else:
+            shutil.copy2(item, dst / item.name)
+
+
+def quantize_component(package: Package, name: str, precision: str, out_dir: Path, calib: CalibrationSet,
+                       per_channel: bool = False, calibration_method: str = "minmax", sensitivity: bool = False,
+                       threads: int | None = None) -> dict:
+    """Quantize one component into `out_dir/model.onnx` (+ external data); returns its manifest `quantization`."""
+    start = time.perf_counter()
+    src = _source_onnx(package, name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dst = out_dir / "model.onnx"
+    feeds = calib.feeds[name]
+    if not feeds:
+        raise UserError(f"no calibration inputs were recorded for {name}")
+    check_feeds = calib.subset(name, CHECK_SAMPLES)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{name}-work-") as work:
+        work = Path(work)
+        # A named copy: block / exclusion lists refer to nodes by name; a few exported nodes have none.
+        model = qo.load_model(src)
+        qo.name_nodes(model)
+        named = work / "fp32.onnx"
+        qo.save_model(model, named)
+        reference = qo.run_feeds(named, check_feeds, threads)
+        info: dict = {"source_precision": "fp32", "per_channel": None,
+                      "calibration": {"prompts": len(calib.prompts), "steps": calib.steps,
+                                      "samples": len(feeds), "method": None}}
+        if precision == "fp16":
+            ranges = qo.tensor_ranges(named, feeds)
+            block = qo.fp16_block_list(model, ranges)
+            qo.convert_fp16(named, dst, block)
+            info.update(method="onnxruntime.transformers.float16.convert_float_to_float16", keep_io_types=True,
+                        fp16_blocked_nodes=_by_reason(block),
+                        fp16_block_reasons={k: qo.FP16_BLOCK_REASONS[k] for k in sorted(set(block.values()))},
+                        max_abs_activation=float(max((v for v in ranges.values() if np.isfinite(v)), default=0.0)))
+            excluded = {}
+        else:
+            opts = qo.Int8Options(per_channel=per_channel, calibration_method=calibration_method,
+                                  exclude=default_int8_exclusions(model, precision))
+            quantize = _int8_quantizer(precision, named, work, feeds, opts)
+            if sensitivity:
+                info["sensitivity"] = sensitivity_pass(model, precision, quantize, opts, reference, check_feeds,
+                                                       GATES_DB[precision], threads)
+                opts.exclude.update({n: "sensitivity" for n in info["sensitivity"]["excluded_nodes"]})
+            else:
+                info["sensitivity"] = None
+            result_info = quantize(opts.exclude, dst)
+            info.update(result_info, per_channel=per_channel)
+            if precision == "int8-static":
+                info["calibration"]["method"] = calibration_method
+            excluded = opts.exclude
+        info["excluded_nodes"] = dict(sorted(excluded.items()))
+        got = qo.run_feeds(dst, check_feeds, threads)
+        info["check"] = {"psnr_db": round(qo.output_psnr(reference, got), 2), "samples": len(check_feeds),
+                         "against": "the fp32 ONNX component on ONNX Runtime CPU, recorded inputs"}
+        # ONNX files only: an ort-mobile component folder also holds model.ort (made after this).
+        info["size_bytes"] = {"fp32": _files_size(src.parent), "quantized": _files_size(out_dir)}
+    info["seconds"] = round(time.perf_counter() - start, 1)
+    logger.info("%s -> %s: %.1f dB vs fp32 on %d recorded inputs, %.2fx the size", name, precision,
+                info["check"]["psnr_db"], len(check_feeds),
+                info["size_bytes"]["quantized"] / max(info["size_bytes"]["fp32"] or 1, 1))
+    return info
+
+
+def _by_reason(block: dict[str, str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for node, reason in sorted(block.items()):
+        out.setdefault(reason, []).append(node)
+    return out
+
+
+# Why some nodes are never int8 by default (node -> reason in the manifest's `excluded_nodes`).
+INT8_EXCLUSION_REASONS = {
+    "input-reader": "reads the raw latent input, whose scale changes along the trajectory (x100 between the first "
+                    "and the last step measured on the tiny presets): one static activation scale cannot cover "
+                    "every timestep (14 dB on tiny-pixart EDiT when quantized)",
+    "linear-attention": "EDiT linear-attention accumulator: numerator and denominator come from one matmul; an int8 "
+                        "denominator error divides through the whole output",
+    "activation-matmul": "a matmul of two activations (attention scores Q K^T, attention-weighted values): "
+                         "per-prompt, per-head ranges that one calibrated scale fits badly",
+}
+
+
+def default_int8_exclusions(model: onnx.ModelProto, precision: str) -> dict[str, str]:
+    """Nodes kept in float by default. Only static int8 quantizes activations with fixed scales; the dynamic and
+    weight-only quantizers touch only constant-weight MatMuls, which these nodes are not (except input readers,
+    which they quantize safely: their activation scale is computed at run time or not quantized at all)."""
+    if precision != "int8-static":
+        return {}
+    excl = {n: "input-reader" for n in qo.graph_input_readers(model)}
+    excl.update({n: "linear-attention" for n in qo.linear_attention_nodes(model)})
+    weighted = set(qo.weighted_nodes(model))
+    excl.update({n.name: "activation-matmul" for n in model.graph.node
+                 if n.op_type == "MatMul" and n.name not in weighted and n.name not in excl})
+    return excl
+
+
+def _int8_quantizer(precision: str, src: Path, work: Path, feeds: list[dict], opts: qo.Int8Options):
+    """A function (exclude: dict, dst: Path) -> info dict for this precision (static ranges calibrated once)."""
+    cache = work / "calibration.json"
+
+    def run(exclude: dict, dst: Path) -> dict:
+        o = qo.Int8Options(per_channel=opts.per_channel, calibration_method=opts.calibration_method,
+                           exclude=dict(exclude))
+        if precision == "int8-dynamic":
+            return qo.quantize_dynamic_int8(src, dst, o)
+        if precision == "int8-static":
+            return qo.quantize_static_int8(src, dst, feeds, o, cache=cache)
+        if precision == "int8-weights":
+            return qo.quantize_weights_int8(src, dst, o)
+        raise ValueError(precision)
+
+    return run
+
+
+def quantizable_nodes(model: onnx.ModelProto, precision: str) -> list[str]:
+    """The nodes a precision changes: constant-weight MatMul / Gemm / Conv (dynamic, weight-only), every Gemm /
+    MatMul / Conv (static: activation-activation matmuls too)."""
+    if precision == "int8-static":
+        return [n.name for n in model.graph.node if n.op_type in qo.STATIC_OP_TYPES]
+    return qo.weighted_nodes(model, ("Gemm", "MatMul", "Conv"))
+
+
+def sensitivity_pass(model: onnx.ModelProto, precision: str, quantize, opts: qo.Int8Options,
+                     reference: list, feeds: list[dict], gate_db: float, threads: int | None = None) -> dict:
+    """Quantize one node group at a time (everything else float), measure its PSNR against fp32 on recorded
+    inputs, then exclude groups worst-first until the whole quantized model reaches gate + margin."""
+    candidates = [n for n in quantizable_nodes(model, precision) if n not in opts.exclude]
+    groups = qo.node_groups(candidates)
+    with tempfile.TemporaryDirectory() as tmp:
+        trial = Path(tmp) / "trial.onnx"
+        scores = {}
+        for key, nodes in groups.items():
+            others = {n: "sensitivity-trial" for n in candidates if n not in set(nodes)}
+            quantize({**opts.exclude, **others}, trial)
+            scores[key] = round(qo.output_psnr(reference, qo.run_feeds(trial, feeds, threads)), 2)
+        order = sorted(groups, key=lambda k: scores[k])
+        target = gate_db + SENSITIVITY_MARGIN_DB
+        limit = max(1, int(len(groups) * SENSITIVITY_MAX_FRACTION))
+        excluded: list[str] = []
+        quantize(opts.exclude, trial)
+        whole = qo.output_psnr(reference, qo.run_feeds(trial, feeds, threads))
+        history = [round(whole, 2)]
+        while whole < target and len(excluded) < min(limit, len(order)):
+            excluded.append(order[len(excluded)])
+            skip = {n: "sensitivity" for g in excluded for n in groups[g]}
+            quantize({**opts.exclude, **skip}, trial)
+            whole = qo.output_psnr(reference, qo.run_feeds(trial, feeds, threads))
+            history.append(round(whole, 2))
+    return {"target_psnr_db": target, "group_psnr_db": dict(sorted(scores.items(), key=lambda kv: kv[1])),
+            "excluded_groups": excluded, "excluded_nodes": [n for g in excluded for n in groups[g]],
+            "psnr_db_after_each_exclusion": history}

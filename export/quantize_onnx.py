@@ -1,0 +1,537 @@
+"""Quantization of one ONNX component: fp16, int8 dynamic, int8 static (QDQ), int8 weight-only.
+
+Every transformation is ONNX Runtime's own (`onnxruntime.transformers.float16`, `onnxruntime.quantization`); this
+module only chooses what they apply to and says why:
+  fp16          `convert_float_to_float16(keep_io_types=True)` (fp32 inputs / outputs kept) with a block-list of
+                nodes that stay fp32 (`fp16_block_list`, reasons below and in docs/quantization.md);
+  int8-dynamic  `quantize_dynamic`: int8 weights, activations quantized at run time (MatMulInteger);
+  int8-static   `quantize_static`, QDQ format, activation ranges calibrated on recorded denoiser inputs;
+  int8-weights  `MatMulNBitsQuantizer(bits=8)`: int8 weights in blocks, dequantized and computed in fp32.
+ONNX Runtime's basic graph optimisation (run at export) fuses MatMul + Add into `Gemm`. The dynamic and weight-only
+quantizers have no Gemm entry (their registries quantize MatMul), so `unfuse_gemm` turns those Gemms back into
+MatMul + Add first; the static QDQ quantizer handles Gemm itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..runtime.metrics import psnr
+from .onnx_export import EXTERNAL_DATA_FILE, EXTERNAL_DATA_THRESHOLD
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp16", "int8-dynamic", "int8-static", "int8-weights")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+FP16_MAX = 65504.0
+# A tensor whose calibrated magnitude exceeds FP16_MAX / FP16_HEADROOM keeps fp32: calibration prompts are few,
+# and other prompts, seeds or guidance scales reach larger activations than the recorded ones.
+FP16_HEADROOM = 2.0
+# Magnitudes from this on are masking sentinels (T5 / CLIP fill masked attention scores with float32's lowest
+# value), not activations: the converter clamps them to -65504, which masks just as well before a softmax.
+MASK_SENTINEL = 1e30
+# Static QDQ: the op types whose inputs and outputs get quantize / dequantize pairs (weights: int8, activations:
+# uint8, the combination ONNX Runtime's CPU kernels are tuned for).
+STATIC_OP_TYPES = ("Gemm", "MatMul", "Conv")
+
+
+# --- loading and saving ------------------------------------------------------------------------------------------
+def load_model(path: str | Path) -> onnx.ModelProto:
+    return onnx.load(str(path))  # also loads external data (model.onnx.data) next to it
+
+
+def save_model(model: onnx.ModelProto, path: str | Path) -> list[Path]:
+    """Save `model` to `path`, its weights in one external file when over the 2 GB protobuf limit; the files."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=EXTERNAL_DATA_FILE, size_threshold=1024)
+        return [path, path.parent / EXTERNAL_DATA_FILE]
+    onnx.save_model(model, str(path))
+    return [path]
+
+
+def name_nodes(model: onnx.ModelProto) -> None:
+    """Give every unnamed node a unique name: block-lists and exclusion lists refer to nodes by name."""
+    seen = set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.name or node.op_type}__{i}"
+        seen.add(node.name)
+
+
+def topological_sort(model: onnx.ModelProto) -> None:
+    """Reorder the nodes so each comes after the producers of its inputs (in place).
+
+    The float16 converter appends the Casts of the kept fp32 graph inputs at the end of the node list; ONNX Runtime
+    does not mind, but the ONNX checker and other consumers (onnx.reference, converters) require sorted graphs.
+    """
+    available = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
+    pending, ordered = list(model.graph.node), []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(i in available for i in node.input):
+                ordered.append(node)
+                available.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise RuntimeError(f"graph has a cycle or a missing input near node {rest[0].name!r}")
+        pending = rest
+    del model.graph.node[:]
+    model.graph.node.extend(ordered)
+
+
+@contextlib.contextmanager
+def quiet_ort_quantization():
+    """ONNX Runtime's quantizers log one INFO line per tensor and a pre-processing hint per call on the root
+    logger: silence INFO and the hint while they run; other warnings still show."""
+    class _Drop(logging.Filter):
+        def filter(self, record):
+            return "pre-process" not in record.getMessage()
+
+    flt = _Drop()
+    root = logging.getLogger()
+    targets = [root, *root.handlers]  # the root logger itself: ORT calls logging.warning() directly
+    for t in targets:
+        t.addFilter(flt)
+    previous = logging.root.manager.disable
+    logging.disable(logging.INFO)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+        for t in targets:
+            t.removeFilter(flt)
+
+
+# --- graph structure ---------------------------------------------------------------------------------------------
+def _producers(model):
+    return {o: n for n in model.graph.node for o in n.output}
+
+
+def _consumers(model):
+    out = {}
+    for n in model.graph.node:
+        for i in n.input:
+            out.setdefault(i, []).append(n)
+    return out
+
+
+def _const(model, name):
+    for t in model.graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    return None
+
+
+def linear_attention_nodes(model: onnx.ModelProto) -> list[str]:
+    """The EDiT / MM-EDiT linear-attention kernel, found by its structure (`relu_linear_attention`):
+
+    `[S | z] = (K / M)^T [V | 1]` is the MatMul whose second input is a Concat with a constant all-ones tensor (the
+    pad-V-with-ones trick), `Q [S | z]` the MatMul that consumes it, then the Slices that split numerator and
+    denominator, the `+ eps` Add and the Div. Returns their node names (empty for a softmax-only graph).
+    """
+    producers, consumers = _producers(model), _consumers(model)
+    inits = {t.name for t in model.graph.initializer}
+    names = []
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or len(node.input) < 2:
+            continue
+        cat = producers.get(node.input[1])
+        if cat is None or cat.op_type != "Concat":
+            continue
+        if not any(i in inits and np.all(_const(model, i) == 1) for i in cat.input):
+            continue
+        names.append(node.name)
+        for qs in consumers.get(node.output[0], []):  # Q [S | z]
+            if qs.op_type != "MatMul":
+                continue
+            names.append(qs.name)
+            frontier = [qs.output[0]]
+            for _ in range(3):  # Slice -> (Add eps) -> Div
+                nxt = []
+                for value in frontier:
+                    for c in consumers.get(value, []):
+                        if c.op_type in ("Slice", "Add", "Div") and c.name not in names:
+                            names.append(c.name)
+                            if c.op_type != "Div":
+                                nxt.append(c.output[0])
+                frontier = nxt
+    return names
+
+
+def normalization_nodes(model: onnx.ModelProto) -> list[str]:
+    """Normalisation statistics: LayerNormalization / InstanceNormalization (GroupNorm) nodes, and the written-out
+    mean-of-squares chains (T5's RMSNorm: Pow -> ReduceMean -> Add -> Sqrt -> Div; ConvFusion's GroupNorm:
+    ReduceMean -> Sub -> Mul(x, x) -> ReduceMean -> Add -> Sqrt -> Div)."""
+    producers = _producers(model)
+    names = [n.name for n in model.graph.node if n.op_type in ("LayerNormalization", "InstanceNormalization",
+                                                                 "GroupNormalization", "SimplifiedLayerNormalization")]
+    for node in model.graph.node:
+        if node.op_type != "Sqrt":
+            continue
+        # walk back Sqrt <- Add(eps) <- ReduceMean <- Pow / Mul(x, x) (<- Sub <- ReduceMean for a centred variance)
+        chain, value = [node.name], node.input[0]
+        for _ in range(5):
+            p = producers.get(value)
+            if p is None or p.op_type not in ("Add", "ReduceMean", "Pow", "Mul", "Sub"):
+                break
+            chain.append(p.name)
+            if p.op_type == "Pow" or (p.op_type == "Mul" and p.input[0] == p.input[1]):
+                break
+            value = p.input[0]
+        else:
+            chain = chain[:1]
+        if len(chain) >= 3:
+            names += chain
+            for c in _consumers(model).get(node.output[0], []):  # 1 / sqrt(var + eps)
+                if c.op_type in ("Div", "Reciprocal"):
+                    names.append(c.name)
+    return list(dict.fromkeys(names))
+
+
+def graph_input_readers(model: onnx.ModelProto, op_types=STATIC_OP_TYPES) -> list[str]:
+    """Weighted nodes that read a float graph input directly (the latent `sample`, `latent_sample`, ...)."""
+    float_inputs = {i.name for i in model.graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    return [n.name for n in model.graph.node if n.op_type in op_types and any(i in float_inputs for i in n.input)]
+
+
+def unfuse_gemm(model: onnx.ModelProto) -> int:
+    """Gemm(A, B, C) with a constant B -> MatMul(A, B or B^T) + Add(C), in place; returns how many were unfused.
+
+    ONNX Runtime's basic optimisation fuses every Linear layer (MatMul + Add) into a Gemm, which the dynamic and
+    weight-only int8 quantizers do not handle: without this, they would leave every weight in fp32.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    uses = {}
+    for n in model.graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    new_nodes, count, dropped = [], 0, set()
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            new_nodes.append(node)
+            continue
+        weight = node.input[1]
+        if attrs.get("transB", 0):
+            w = numpy_helper.to_array(inits[weight]).T
+            t = numpy_helper.from_array(np.ascontiguousarray(w), f"{weight}__KxN")
+            model.graph.initializer.append(t)
+            uses[weight] -= 1
+            if uses[weight] == 0:
+                dropped.add(weight)
+            weight = t.name
+        has_bias = len(node.input) > 2 and node.input[2] != ""
+        mm_out = f"{node.output[0]}__matmul" if has_bias else node.output[0]
+        new_nodes.append(helper.make_node("MatMul", [node.input[0], weight], [mm_out], name=f"{node.name}__MatMul"))
+        if has_bias:
+            new_nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]],
+                                              name=f"{node.name}__Add"))
+        count += 1
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    if dropped:
+        keep = [t for t in model.graph.initializer if t.name not in dropped]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+    return count
+
+
+def int8_conv_weights(model: onnx.ModelProto, exclude=()) -> int:
+    """Weight-only int8 for Conv, in place: each constant Conv weight becomes an int8 initializer (symmetric, one
+    scale per output channel, computed by ONNX Runtime's own `quant_utils.quantize_data`) read through a
+    `DequantizeLinear(axis=0)`; the convolution itself stays fp32. Returns the number of Convs changed.
+
+    The dynamic and weight-only ONNX Runtime quantizers leave Conv in fp32 (dynamic ConvInteger is slower than the
+    fp32 Conv on CPU, MatMulNBits has no Conv form), yet EDiT's ConvFusion convolutions hold ~13 % of the
+    transformer's weights: without this, an "int8" EDiT transformer would still be 0.36x its fp32 size.
+    """
+    from onnxruntime.quantization.quant_utils import quantize_data
+
+    inits = {t.name: t for t in model.graph.initializer}
+    uses: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    done: dict[str, str] = {}
+    count = 0
+    for node in model.graph.node:
+        if node.op_type != "Conv" or node.name in exclude or node.input[1] not in inits:
+            continue
+        name = node.input[1]
+        if name not in done:
+            w = numpy_helper.to_array(inits[name]).astype(np.float32)
+            q = np.empty(w.shape, np.int8)
+            scales = np.empty(w.shape[0], np.float32)
+            for o in range(w.shape[0]):  # per output channel
+                zero, scale, qo_ = quantize_data(w[o].ravel(), onnx.TensorProto.INT8, symmetric=True)
+                assert int(zero) == 0
+                q[o], scales[o] = np.asarray(qo_, np.int8).reshape(w.shape[1:]), float(scale)
+            model.graph.initializer.extend([
+                numpy_helper.from_array(q, f"{name}__int8"), numpy_helper.from_array(scales, f"{name}__scale"),
+                numpy_helper.from_array(np.zeros(w.shape[0], np.int8), f"{name}__zero_point")])
+            model.graph.node.append(helper.make_node(
+                "DequantizeLinear", [f"{name}__int8", f"{name}__scale", f"{name}__zero_point"], [f"{name}__dq"],
+                name=f"{name}__DequantizeLinear", axis=0))
+            done[name] = f"{name}__dq"
+        node.input[1] = done[name]
+        uses[name] -= 1
+        count += 1
+    unused = {n for n in done if uses[n] == 0}
+    keep = [t for t in model.graph.initializer if t.name not in unused]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    topological_sort(model)
+    return count
+
+
+# --- measurement -------------------------------------------------------------------------------------------------
+def make_session(path: str | Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_feeds(path_or_session, feeds: list[dict], threads: int | None = None) -> list[list[np.ndarray]]:
+    session = make_session(path_or_session, threads) if isinstance(path_or_session, (str, Path)) else path_or_session
+    return [[o.astype(np.float32) for o in session.run(None, feed)] for feed in feeds]
+
+
+def output_psnr(reference: list[list[np.ndarray]], test: list[list[np.ndarray]]) -> float:
+    """The worst PSNR (dB) over every feed and every output."""
+    return min(psnr(r, t) for rs, ts in zip(reference, test) for r, t in zip(rs, ts))
+
+
+def tensor_ranges(path: str | Path, feeds: list[dict]) -> dict[str, float]:
+    """max |x| of every float intermediate tensor over `feeds` (ONNX Runtime's MinMax calibrator, fp32 graph)."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    with tempfile.TemporaryDirectory() as tmp:
+        calibrator = create_calibrator(Path(path), [], augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                       calibrate_method=CalibrationMethod.MinMax,
+                                       use_external_data_format=True)
+        collect_in_chunks(calibrator, feeds)
+        data = calibrator.compute_data()
+        del calibrator
+    return {name: float(max(abs(np.asarray(d.range_value[0]).min()), abs(np.asarray(d.range_value[1]).max())))
+            for name, d in data.data.items()}
+
+
+# --- fp16 ----------------------------------------------------------------------------------------------------------
+# Why each kind of node stays fp32 in an fp16 package (docs/quantization.md has the measurements behind these).
+FP16_BLOCK_REASONS = {
+    "linear-attention": "EDiT linear-attention accumulators [S|z] = K^T[V|1] / M, Q[S|z] and the numerator / "
+                        "denominator division: sums over all compressed tokens, and the denominator decides the "
+                        "scale of the output; kept fp32 as the PyTorch model does (EDiTConfig.accumulate_fp32), "
+                        "DESIGN.md §1",
+    "normalization": "normalisation statistics (LayerNorm, GroupNorm / InstanceNorm, T5 RMSNorm, ConvFusion "
+                     "GroupNorm): a mean of squares overflows fp16 once |x| > 256, and the reference kernels "
+                     "(torch LayerNorm / GroupNorm, transformers' T5LayerNorm) accumulate in fp32",
+    "range": "reads or writes a value measured on the calibration trajectory above 65504 / 2 (fp16 max with 2x "
+             "headroom; masking sentinels of 1e30 and more excepted)",
+}
+
+
+def fp16_block_list(model: onnx.ModelProto, ranges: dict[str, float] | None = None,
+                    rules: tuple[str, ...] = ("linear-attention", "normalization", "range")) -> dict[str, str]:
+    """node name -> reason, for the nodes that stay fp32 in the fp16 model."""
+    block: dict[str, str] = {}
+    if "linear-attention" in rules:
+        block.update({n: "linear-attention" for n in linear_attention_nodes(model)})
+    if "normalization" in rules:
+        block.update({n: "normalization" for n in normalization_nodes(model) if n not in block})
+    if "range" in rules and ranges:
+        limit = FP16_MAX / FP16_HEADROOM
+        big = {v for v, r in ranges.items() if limit < r < MASK_SENTINEL}
+        for node in model.graph.node:
+            if node.name not in block and any(v in big for v in [*node.input, *node.output]):
+                block[node.name] = "range"
+    return block
+
+
+def convert_fp16(src: Path, dst: Path, block: dict[str, str]) -> list[Path]:
+    """ONNX Runtime's float16 converter, fp32 inputs / outputs kept, `block` nodes left in fp32."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    # The path form runs shape inference through a file, which also works for models over 2 GB.
+    model = convert_float_to_float16(str(src), keep_io_types=True, node_block_list=sorted(block))
+    topological_sort(model)
+    return save_model(model, dst)
+
+
+# --- int8 ----------------------------------------------------------------------------------------------------------
+@dataclass
+class Int8Options:
+    per_channel: bool = False
+    calibration_method: str = "minmax"
+    exclude: dict[str, str] = field(default_factory=dict)  # node name -> reason
+
+
+def prepare_weight_only(src: Path, dst: Path, exclude=()) -> dict:
+    """src -> dst with its Gemms unfused (for the dynamic and weight-only quantizers, which quantize MatMul) and its
+    Conv weights stored int8 (`int8_conv_weights`); returns what was changed."""
+    model = load_model(src)
+    name_nodes(model)
+    gemms = unfuse_gemm(model)
+    convs = int8_conv_weights(model, exclude)
+    save_model(model, dst)
+    return {"gemm_unfused": gemms, "conv_weights_int8": convs}
+
+
+def quantize_dynamic_int8(src: Path, dst: Path, opts: Int8Options) -> dict:
+    """int8 weights of every MatMul with a constant weight (Linear layers), activations quantized at run time.
+
+    Conv weights are stored int8 but computed in fp32 (`int8_conv_weights`): ONNX Runtime's dynamic ConvInteger
+    ran 3x slower than the fp32 Conv on this project's CPU (tiny VAE decoder at 256²: 0.88 s vs 0.30 s; mid-size
+    EDiT transformer at 512²: 1.17x fp32 with ConvInteger, 0.72x without).
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+        unfused = Path(tmp) / "unfused.onnx"
+        changed = prepare_weight_only(src, unfused, opts.exclude)
+        with quiet_ort_quantization():
+            quantize_dynamic(unfused, dst, op_types_to_quantize=["MatMul"], per_channel=opts.per_channel,
+                             weight_type=QuantType.QInt8, nodes_to_exclude=_unfused_names(opts.exclude),
+                             use_external_data_format=_large(unfused), extra_options={"MatMulConstBOnly": True})
+    return {"method": "onnxruntime.quantization.quantize_dynamic", "format": "QOperator (MatMulInteger)",
+            "weights": "int8, symmetric (Conv: int8 per output channel through DequantizeLinear, fp32 compute)",
+            "activations": "uint8, quantized at run time (Conv: fp32)", "op_types": ["MatMul", "Conv"], **changed}
+
+
+def calibrate_ranges(src: Path, feeds: list[dict], method: str, cache: Path) -> None:
+    """Activation ranges of every tensor of the STATIC_OP_TYPES nodes over `feeds` (ONNX Runtime's calibrators),
+    saved as ONNX Runtime's calibration cache (`quantize_static(calibration_cache_path=...)` reads it back).
+
+    Called directly rather than through quantize_static so that the entropy calibrator gets a real histogram:
+    quantize_static leaves it at 128 bins for 128 quantized levels, which makes entropy equal to min-max.
+    """
+    from onnxruntime.quantization import save_tensors_data
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    kind = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile}[method]
+    extra = {"minmax": {}, "entropy": {"num_bins": 2048, "num_quantized_bins": 128},
+             "percentile": {"num_bins": 2048, "percentile": 99.999}}[method]
+    with tempfile.TemporaryDirectory(dir=cache.parent) as tmp, contextlib.redirect_stdout(io.StringIO()):
+        calibrator = create_calibrator(Path(src), list(STATIC_OP_TYPES),
+                                       augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                       calibrate_method=kind, use_external_data_format=True, extra_options=extra)
+        collect_in_chunks(calibrator, feeds)
+        save_tensors_data(calibrator.compute_data(), cache)
+        del calibrator
+
+
+CALIBRATION_CHUNK = 8
+
+
+def collect_in_chunks(calibrator, feeds: list[dict]) -> None:
+    """Feed the calibrator a few inputs at a time: its intermediate outputs (every calibrated tensor of every
+    input) stay bounded, and each call merges into the running ranges / histograms. (ONNX Runtime 1.32's own
+    bound, `max_intermediate_outputs`, drops the collected outputs without merging them.)"""
+    from .calibration import feed_reader
+
+    for start in range(0, len(feeds), CALIBRATION_CHUNK):
+        calibrator.collect_data(feed_reader(feeds[start:start + CALIBRATION_CHUNK]))
+
+
+def quantize_static_int8(src: Path, dst: Path, feeds: list[dict], opts: Int8Options,
+                         cache: Path | None = None) -> dict:
+    """QDQ static int8: weights int8, activations uint8 with ranges calibrated on `feeds` (once per `cache`)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[opts.calibration_method]
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+        cache = cache or Path(tmp) / "calibration.json"
+        if not cache.is_file():
+            calibrate_ranges(src, feeds, opts.calibration_method, cache)
+        with quiet_ort_quantization():
+            quantize_static(src, dst, None, quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=list(STATIC_OP_TYPES), per_channel=opts.per_channel,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            nodes_to_exclude=list(opts.exclude), calibrate_method=method,
+                            use_external_data_format=_large(src), calibration_cache_path=cache)
+    return {"method": "onnxruntime.quantization.quantize_static", "format": "QDQ",
+            "weights": "int8, symmetric", "activations": "uint8, calibrated ranges",
+            "op_types": list(STATIC_OP_TYPES), "calibration_method": opts.calibration_method}
+
+
+WEIGHT_ONLY_BLOCK = 128  # ONNX Runtime's default block along K for MatMulNBits
+
+
+def quantize_weights_int8(src: Path, dst: Path, opts: Int8Options) -> dict:
+    """Weight-only int8: `MatMulNBits` (bits=8) holds int8 weights in blocks of 128 along K, each block with its own
+    scale (finer than per-channel), dequantizes them and computes in fp32 (accuracy_level unset)."""
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+        unfused = Path(tmp) / "unfused.onnx"
+        changed = prepare_weight_only(src, unfused, opts.exclude)
+        model = load_model(unfused)
+        with quiet_ort_quantization():
+            quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=WEIGHT_ONLY_BLOCK, is_symmetric=True,
+                                             nodes_to_exclude=_unfused_names(opts.exclude),
+                                             quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",))
+            quantizer.process()
+        save_model(quantizer.model.model, dst)
+    return {"method": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
+            "format": "QOperator (com.microsoft MatMulNBits, bits=8)",
+            "weights": f"int8, symmetric, blocks of {WEIGHT_ONLY_BLOCK} along K per output channel (Conv: per "
+                       "output channel through DequantizeLinear)",
+            "activations": "fp32 (weights dequantized, fp32 compute)", "op_types": ["MatMul", "Conv"], **changed}
+
+
+def _unfused_names(names) -> list[str]:
+    """Exclusion lists name the exported Gemm nodes; after `unfuse_gemm` their MatMul carries a suffix."""
+    out = []
+    for n in names or []:
+        out += [n, f"{n}__MatMul"]
+    return out
+
+
+def _large(path: Path) -> bool:
+    return (Path(path).parent / EXTERNAL_DATA_FILE).is_file() or Path(path).stat().st_size > EXTERNAL_DATA_THRESHOLD
+
+
+def weighted_nodes(model: onnx.ModelProto, op_types=STATIC_OP_TYPES) -> list[str]:
+    """Nodes with a constant (initializer) weight input: what int8 quantization changes."""
+    inits = {t.name for t in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type in op_types and len(n.input) > 1 and n.input[1] in inits]
+
+
+def node_groups(names: list[str]) -> dict[str, list[str]]:
+    """Group node names by module: the path up to the first indexed module (`transformer_blocks.3`, `block.0`) plus
+    one more level (`/transformer/transformer_blocks.3/attn1`), else the path without its last two segments."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        parts = name.strip("/").split("/")
+        key = None
+        for i, part in enumerate(parts[:-1]):
+            if re.search(r"\.\d+$", part):
+                key = "/".join(parts[: min(i + 2, len(parts) - 1)])
+                break
+        if key is None:
+            key = "/".join(parts[: max(len(parts) - 2, 1)])
+        groups.setdefault("/" + key, []).append(name)
+    return groups

@@ -1,0 +1,343 @@
+"""The bench protocol for artifact packages: one protocol for every backend (numpy + the backend, no torch).
+
+`bench_package(PKG, BenchOptions(...))` measures, in this order and in one process:
+  1. cold load: the sha256 check of the package, then each component's backend creation (session creation), timed
+     one by one in manifest order;
+  2. end to end: the text-to-image loop (`Text2ImagePipeline`, S steps, classifier-free guidance as the package's
+     family does it) K times untimed, then N times timed. Every backend call inside the loop is timed too, so
+     each run also gives the sum of component times, the runtime overhead (end-to-end minus that sum: tokenizers,
+     scheduler, guidance, casts, Python) and each denoising step's transformer time;
+  3. per component: K warm-up and N timed calls of every component, round-robin over the components (so slow
+     drift of the machine's load spreads over all of them), on the inputs the loop actually fed it (recorded in
+     the first loop run; the VAE encoder gets the decoded image);
+  4. peak resident memory of the process (getrusage), package size on disk, machine description.
+Latencies are reported as median, p10, p90 (numpy's linear percentiles), mean, min, max over the N samples.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .backends import BACKENDS, component_backend, to_numpy_dtype
+from .errors import UserError
+from .package import Package, load_package
+
+DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon"
+TEXT_TO_IMAGE = ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae_decoder")
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    backend: str = "ort"
+    runs: int = 5  # timed samples per component and end to end (N)
+    warmup: int = 1  # untimed calls before them (K)
+    threads: int | None = None  # ONNX Runtime intra-op threads (None: its default, one per physical core)
+    steps: int = 20  # denoising steps of the end-to-end loop (S)
+    e2e_runs: int | None = None  # timed end-to-end runs (default: runs)
+    prompt: str = DEFAULT_PROMPT
+    guidance: float | None = None  # None: the family's diffusers default (CFG on)
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.backend not in BACKENDS:
+            raise UserError(f"unknown backend {self.backend!r} (choose from {', '.join(BACKENDS)})")
+        if self.runs < 1:
+            raise UserError(f"--runs must be >= 1, got {self.runs}")
+        if self.warmup < 0:
+            raise UserError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.steps < 1:
+            raise UserError(f"--steps must be >= 1, got {self.steps}")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {self.threads}")
+        if self.e2e_runs is not None and self.e2e_runs < 1:
+            raise UserError(f"--e2e-runs must be >= 1, got {self.e2e_runs}")
+
+
+def summarize(samples_ms: list[float]) -> dict:
+    """median / p10 / p90 / mean / min / max of latency samples in milliseconds (p10 <= median <= p90)."""
+    a = np.asarray(samples_ms, dtype=np.float64)
+    if a.size == 0:
+        raise ValueError("no samples")
+    p10, med, p90 = np.percentile(a, [10, 50, 90])
+    return {"median_ms": round(float(med), 3), "p10_ms": round(float(p10), 3), "p90_ms": round(float(p90), 3),
+            "mean_ms": round(float(a.mean()), 3), "min_ms": round(float(a.min()), 3),
+            "max_ms": round(float(a.max()), 3), "runs": int(a.size)}
+
+
+class TimedBackend:
+    """Wraps a backend: times every `run` call; records the first inputs / outputs it sees (`capture`)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.input_specs = backend.input_specs
+        self.output_names = backend.output_names
+        self.times_ms: list[float] = []
+        self.capture = True
+        self.calls: list[dict] = []  # recorded inputs while capturing
+        self.first_output: dict | None = None
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        out = self.backend.run(inputs)
+        self.times_ms.append((time.perf_counter() - start) * 1e3)
+        if self.capture:
+            self.calls.append(dict(inputs))
+            if self.first_output is None:
+                self.first_output = out
+        return out
+
+
+# --- process and machine ------------------------------------------------------------------------------------------
+def peak_rss_mb() -> float | None:
+    """Peak resident set size of this process so far, in MB (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        try:
+            import psutil
+
+            return round(psutil.Process().memory_info().peak_wset / 2**20, 1)
+        except (ImportError, AttributeError):
+            return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)  # bytes on macOS, KiB on Linux
+
+
+def current_rss_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return round(psutil.Process().memory_info().rss / 2**20, 1)
+    except ImportError:
+        return None
+
+
+def folder_size_mb(path: str | Path) -> float:
+    path = Path(path)
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    return round(sum(f.stat().st_size for f in files) / 2**20, 2)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    if sys.platform == "darwin":
+        import subprocess
+
+        try:
+            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                  timeout=5).stdout.strip() or platform.processor()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return platform.processor() or platform.machine()
+
+
+def physical_cores() -> int | None:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False)
+    except ImportError:
+        return None
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info(threads: int | None = None) -> dict:
+    """CPU model, cores, the threads the benchmark used, OS, library versions, load average."""
+    return {
+        "cpu": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "physical_cores": physical_cores(),
+        "threads": threads if threads is not None else "default (ONNX Runtime: one per physical core)",
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {name: _version(name) for name in ("edit-mobile", "numpy", "onnxruntime", "coremltools",
+                                                       "tokenizers")},
+        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+# --- the protocol -------------------------------------------------------------------------------------------------
+def _fallback_inputs(specs, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    out = {}
+    for s in specs:
+        dtype = to_numpy_dtype(s.dtype)
+        shape = tuple(int(d) for d in s.shape)
+        out[s.name] = (rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating)
+                       else np.zeros(shape, dtype=dtype))
+    return out
+
+
+def _component_inputs(name: str, timed: dict[str, TimedBackend], pkg: Package, steps: int,
+                      rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Realistic inputs of one component: what the loop fed it (transformer: a call of the middle step)."""
+    t = timed[name]
+    if t.calls:
+        if name == "transformer":
+            per_step = max(len(t.calls) // steps, 1)
+            return t.calls[(steps // 2) * per_step]
+        return t.calls[-1]  # text encoders: the conditional prompt (CFG encodes the negative prompt first)
+    if name == "vae_encoder" and timed.get("vae_decoder") is not None and timed["vae_decoder"].first_output:
+        image = next(iter(timed["vae_decoder"].first_output.values()))
+        spec = pkg.input_specs(name)[0]
+        return {spec.name: np.ascontiguousarray(image, dtype=to_numpy_dtype(spec.dtype))}
+    return _fallback_inputs(pkg.input_specs(name), rng)
+
+
+def bench_package(package_dir: str | Path, options: BenchOptions = BenchOptions(), progress=None) -> dict:
+    """Run the protocol on the package in `package_dir`; returns the report (see the module docstring).
+
+    `progress`: optional callable(str) told what is being measured."""
+    from .pipeline import DEFAULT_GUIDANCE, Text2ImagePipeline
+
+    options.check()
+    say = progress or (lambda msg: None)
+    loadavg_before = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    start = time.perf_counter()
+    pkg = load_package(package_dir, verify=True)  # UserError on a missing / broken package
+    verify_s = time.perf_counter() - start
+    kw = {"threads": options.threads} if options.backend == "ort" else {}
+
+    # 1. cold load, one component at a time
+    timed: dict[str, TimedBackend] = {}
+    load_s: dict[str, float] = {}
+    for name in pkg.components:
+        say(f"loading {name}")
+        start = time.perf_counter()
+        backend = component_backend(pkg, name, options.backend, **kw)
+        load_s[name] = time.perf_counter() - start
+        timed[name] = TimedBackend(backend)
+    rss_after_load = current_rss_mb()
+
+    # 2. end to end
+    pipe = Text2ImagePipeline(pkg, backend=options.backend, progress=False,
+                              backends={n: t for n, t in timed.items() if n in TEXT_TO_IMAGE}, **kw)
+    guidance = DEFAULT_GUIDANCE[pkg.family] if options.guidance is None else float(options.guidance)
+    e2e_runs = options.e2e_runs or options.runs
+    e2e, overhead, in_loop, step_ms = [], [], [], []
+    transformer_calls = 0
+    for i in range(options.warmup + e2e_runs):
+        timed_run = i >= options.warmup
+        say(f"end to end {'run' if timed_run else 'warm-up'} {i + 1 - options.warmup if timed_run else i + 1}")
+        marks = {n: len(t.times_ms) for n, t in timed.items()}
+        start = time.perf_counter()
+        pipe(options.prompt, steps=options.steps, guidance=guidance, seed=options.seed)
+        wall = (time.perf_counter() - start) * 1e3
+        for t in timed.values():
+            t.capture = False  # the first run's inputs are the ones kept
+        calls = {n: t.times_ms[marks[n]:] for n, t in timed.items()}
+        transformer_calls = len(calls["transformer"])
+        if timed_run:
+            components_ms = sum(sum(c) for c in calls.values())
+            e2e.append(wall)
+            in_loop.append(components_ms)
+            overhead.append(wall - components_ms)
+            per_step = max(transformer_calls // options.steps, 1)
+            tr = calls["transformer"]
+            step_ms += [sum(tr[j:j + per_step]) for j in range(0, len(tr), per_step)]
+
+    # 3. per component, round-robin
+    rng = np.random.default_rng(options.seed)
+    inputs = {name: _component_inputs(name, timed, pkg, options.steps, rng) for name in timed}
+    samples: dict[str, list[float]] = {name: [] for name in timed}
+    for i in range(options.warmup + options.runs):
+        say(f"components {'run' if i >= options.warmup else 'warm-up'} "
+            f"{i + 1 - options.warmup if i >= options.warmup else i + 1}")
+        for name, t in timed.items():
+            start = time.perf_counter()
+            t.backend.run(inputs[name])
+            if i >= options.warmup:
+                samples[name].append((time.perf_counter() - start) * 1e3)
+
+    # 4. report
+    calls_per_image = {name: 0 for name in timed}
+    for name in calls_per_image:
+        n = len(timed[name].times_ms)  # every loop run calls each component equally often
+        calls_per_image[name] = n // (options.warmup + e2e_runs)
+    components = {}
+    for name, comp in pkg.components.items():
+        components[name] = {**summarize(samples[name]), "load_s": round(load_s[name], 3),
+                            "size_mb": folder_size_mb(comp.path.parent if comp.path.is_file() else comp.path),
+                            "precision": comp.precision, "calls_per_image": calls_per_image[name]}
+    e2e_summary = {**summarize(e2e), "steps": options.steps}
+    overhead_ms = float(np.median(overhead))
+    return {
+        "package": {"path": str(pkg.root), "family": pkg.family, "architecture": pkg.architecture,
+                    "target": pkg.target, "resolution": list(pkg.resolution), "batch": pkg.batch,
+                    "latent_shape": list(pkg.latent_shape)},
+        "protocol": {**asdict(options), "e2e_runs": e2e_runs, "guidance": guidance, "cfg": guidance > 1.0,
+                     "transformer_calls_per_step": max(transformer_calls // options.steps, 1)},
+        "machine": {**machine_info(options.threads), "loadavg_before": loadavg_before},
+        "verify_s": round(verify_s, 3),
+        "load_s": round(sum(load_s.values()), 3),
+        "components": components,
+        "transformer_step": summarize(step_ms),
+        "end_to_end": e2e_summary,
+        "components_in_loop_ms": round(float(np.median(in_loop)), 3),
+        "overhead_ms": round(overhead_ms, 3),
+        "overhead_pct": round(100.0 * overhead_ms / e2e_summary["median_ms"], 3),
+        "overhead": summarize(overhead),
+        "rss_after_load_mb": rss_after_load,
+        "peak_rss_mb": peak_rss_mb(),
+        "size_mb": folder_size_mb(pkg.root),
+    }
+
+
+def format_report(report: dict) -> str:
+    """The report as a plain-text table."""
+    p, m = report["package"], report["machine"]
+    lines = [
+        f"package   {p['path']}  ({p['family']}, {p['architecture']}, {p['target']}, "
+        f"{p['resolution'][0]}x{p['resolution'][1]}, batch {p['batch']})",
+        f"machine   {m['cpu']}, {m['logical_cores']} logical cores, threads {m['threads']}, "
+        f"onnxruntime {m['versions']['onnxruntime']}, load average {_loadavg(m.get('loadavg'))}",
+        f"protocol  backend {report['protocol']['backend']}, {report['protocol']['warmup']} warm-up + "
+        f"{report['protocol']['runs']} runs per component, {report['protocol']['e2e_runs']} end-to-end runs of "
+        f"{report['end_to_end']['steps']} steps",
+        "",
+        f"{'component':<16}{'load s':>9}{'median ms':>12}{'p10 ms':>11}{'p90 ms':>11}{'calls/img':>11}"
+        f"{'size MB':>10}  precision",
+    ]
+    for name, c in report["components"].items():
+        lines.append(f"{name:<16}{c['load_s']:>9.2f}{c['median_ms']:>12.1f}{c['p10_ms']:>11.1f}{c['p90_ms']:>11.1f}"
+                     f"{c['calls_per_image']:>11d}{c['size_mb']:>10.1f}  {c['precision']}")
+    ts, e = report["transformer_step"], report["end_to_end"]
+    lines += [
+        f"{'transformer/step':<16}{'':>9}{ts['median_ms']:>12.1f}{ts['p10_ms']:>11.1f}{ts['p90_ms']:>11.1f}",
+        f"{'end to end':<16}{report['load_s']:>9.2f}{e['median_ms']:>12.1f}{e['p10_ms']:>11.1f}{e['p90_ms']:>11.1f}",
+        "",
+        f"runtime overhead {report['overhead_ms']:.1f} ms ({report['overhead_pct']:.2f} % of end to end); "
+        f"peak RSS {report['peak_rss_mb']} MB; package {report['size_mb']:.1f} MB on disk; "
+        f"sha256 check {report['verify_s']:.2f} s",
+    ]
+    return "\n".join(lines)
+
+
+def _loadavg(values) -> str:
+    return " ".join(f"{v:.2f}" for v in values) if values else "n/a"

@@ -1,0 +1,223 @@
+"""PyTorch EDiT vs softmax attention on a GPU: PixArt-Σ-XL transformer, fp16, eager and torch.compile.
+
+The softmax side is the teacher with diffusers' stock SDPA processor (FlashAttention through
+`scaled_dot_product_attention` where the GPU and dtype allow it; the backend actually allowed is recorded); the
+EDiT side is `EDiTPixArtTransformer2DModel.from_teacher` of the same teacher (same weights). Both run interleaved
+(order alternating per repeat) after warm-up calls, per resolution and mode; a side that runs out of memory is
+recorded as "oom". Rows (one per resolution and mode) are printed as JSON lines as soon as they are measured;
+--json writes them all, --markdown prints a table for docs/benchmarks.md.
+
+    python scripts/bench_gpu.py --json out/bench_gpu.json --markdown             # H100 / any CUDA GPU
+    python scripts/bench_gpu.py --device cpu --quick                            # tiny CPU smoke test of the same code
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# `python scripts/bench_gpu.py` puts scripts/ first on sys.path, where scripts/inspect.py would shadow the standard
+# library's `inspect` (torch imports it): drop that entry, this script imports nothing from its folder.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+from diffusers import PixArtTransformer2DModel  # noqa: E402
+
+from edit_mobile.models.edit_pixart import EDiTPixArtTransformer2DModel  # noqa: E402
+
+HEADS, HEAD_DIM, CAPTION_CHANNELS, PROMPT_TOKENS = 16, 72, 4096, 300  # PixArt-Σ-XL-2 with T5-XXL prompts
+LATENT_CHANNELS, OUT_CHANNELS, VAE_FACTOR, PATCH = 4, 8, 8, 2
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def pixart_xl(resolution: int, depth: int, heads: int = HEADS) -> PixArtTransformer2DModel:
+    sample = resolution // VAE_FACTOR
+    return PixArtTransformer2DModel(
+        num_attention_heads=heads, attention_head_dim=HEAD_DIM, in_channels=LATENT_CHANNELS,
+        out_channels=OUT_CHANNELS, num_layers=depth, cross_attention_dim=heads * HEAD_DIM,
+        caption_channels=CAPTION_CHANNELS, sample_size=sample, attention_bias=True, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6, use_additional_conditions=False,
+        interpolation_scale=max(sample // 64, 1)).eval()
+
+
+def make_inputs(resolution: int, batch: int, device, dtype) -> dict:
+    g = torch.Generator().manual_seed(0)
+    latent = resolution // VAE_FACTOR
+    mask = torch.zeros(batch, PROMPT_TOKENS)
+    mask[:, :24] = 1  # the pipeline passes the T5 mask of a short prompt
+    return dict(
+        hidden_states=torch.randn(batch, LATENT_CHANNELS, latent, latent, generator=g).to(device, dtype),
+        encoder_hidden_states=torch.randn(batch, PROMPT_TOKENS, CAPTION_CHANNELS, generator=g).to(device, dtype),
+        encoder_attention_mask=mask.to(device, dtype),
+        timestep=torch.full((batch,), 999, device=device),
+        added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        return_dict=False,
+    )
+
+
+class Timer:
+    """Wall time on CPU; CUDA events (after a synchronize) on a GPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower() \
+        or "can't allocate memory" in str(e).lower()
+
+
+def sdpa_context(backend: str):
+    """Restrict SDPA to one backend ("flash", "efficient", "math"), or leave PyTorch's choice ("auto")."""
+    if backend == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                        "math": SDPBackend.MATH}[backend])
+
+
+def bench_resolution(resolution: int, args, device, dtype) -> list[dict]:
+    """Both sides at one resolution, for each mode (eager, compile); one row per mode."""
+    torch.manual_seed(0)
+    teacher = pixart_xl(resolution, args.depth, args.heads)
+    student = EDiTPixArtTransformer2DModel.from_teacher(teacher).eval()
+    teacher, student = teacher.to(device, dtype), student.to(device, dtype)
+    inputs = make_inputs(resolution, args.batch, device, dtype)
+    timer = Timer(device)
+    rows = []
+    for mode in args.modes:
+        sides = {"softmax": teacher, "edit": student}
+        if mode == "compile":
+            sides = {k: torch.compile(m, mode=args.compile_mode, dynamic=False) for k, m in sides.items()}
+        row = {"resolution": resolution, "tokens": (resolution // VAE_FACTOR // PATCH) ** 2, "mode": mode,
+               "depth": args.depth, "batch": args.batch, "dtype": args.dtype, "device": str(device),
+               "sdpa": args.sdpa}
+        times, status, peak = {k: [] for k in sides}, {k: "ok" for k in sides}, {}
+        with torch.inference_mode(), sdpa_context(args.sdpa):
+            for name, fn in sides.items():  # warm-up (and compilation) per side, with its own memory peak
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(device)
+                try:
+                    start = time.perf_counter()
+                    for _ in range(args.warmup):
+                        fn(**inputs)
+                    row[f"{name}_warmup_s"] = round(time.perf_counter() - start, 2)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                        peak[name] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                except Exception as e:  # noqa: BLE001 - an OOM is a result
+                    status[name] = "oom" if is_oom(e) else f"failed: {type(e).__name__}: {str(e)[:200]}"
+            for i in range(args.repeats):
+                order = list(sides.items()) if i % 2 == 0 else list(sides.items())[::-1]
+                for name, fn in order:
+                    if status[name] != "ok":
+                        continue
+                    try:
+                        times[name].append(timer(lambda: fn(**inputs)))
+                    except Exception as e:  # noqa: BLE001
+                        status[name] = "oom" if is_oom(e) else f"failed: {type(e).__name__}: {str(e)[:200]}"
+        for name in sides:
+            row[f"{name}_status"] = status[name]
+            if times[name] and status[name] == "ok":
+                row[f"{name}_ms"] = round(statistics.median(times[name]), 2)
+                row[f"{name}_ms_min"] = round(min(times[name]), 2)
+            if name in peak:
+                row[f"{name}_peak_gb"] = peak[name]
+        if row.get("softmax_ms") and row.get("edit_ms"):
+            row["speedup"] = round(row["softmax_ms"] / row["edit_ms"], 2)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        del sides
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def markdown(rows: list[dict], info: dict) -> str:
+    lines = [f"GPU: {info['device_name']}, torch {info['torch']}, CUDA {info['cuda']}; {info['dtype']}, batch "
+             f"{info['batch']}, depth {info['depth']}, SDPA backend {info['sdpa']}.", "",
+             "| resolution | tokens | mode | softmax ms | EDiT ms | speed-up | softmax peak GB | EDiT peak GB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        def cell(side):
+            return str(r.get(f"{side}_ms")) if r.get(f"{side}_status") == "ok" else r.get(f"{side}_status")
+        lines.append(f"| {r['resolution']}² | {r['tokens']} | {r['mode']} | {cell('softmax')} | {cell('edit')} | "
+                     f"{str(r['speedup']) + '×' if r.get('speedup') else ''} | {r.get('softmax_peak_gb', '')} | "
+                     f"{r.get('edit_peak_gb', '')} |")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default fp16 on cuda, fp32 on cpu")
+    p.add_argument("--resolutions", nargs="+", type=int, default=[1024, 2048, 4096])
+    p.add_argument("--depth", type=int, default=28, help="transformer blocks (default 28, the full PixArt-Σ-XL)")
+    p.add_argument("--heads", type=int, default=HEADS, help="attention heads of 72 channels (default 16: XL)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--modes", nargs="+", choices=("eager", "compile"), default=["eager", "compile"])
+    p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
+                   help="torch.compile mode (default max-autotune-no-cudagraphs)")
+    p.add_argument("--sdpa", choices=("auto", "flash", "efficient", "math"), default="auto",
+                   help="restrict the softmax side's SDPA backend (default: PyTorch's choice)")
+    p.add_argument("--warmup", type=int, default=3, help="calls per side before timing (compilation included)")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke test: 2 heads (width 144), 1 block, 128² and 256², eager + compile, 2 repeats")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table at the end")
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = build_parser().parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_gpu: no CUDA device here (use --device cpu for a smoke test)")
+    if args.quick:
+        args.heads, args.depth, args.resolutions, args.repeats, args.warmup = 2, 1, [128, 256], 2, 1
+        if device.type == "cpu":
+            args.compile_mode = "default"
+    args.dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
+    dtype = DTYPES[args.dtype]
+    info = {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "cuda": torch.version.cuda, "dtype": args.dtype, "batch": args.batch,
+            "depth": args.depth, "heads": args.heads, "sdpa": args.sdpa, "threads": torch.get_num_threads(),
+            "loadavg": list(os.getloadavg())}
+    print(json.dumps(info), flush=True)
+    rows = []
+    for resolution in args.resolutions:
+        rows += bench_resolution(resolution, args, device, dtype)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"info": info, "rows": rows}, indent=1) + "\n")
+    if args.markdown:
+        print(markdown(rows, info))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

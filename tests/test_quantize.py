@@ -1,0 +1,305 @@
+"""edit-mobile quantize: every precision on tiny-pixart EDiT and tiny-sd3 MM-EDiT passes its gate in
+edit-mobile validate; mixed precisions; calibration on real trajectories; fp16 safety; bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import numpy as np
+import onnx
+import pytest
+
+from edit_mobile.scripts.cli import main as cli
+
+FAMILIES = {"pixart": "tiny-pixart-edit-trained", "sd3": "tiny-sd3-mm-edit-trained"}
+PRECISIONS = ["fp16", "int8-dynamic", "int8-static", "int8-weights"]
+GATES = {"fp16": 40.0, "int8-weights": 35.0, "int8-dynamic": 25.0, "int8-static": 25.0}
+CALIB = ["--calibration-steps", "2"]
+VALIDATE = ["--steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("a blue square next to a yellow triangle\n\na photograph of a cat on a windowsill\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def packages(tiny_dirs, tmp_path_factory):
+    """One fp32 ONNX export per family, at 128x128 (the smallest resolution the tiny VAE and patch allow)."""
+    root = tmp_path_factory.mktemp("fp32")
+    out = {}
+    for family, src in FAMILIES.items():
+        out[family] = root / family
+        assert cli(["export", str(tiny_dirs[src]), "--resolution", "128", "--out", str(out[family])]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def quantized(packages, prompts, tmp_path_factory):
+    """Lazily made quantized packages, shared by the tests of this module: (family, precision) -> folder."""
+    root = tmp_path_factory.mktemp("quantized")
+    cache = {}
+
+    def get(family: str, precision: str):
+        if (family, precision) not in cache:
+            out = root / f"{family}-{precision}"
+            assert cli(["quantize", str(packages[family]), "--precision", precision, "--out", str(out),
+                        "--calibration-prompts", str(prompts), *CALIB]) == 0
+            cache[family, precision] = out
+        return cache[family, precision]
+
+    return get
+
+
+def _manifest(pkg):
+    return json.loads((pkg / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_precision_passes_its_gate(quantized, tiny_dirs, tmp_path, family, precision):
+    pkg = quantized(family, precision)
+    report_path = tmp_path / "report.json"
+    assert cli(["validate", str(pkg), "--reference", str(tiny_dirs[FAMILIES[family]]), *VALIDATE,
+                "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    quantized_components = _manifest(pkg)["quantization"]["components"]
+    assert set(quantized_components.values()) == {precision}
+    for name, c in report["components"].items():
+        if name in quantized_components:
+            assert c["precision"] == precision and c["gate_db"] == GATES[precision] and c["psnr_db"] >= GATES[precision]
+        else:
+            assert c["precision"] == "fp32" and c["gate_db"] == 60.0
+    # Quantized packages: the image PSNR against fp32 PyTorch is reported, not gated.
+    assert report["image"]["gate_db"] is None and report["image"]["psnr_db"] > 20
+    if precision == "fp16":
+        assert all(c["fp16_safety"]["finite"] for c in report["components"].values())
+        assert report["components"]["transformer"]["fp16_safety"]["checks"] == 2  # every step
+
+
+def test_default_components_and_manifest(quantized, packages):
+    src = _manifest(packages["sd3"])
+    fp16, int8 = _manifest(quantized("sd3", "fp16")), _manifest(quantized("sd3", "int8-dynamic"))
+    assert set(fp16["quantization"]["components"]) == set(src["components"])  # fp16: every model
+    assert set(int8["quantization"]["components"]) == {"transformer", "text_encoder", "text_encoder_2",
+                                                        "text_encoder_3"}  # int8: the VAE stays fp32
+    for name, entry in int8["components"].items():
+        if name in int8["quantization"]["components"]:
+            q = entry["quantization"]
+            assert entry["precision"] == "int8-dynamic" and entry["gate_psnr_db"] == 25.0
+            assert q["source_precision"] == "fp32" and q["method"].endswith("quantize_dynamic")
+            assert q["calibration"]["prompts"] == 2 and q["calibration"]["steps"] == 2
+            assert entry["files"] != src["components"][name]["files"]
+            assert q["size_bytes"]["quantized"] < q["size_bytes"]["fp32"]
+        else:  # copied unchanged
+            assert entry == src["components"][name]
+    assert int8["quantization"]["calibration"]["prompts"] == 2
+    assert int8["quantization"]["calibration"]["samples"]["transformer"] == 2 * 2  # 2 prompts x 2 steps
+
+
+def test_int8_dynamic_quantizes_every_linear_layer(quantized):
+    """The exported graphs fuse Linear layers into Gemm; none may be left in fp32."""
+    model = onnx.load(str(quantized("pixart", "int8-dynamic") / "transformer" / "model.onnx"))
+    ops = {n.op_type for n in model.graph.node}
+    assert "Gemm" not in ops and "MatMulInteger" in ops
+    q = _manifest(quantized("pixart", "int8-dynamic"))["components"]["transformer"]["quantization"]
+    assert q["gemm_unfused"] > 10
+
+
+def test_int8_weights_are_int8_with_fp32_compute(quantized):
+    model = onnx.load(str(quantized("pixart", "int8-weights") / "transformer" / "model.onnx"))
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and all(a.i == 8 for n in nbits for a in n.attribute if a.name == "bits")
+
+
+def test_fp16_keeps_linear_attention_and_norm_statistics_fp32(quantized):
+    pkg = quantized("pixart", "fp16")
+    q = _manifest(pkg)["components"]["transformer"]["quantization"]
+    blocked = q["fp16_blocked_nodes"]
+    assert blocked["linear-attention"] and blocked["normalization"] and set(q["fp16_block_reasons"]) >= {
+        "linear-attention", "normalization"}
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(pkg / "transformer" / "model.onnx")))
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.output]}
+    nodes = {n.name: n for n in model.graph.node}
+    for name in blocked["linear-attention"]:
+        assert types[nodes[name].output[0]] == onnx.TensorProto.FLOAT, name
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and n.name not in blocked["linear-attention"]]
+    assert any(types.get(n.output[0]) == onnx.TensorProto.FLOAT16 for n in matmuls)
+    inputs = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
+    assert set(inputs.values()) == {onnx.TensorProto.FLOAT}  # fp32 inputs / outputs kept
+
+
+def test_mixed_precisions_in_one_package(packages, prompts, tiny_dirs, tmp_path):
+    out = tmp_path / "mixed"
+    assert cli(["quantize", str(packages["pixart"]), "--precision", "transformer=int8-dynamic,vae_decoder=fp16",
+                "--out", str(out), "--calibration-prompts", str(prompts), *CALIB]) == 0
+    m = _manifest(out)
+    assert m["validation"] is None
+    assert {n: c["precision"] for n, c in m["components"].items()} == {
+        "text_encoder": "fp32", "transformer": "int8-dynamic", "vae_decoder": "fp16", "vae_encoder": "fp32"}
+    # ... and a second pass over a still-fp32 component of that package
+    out2 = tmp_path / "mixed2"
+    assert cli(["quantize", str(out), "--precision", "int8-weights", "--components", "text_encoder",
+                "--out", str(out2), "--calibration-prompts", str(prompts), *CALIB]) == 0
+    assert _manifest(out2)["components"]["text_encoder"]["precision"] == "int8-weights"
+    assert _manifest(out2)["components"]["transformer"]["precision"] == "int8-dynamic"
+    assert cli(["validate", str(out2), "--reference", str(tiny_dirs[FAMILIES["pixart"]]), *VALIDATE]) == 0
+
+
+def test_ort_mobile_package_gets_ort_files_and_operator_config(tiny_dirs, prompts, tmp_path):
+    src, out = tmp_path / "ort", tmp_path / "ort-int8"
+    assert cli(["export", str(tiny_dirs[FAMILIES["pixart"]]), "--target", "ort-mobile", "--resolution", "128",
+                "--out", str(src)]) == 0
+    assert cli(["quantize", str(src), "--precision", "int8-dynamic", "--components", "transformer",
+                "--out", str(out), "--calibration-prompts", str(prompts), *CALIB]) == 0
+    entry = _manifest(out)["components"]["transformer"]
+    assert entry["path"] == "transformer/model.ort" and "transformer/model.ort" in entry["files"]
+    assert "MatMulInteger" in (out / "required_operators.config").read_text()
+
+
+def test_sensitivity_pass_reports_exclusions(packages, prompts, tmp_path):
+    out = tmp_path / "sens"
+    assert cli(["quantize", str(packages["sd3"]), "--precision", "int8-static", "--components", "text_encoder_2",
+                "--sensitivity", "--out", str(out), "--calibration-prompts", str(prompts), *CALIB]) == 0
+    q = _manifest(out)["components"]["text_encoder_2"]["quantization"]
+    s = q["sensitivity"]
+    assert len(s["group_psnr_db"]) >= 4 and s["target_psnr_db"] == 35.0
+    worst = min(s["group_psnr_db"], key=s["group_psnr_db"].get)
+    if s["excluded_groups"]:
+        assert s["excluded_groups"][0] == worst
+        assert all(q["excluded_nodes"][n] == "sensitivity" for n in s["excluded_nodes"])
+    assert len(s["psnr_db_after_each_exclusion"]) == len(s["excluded_groups"]) + 1
+
+
+def test_calibration_records_every_step_of_the_trajectory(packages, prompts):
+    from edit_mobile.export.calibration import read_prompt_file, record_calibration
+    from edit_mobile.runtime.package import load_package
+
+    pkg = load_package(packages["pixart"])
+    calib = record_calibration(pkg, read_prompt_file(prompts), steps=3)
+    assert len(calib.feeds["transformer"]) == 2 * 3  # batch-2 package: one CFG call per step
+    assert len({round(t, 3) for _, _, t in calib.transformer_meta}) == 3
+    assert len(calib.feeds["text_encoder"]) == 4  # each prompt and the empty negative prompt
+    assert len(calib.feeds["vae_decoder"]) == 2
+    first, last = calib.feeds["transformer"][0], calib.feeds["transformer"][2]
+    assert first["timestep"][0] > last["timestep"][0] and not np.allclose(first["sample"], last["sample"])
+    assert set(first) == {s.name for s in pkg.input_specs("transformer")}
+
+
+def test_unfuse_gemm_keeps_outputs(packages, tmp_path):
+    from edit_mobile.export import quantize_onnx as qo
+
+    src = packages["pixart"] / "transformer" / "model.onnx"
+    model = qo.load_model(src)
+    assert qo.unfuse_gemm(model) > 0 and not any(n.op_type == "Gemm" for n in model.graph.node)
+    qo.save_model(model, tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    feed = {i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32)
+            for i in model.graph.input}
+    a, b = qo.run_feeds(src, [feed]), qo.run_feeds(tmp_path / "m.onnx", [feed])
+    np.testing.assert_allclose(a[0][0], b[0][0], rtol=1e-4, atol=1e-4)
+
+
+def test_fp16_safety_reports_non_finite_in_true_fp16():
+    """A value beyond 65504 is finite in ONNX Runtime's CPU fp16 (computed in fp32), not in true fp16."""
+    import torch
+
+    from edit_mobile.export.components import ComponentSpec, TensorSpec
+    from edit_mobile.export.fp16_safety import check_fp16
+
+    linear = torch.nn.Linear(4, 4)
+    torch.nn.init.constant_(linear.weight, 1000.0)
+    spec = ComponentSpec("transformer", linear, [TensorSpec("x", (1, 4), "float32")],
+                         [TensorSpec("y", (1, 4), "float32")])
+    feeds = [({"step": 0}, {"x": np.full((1, 4), 1.0, np.float32)}),
+             ({"step": 1}, {"x": np.full((1, 4), 100.0, np.float32)})]
+    report = check_fp16({"transformer": spec}, ["transformer"], {"transformer": feeds})["transformer"]
+    assert report["finite"] is False and report["checks"] == 2
+    assert report["non_finite"] == [{"step": 1, "non_finite_values": {"y": 4}}]
+    assert linear.weight.dtype == torch.float32  # the reference module is untouched
+
+
+def test_validate_fails_an_fp16_package_on_non_finite(quantized, tiny_dirs, monkeypatch, capsys):
+    import edit_mobile.export.fp16_safety as fp16_safety
+
+    real = fp16_safety.check_fp16
+
+    def overflowing(specs, components, inputs):
+        report = real(specs, components, inputs)
+        report["transformer"].update(finite=False, non_finite=[{"step": 1, "non_finite_values": {"out_sample": 3}}])
+        return report
+
+    monkeypatch.setattr(fp16_safety, "check_fp16", overflowing)
+    pkg = quantized("pixart", "fp16")
+    assert cli(["validate", str(pkg), "--reference", str(tiny_dirs[FAMILIES["pixart"]]), *VALIDATE]) == 1
+    out = capsys.readouterr().out
+    assert "fp16 safety (true fp16) transformer: 2 checks, NON-FINITE at {'step': 1}" in out and "FAILED" in out
+
+
+def test_quantizing_a_quantized_component_is_refused(quantized, tmp_path, capsys):
+    src = quantized("pixart", "int8-dynamic")
+    assert cli(["quantize", str(src), "--precision", "fp16", "--components", "transformer",
+                "--out", str(tmp_path / "again")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "transformer is already int8-dynamic; quantize the fp32 package instead" in err
+    assert len(err.splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--precision", "int8-dynamic", "--calibration-prompts", "{tmp}/missing.txt"], "does not exist"),
+    (["--precision", "int8-dynamic", "--calibration-prompts", "{empty}"], "is empty"),
+    (["--precision", "int4"], "unknown precision 'int4'"),
+    (["--precision", "transformer=int3"], "unknown precision 'int3' for transformer"),
+    (["--precision", "fp16", "--components", "transformer,unet"], "unknown component 'unet'"),
+    (["--precision", "int8-static", "--calibration-method", "kl"], "unknown --calibration-method 'kl'"),
+    (["--precision", "int8-static", "--calibration-steps", "0"], "--calibration-steps must be >= 1"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(packages, tmp_path, tmp_path_factory, capsys, extra, message):
+    empty = tmp_path_factory.mktemp("empty") / "empty.txt"
+    empty.write_text("\n  \n")
+    out_root = tmp_path / "out"
+    out_root.mkdir()
+    argv = ["quantize", str(packages["pixart"]), *[a.format(tmp=tmp_path, empty=empty) for a in extra],
+            "--out", str(out_root / "q")]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert list(out_root.iterdir()) == []
+
+
+def test_out_must_differ_from_the_input(packages, capsys):
+    assert cli(["quantize", str(packages["pixart"]), "--precision", "fp16", "--out", str(packages["pixart"]),
+                "--overwrite"]) == 2
+    assert "--out must differ" in capsys.readouterr().err
+    assert (packages["pixart"] / "manifest.json").is_file()
+
+
+def _coreml_manifest(tmp_path):
+    pkg = tmp_path / "coreml-pkg"
+    pkg.mkdir()
+    (pkg / "manifest.json").write_text(json.dumps({"schema_version": 1, "target": "coreml"}))
+    return pkg
+
+
+def test_coreml_package_is_dispatched_to_the_coreml_quantizer(tmp_path, monkeypatch):
+    calls = []
+    fake = types.ModuleType("edit_mobile.export.coreml_quantize")
+    fake.quantize_coreml_package = lambda *args, **kwargs: calls.append((args, kwargs)) or {}
+    monkeypatch.setitem(sys.modules, "edit_mobile.export.coreml_quantize", fake)
+    pkg = _coreml_manifest(tmp_path)
+    assert cli(["quantize", str(pkg), "--precision", "palettize-4", "--components", "transformer",
+                "--calibration-steps", "3", "--out", str(tmp_path / "q")]) == 0
+    assert calls == [((str(pkg), str(tmp_path / "q"), "palettize-4", ["transformer"], False),
+                      {"calibration_steps": 3})]
+
+
+def test_coreml_package_without_coreml_quantizer(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "edit_mobile.export.coreml_quantize", None)  # import fails
+    pkg = _coreml_manifest(tmp_path)
+    assert cli(["quantize", str(pkg), "--precision", "palettize-4", "--out", str(tmp_path / "q")]) == 2
+    assert "Core ML quantization is not available in this build" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
