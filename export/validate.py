@@ -15,7 +15,7 @@ from ..runtime.backends import component_backend
 from ..runtime.errors import UserError
 from ..runtime.metrics import compare, psnr
 from ..runtime.package import Package, load_package, write_validation
-from ..runtime.pipeline import Text2ImagePipeline, initial_noise, to_uint8
+from ..runtime.pipeline import Text2ImagePipeline, initial_noise
 from .components import pipeline_components
 
 logger = logging.getLogger(__name__)

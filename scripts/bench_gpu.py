@@ -13,25 +13,20 @@ recorded as "oom". Rows (one per resolution and mode) are printed as JSON lines 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-# `python scripts/bench_gpu.py` puts scripts/ first on sys.path, where scripts/inspect.py would shadow the standard
-# library's `inspect` (torch imports it): drop that entry, this script imports nothing from its folder.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import time
 
-import torch  # noqa: E402
-from diffusers import PixArtTransformer2DModel  # noqa: E402
+import torch
+from diffusers import PixArtTransformer2DModel
 
-from edit_mobile.models.edit_pixart import EDiTPixArtTransformer2DModel  # noqa: E402
+from edit_mobile.models.edit_pixart import EDiTPixArtTransformer2DModel
 
 HEADS, HEAD_DIM, CAPTION_CHANNELS, PROMPT_TOKENS = 16, 72, 4096, 300  # PixArt-Σ-XL-2 with T5-XXL prompts
 LATENT_CHANNELS, OUT_CHANNELS, VAE_FACTOR, PATCH = 4, 8, 8, 2

@@ -19,22 +19,17 @@ One JSON object per model is printed; --json writes them all.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-# `python scripts/bench_quantize.py` puts scripts/ first on sys.path, where scripts/inspect.py would shadow the
-# standard library's `inspect`: drop that entry, this script imports nothing from its folder.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+import argparse
+import json
+import logging
+import statistics
+import tempfile
+import time
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 PRECISIONS = ("fp16", "int8-dynamic", "int8-static", "int8-weights")
 # name -> (teacher preset or "mid", converter arch)

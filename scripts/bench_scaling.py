@@ -34,20 +34,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# `python scripts/bench_scaling.py` puts scripts/ first on sys.path, where scripts/inspect.py would shadow the
-# standard library's `inspect` (torch imports it): drop that entry, this script imports nothing from its folder.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import subprocess  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
+import argparse
+import json
+import os
+import platform
+import subprocess
+import threading
+import time
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = Path(__file__).resolve()

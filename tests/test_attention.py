@@ -134,7 +134,7 @@ def test_mm_edit_prompt_rows_exact_and_image_rows_follow_formula(eta_mode):
         # Image rows: eta * linear(image) + (1 - eta) * softmax(image -> prompt).
         split = lambda t: t.reshape(2, t.shape[1], 2, 16).transpose(1, 2)  # noqa: E731
         q_i, k_i = attn.norm_q(split(attn.to_q(img))), attn.norm_k(split(attn.to_k(img)))
-        q_p, k_p = attn.norm_added_q(split(attn.add_q_proj(txt))), attn.norm_added_k(split(attn.add_k_proj(txt)))
+        k_p = attn.norm_added_k(split(attn.add_k_proj(txt)))
         v_p = split(attn.add_v_proj(txt))
         s_ip = (q_i @ k_p.transpose(-1, -2)) / 4.0
         cross = torch.softmax(s_ip, -1) @ v_p
