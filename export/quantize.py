@@ -205,7 +205,8 @@ def quantize_component(package: Package, name: str, precision: str, out_dir: Pat
             info.update(method="onnxruntime.transformers.float16.convert_float_to_float16", keep_io_types=True,
                         fp16_blocked_nodes=_by_reason(block),
                         fp16_block_reasons={k: qo.FP16_BLOCK_REASONS[k] for k in sorted(set(block.values()))},
-                        max_abs_activation=float(max((v for v in ranges.values() if np.isfinite(v)), default=0.0)))
+                        max_abs_activation=float(max((v for v in ranges.values() if v < qo.MASK_SENTINEL),
+                                                     default=0.0)))
             excluded = {}
         else:
             opts = qo.Int8Options(per_channel=per_channel, calibration_method=calibration_method,

@@ -97,7 +97,17 @@ class TimedBackend:
 
 # --- process and machine ------------------------------------------------------------------------------------------
 def peak_rss_mb() -> float | None:
-    """Peak resident set size of this process so far, in MB (None where the platform does not say)."""
+    """Peak resident set size of this process so far, in MB (None where the platform does not say).
+
+    Linux: VmHWM, the high-water mark of this process image's memory. getrusage's ru_maxrss is kept across
+    fork + exec, so a process started by a large parent would report at least the parent's RSS."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:  # Windows

@@ -169,19 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default fp16 on cuda, fp32 on cpu")
-    p.add_argument("--resolutions", nargs="+", type=int, default=[1024, 2048, 4096])
-    p.add_argument("--depth", type=int, default=28, help="transformer blocks (default 28, the full PixArt-Σ-XL)")
-    p.add_argument("--heads", type=int, default=HEADS, help="attention heads of 72 channels (default 16: XL)")
+    p.add_argument("--resolutions", nargs="+", type=int, default=None, help="default 1024 2048 4096")
+    p.add_argument("--depth", type=int, default=None, help="transformer blocks (default 28, the full PixArt-Σ-XL)")
+    p.add_argument("--heads", type=int, default=None, help="attention heads of 72 channels (default 16: XL)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--modes", nargs="+", choices=("eager", "compile"), default=["eager", "compile"])
     p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
                    help="torch.compile mode (default max-autotune-no-cudagraphs)")
     p.add_argument("--sdpa", choices=("auto", "flash", "efficient", "math"), default="auto",
                    help="restrict the softmax side's SDPA backend (default: PyTorch's choice)")
-    p.add_argument("--warmup", type=int, default=3, help="calls per side before timing (compilation included)")
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=None,
+                   help="calls per side before timing, compilation included (default 3)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per side (default 10)")
     p.add_argument("--quick", action="store_true",
-                   help="a smoke test: 2 heads (width 144), 1 block, 128² and 256², eager + compile, 2 repeats")
+                   help="a smoke test: defaults of 2 heads (width 144), 1 block, 128² and 256², 2 repeats")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--markdown", action="store_true", help="print a Markdown table at the end")
     return p
@@ -192,10 +193,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_gpu: no CUDA device here (use --device cpu for a smoke test)")
-    if args.quick:
-        args.heads, args.depth, args.resolutions, args.repeats, args.warmup = 2, 1, [128, 256], 2, 1
-        if device.type == "cpu":
-            args.compile_mode = "default"
+    # --quick changes the defaults only: explicit values win
+    defaults = dict(heads=2, depth=1, resolutions=[128, 256], repeats=2, warmup=1) if args.quick else \
+        dict(heads=HEADS, depth=28, resolutions=[1024, 2048, 4096], repeats=10, warmup=3)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.quick and device.type == "cpu":
+        args.compile_mode = "default"
     args.dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     dtype = DTYPES[args.dtype]
     info = {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

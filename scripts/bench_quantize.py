@@ -110,10 +110,10 @@ def fp16_study(package, calib, samples: int = 3) -> dict:
                 "nothing blocked": {},
                 "linear-attention": qo.fp16_block_list(model, None, ("linear-attention",)),
                 "normalization": qo.fp16_block_list(model, None, ("normalization",)),
-                "linear-attention + normalization": qo.fp16_block_list(model, None,
-                                                                       ("linear-attention", "normalization")),
-                "default (+ range)": qo.fp16_block_list(model, ranges),
+                "default (linear-attention + normalization + range)": qo.fp16_block_list(model, ranges),
             }
+            if not variants["linear-attention"]:  # softmax-only graph (text encoders): nothing to compare
+                del variants["linear-attention"]
             row = {"max_abs_activation": max(finite, default=0.0), "variants": {}}
             for label, block in variants.items():
                 dst = Path(tmp) / "fp16.onnx"
@@ -133,7 +133,7 @@ def fp16_study(package, calib, samples: int = 3) -> dict:
 
 
 def bench_model(model: str, resolution: int, repeats: int, threads: int, validate: bool, study: bool,
-                steps: int, root: Path) -> dict:
+                steps: int, root: Path, study_samples: int = 2, precisions=PRECISIONS) -> dict:
     from edit_mobile.export.calibration import default_prompts, record_calibration
     from edit_mobile.export.package import export_package
     from edit_mobile.export.quantize import quantize_package
@@ -147,7 +147,7 @@ def bench_model(model: str, resolution: int, repeats: int, threads: int, validat
     package = load_package(fp32)
     packages = {"fp32": fp32}
     quantize_seconds = {}
-    for precision in PRECISIONS:
+    for precision in precisions:
         start = time.perf_counter()
         quantize_package(fp32, root / precision, precision, calibration_steps=steps, threads=threads)
         quantize_seconds[precision] = round(time.perf_counter() - start, 1)
@@ -188,9 +188,11 @@ def bench_model(model: str, resolution: int, repeats: int, threads: int, validat
                 "components_psnr_db": {n: round(c["psnr_db"], 2) for n, c in report["components"].items()},
                 "image_psnr_db": round(report["image"]["psnr_db"], 2),
             }
-    if study:
-        row["fp16_study"] = fp16_study(package, calib)
     row["seconds"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(row), flush=True)  # before the (slow) study: the numbers above are complete
+    if study:
+        row["fp16_study"] = fp16_study(package, calib, samples=study_samples)
+        print(json.dumps({"model": model, "resolution": resolution, "fp16_study": row["fp16_study"]}), flush=True)
     return row
 
 
@@ -205,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=4, help="sampling steps for calibration and validation (default 4)")
     p.add_argument("--validate", action="store_true", help="also run edit-mobile validate on every package")
     p.add_argument("--fp16-study", action="store_true", help="also evaluate fp16 block-list variants in true fp16")
+    p.add_argument("--study-samples", type=int, default=2, help="recorded inputs per component in the study")
+    p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=PRECISIONS,
+                   help="precisions to quantize to (default: all four)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows to this file as a JSON list")
     return p
 
@@ -218,8 +223,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for model in models:
         with tempfile.TemporaryDirectory(prefix=f"bench-quantize-{model}-") as tmp:
             row = bench_model(model, args.resolution, repeats, args.threads, args.validate, args.fp16_study,
-                              args.steps, Path(tmp))
-        print(json.dumps(row), flush=True)
+                              args.steps, Path(tmp), args.study_samples, args.precisions)
         rows.append(row)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

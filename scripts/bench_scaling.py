@@ -387,9 +387,12 @@ def graph_macs(path: Path) -> dict:
 # Workers: one process per measured variant
 # ==================================================================================================================
 def _peak_rss_mb() -> float:
-    import resource
+    """Peak RSS of this process image. Linux keeps getrusage's ru_maxrss across fork + exec, so a worker
+    started from a parent that holds 1.5 GB would report at least 1.5 GB: read VmHWM (the high-water mark of
+    this process's own memory map, new at exec) instead."""
+    from edit_mobile.runtime.bench import peak_rss_mb
 
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return peak_rss_mb()
 
 
 def _is_oom(e: BaseException) -> bool:

@@ -74,3 +74,58 @@ def test_bench_missing_package(tmp_path, capsys):
     assert main(["bench", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip()
     assert "does not exist" in err and len(err.splitlines()) == 1
+
+
+# --- the scaling study's and the GPU script's building blocks (no study run: that takes minutes) -----------------
+def test_graph_macs_counts_matmul_gemm_conv(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edit_mobile.scripts.bench_scaling import graph_macs
+
+    w = numpy_helper.from_array(np.zeros((8, 16), np.float32), "W")
+    k = numpy_helper.from_array(np.zeros((4, 2, 3, 3), np.float32), "K")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("Conv", ["img", "K"], ["z"], pads=[1] * 4)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, 8]),
+              helper.make_tensor_value_info("img", TensorProto.FLOAT, [1, 2, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 16]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4, 6, 6])], [w, k])
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    assert graph_macs(path) == {"macs": 5 * 16 * 8 + 4 * 36 * 2 * 9, "uncounted": []}
+
+
+def test_study_ratios_stay_inside_a_group():
+    from edit_mobile.scripts.bench_scaling import merge_reports, ratios
+
+    def row(group, variant, ms, run="r1", status="ok", rss=100.0):
+        r = {"arch": "pixart", "resolution": 1024, "depth": 2, "group": group, "variant": variant, "run": run,
+             "status": status, "peak_rss_mb": rss}
+        if ms:
+            r.update(median_ms=ms, min_ms=ms)
+        return r
+
+    rows = [row("attention", "softmax", 6000), row("attention", "edit", 4000, rss=50.0),
+            row("int8", "edit", 4400), row("int8", "edit-int8", 2200), row("int8", "softmax-int8", None, status="oom")]
+    got = {(q["group"], q["slow"], q["fast"]): q for q in ratios(rows)}
+    assert got[("attention", "softmax", "edit")]["speedup"] == 1.5
+    assert got[("attention", "softmax", "edit")]["memory_ratio"] == 2.0
+    assert got[("int8", "edit", "edit-int8")]["speedup"] == 2.0
+    assert got[("int8", "softmax-int8", "edit-int8")]["speedup"] is None  # the teacher ran out of memory
+    assert ("int8", "softmax", "edit") not in got  # never across groups
+
+    old = {"runs": [{"started": "r0", "command": "old"}], "results": [dict(r, run="r0") for r in rows]}
+    new = {"runs": [{"started": "r1", "command": "new"}], "results": [row("int8", "edit", 4000)]}
+    merged = merge_reports(old, new)
+    assert [r["run"] for r in merged["results"] if r["group"] == "int8"] == ["r1"]
+    assert {r["started"] for r in merged["runs"]} == {"r0", "r1"}
+
+
+def test_bench_gpu_runs_on_cpu(capsys):
+    from edit_mobile.scripts.bench_gpu import main as bench_gpu
+
+    rows = bench_gpu(["--device", "cpu", "--quick", "--modes", "eager", "--resolutions", "128", "--repeats", "1"])
+    assert len(rows) == 1 and rows[0]["softmax_status"] == "ok" and rows[0]["edit_status"] == "ok"
+    assert rows[0]["softmax_ms"] > 0 and rows[0]["edit_ms"] > 0 and rows[0]["speedup"] > 0
