@@ -135,6 +135,8 @@ def quantize_package(package_dir: str | Path, out: str | Path, precision: str, c
             entry["path"] = str(path.relative_to(tmp))
             entry["precision"] = prec
             entry["gate_psnr_db"] = GATES_DB[prec]
+            if prec in ("int8-dynamic", "int8-weights"):
+                entry["ort_session_config"] = dict(qo.WEIGHT_DQ_SESSION_CONFIG)
             entry["quantization"] = info
             entry["files"] = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted((tmp / name).iterdir())
                               if f.is_file()}

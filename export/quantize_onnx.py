@@ -9,7 +9,8 @@ module only chooses what they apply to and says why:
   int8-weights  `MatMulNBitsQuantizer(bits=8)`: int8 weights in blocks, dequantized and computed in fp32.
 ONNX Runtime's basic graph optimisation (run at export) fuses MatMul + Add into `Gemm`. The dynamic and weight-only
 quantizers have no Gemm entry (their registries quantize MatMul), so `unfuse_gemm` turns those Gemms back into
-MatMul + Add first; the static QDQ quantizer handles Gemm itself.
+MatMul + Add first; the static QDQ quantizer handles Gemm itself. Neither of those two has a usable Conv form, so
+they get int8 Conv weights behind a DequantizeLinear (`int8_conv_weights`, weight-only, fp32 convolution).
 """
 
 from __future__ import annotations
@@ -300,14 +301,25 @@ def int8_conv_weights(model: onnx.ModelProto, exclude=()) -> int:
     return count
 
 
+# ONNX Runtime session options a package records for int8-dynamic / int8-weights components
+# (`ort_session_config` in the manifest, applied by runtime.backends): with ONNX Runtime's QDQ handling on, its
+# constant folding keeps the DequantizeLinear in front of each int8 Conv weight (to preserve QDQ node groups), so the
+# Conv sees a non-constant weight and loses its prepacked NCHWc kernel (mid-size EDiT at 512²: 0.76x fp32 latency
+# instead of 0.68x). These graphs have no QuantizeLinear / DequantizeLinear pairs to keep, so QDQ handling is off:
+# the int8 weights are dequantized once at load.
+WEIGHT_DQ_SESSION_CONFIG = {"session.disable_quant_qdq": "1"}
+
+
 # --- measurement -------------------------------------------------------------------------------------------------
-def make_session(path: str | Path, threads: int | None = None):
+def make_session(path: str | Path, threads: int | None = None, session_config: dict | None = None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
+    for key, value in (session_config or {}).items():
+        opts.add_session_config_entry(key, value)
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 

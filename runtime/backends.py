@@ -78,7 +78,8 @@ class OrtBackend:
     """ONNX Runtime InferenceSession over one component's model.onnx."""
 
     def __init__(self, model_path: str | Path, input_specs: Iterable[TensorSpec | dict], output_names: list[str],
-                 threads: int | None = None, optimization: str = "all", providers: list[str] | None = None):
+                 threads: int | None = None, optimization: str = "all", providers: list[str] | None = None,
+                 session_config: dict[str, str] | None = None):
         import onnxruntime as ort
 
         self.model_path = Path(model_path)
@@ -104,6 +105,8 @@ class OrtBackend:
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[optimization]
+        for key, value in (session_config or {}).items():  # the manifest's `ort_session_config` (quantized models)
+            opts.add_session_config_entry(str(key), str(value))
         self.session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=providers)
         model_inputs = {i.name for i in self.session.get_inputs()}
         model_outputs = {o.name for o in self.session.get_outputs()}
@@ -121,7 +124,7 @@ class OrtBackend:
 
 def create_backend(name: str, model_path: str | Path, input_specs: Iterable[TensorSpec | dict],
                    output_names: list[str], *, threads: int | None = None, optimization: str = "all",
-                   providers: list[str] | None = None) -> Backend:
+                   providers: list[str] | None = None, session_config: dict[str, str] | None = None) -> Backend:
     """A backend by name: "ort" (ONNX Runtime), "coreml" (Core ML, macOS), "coreml-reference" (numpy executor of
     the Core ML program, runtime/coreml_reference.py)."""
     if name == "ort":
@@ -129,7 +132,7 @@ def create_backend(name: str, model_path: str | Path, input_specs: Iterable[Tens
             raise UserError(f"{model_path} is a Core ML model: use --backend coreml (macOS) or --backend "
                             f"coreml-reference (the numpy reference executor)")
         return OrtBackend(model_path, input_specs, output_names, threads=threads, optimization=optimization,
-                          providers=providers)
+                          providers=providers, session_config=session_config)
     if name == "coreml":
         from .coreml_reference import CoreMLBackend
 
@@ -144,4 +147,6 @@ def create_backend(name: str, model_path: str | Path, input_specs: Iterable[Tens
 def component_backend(package: Package, component: str, backend: str = "ort", **kwargs) -> Backend:
     """The backend for one package component, with the manifest's input specs and output names."""
     comp = package.component(component)
+    if backend == "ort" and comp.raw.get("ort_session_config"):
+        kwargs.setdefault("session_config", dict(comp.raw["ort_session_config"]))
     return create_backend(backend, comp.path, comp.inputs, comp.output_names, **kwargs)

@@ -154,7 +154,10 @@ def bench_model(model: str, resolution: int, repeats: int, threads: int, validat
         packages[precision] = root / precision
     calib = record_calibration(package, default_prompts(1), steps=steps, threads=threads)
     feed = calib.feeds["transformer"][len(calib.feeds["transformer"]) // 2]
-    sessions = {p: make_session(load_package(d).component_path("transformer"), threads) for p, d in packages.items()}
+    sessions = {}
+    for p, d in packages.items():  # as the runtime opens them (runtime.backends.component_backend)
+        comp = load_package(d).component("transformer")
+        sessions[p] = make_session(comp.path, threads, comp.raw.get("ort_session_config"))
     times = time_interleaved(sessions, feed, repeats)
     del sessions
     median = {p: statistics.median(t) for p, t in times.items()}

@@ -101,13 +101,24 @@ def test_default_components_and_manifest(quantized, packages):
     assert int8["quantization"]["calibration"]["samples"]["transformer"] == 2 * 2  # 2 prompts x 2 steps
 
 
-def test_int8_dynamic_quantizes_every_linear_layer(quantized):
-    """The exported graphs fuse Linear layers into Gemm; none may be left in fp32."""
-    model = onnx.load(str(quantized("pixart", "int8-dynamic") / "transformer" / "model.onnx"))
+def test_int8_dynamic_quantizes_every_linear_layer_and_conv_weight(quantized):
+    """The exported graphs fuse Linear layers into Gemm; none may be left in fp32, nor any Conv weight."""
+    from edit_mobile.runtime.backends import component_backend
+    from edit_mobile.runtime.package import load_package
+
+    pkg = quantized("pixart", "int8-dynamic")
+    model = onnx.load(str(pkg / "transformer" / "model.onnx"))
     ops = {n.op_type for n in model.graph.node}
     assert "Gemm" not in ops and "MatMulInteger" in ops
-    q = _manifest(quantized("pixart", "int8-dynamic"))["components"]["transformer"]["quantization"]
-    assert q["gemm_unfused"] > 10
+    float_weights = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT
+                     and len(t.dims) >= 2 and np.prod(t.dims) >= 32 * 32]
+    conv_weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
+    assert not conv_weights & set(float_weights)
+    entry = _manifest(pkg)["components"]["transformer"]
+    assert entry["quantization"]["gemm_unfused"] > 10 and entry["quantization"]["conv_weights_int8"] >= 9
+    assert entry["ort_session_config"] == {"session.disable_quant_qdq": "1"}
+    backend = component_backend(load_package(pkg), "transformer")  # the runtime applies it
+    assert backend.session.get_session_options().get_session_config_entry("session.disable_quant_qdq") == "1"
 
 
 def test_int8_weights_are_int8_with_fp32_compute(quantized):
