@@ -428,6 +428,8 @@ def child_worker(args) -> None:
             opts.intra_op_num_threads = spec["threads"]
             if spec.get("arena") is False:  # "+noarena" variants: plain malloc / free instead of the BFC arena
                 opts.enable_cpu_mem_arena = False
+            for key, value in (spec.get("session_config") or {}).items():  # what the runtime applies to a package
+                opts.add_session_config_entry(key, value)
             if spec.get("profile"):
                 opts.enable_profiling = True
                 opts.profile_file_prefix = str(Path(spec["profile_dir"]) / "profile")
@@ -710,6 +712,13 @@ class Study:
                 row["macs"] = graph_macs(base)["macs"] if base else None
                 spec = {"kind": "ort", "path": str(path), "profile": profile,
                         "profile_dir": str(self.work / "profiles"), "arena": option != "noarena"}
+                if graph_variant.endswith("-int8"):
+                    # the session options `edit-mobile quantize` records for int8-dynamic components (the package
+                    # manifest's `ort_session_config`, applied by runtime/backends.py)
+                    from edit_mobile.export.quantize_onnx import WEIGHT_DQ_SESSION_CONFIG
+
+                    spec["session_config"] = dict(WEIGHT_DQ_SESSION_CONFIG)
+                    row["session_config"] = spec["session_config"]
                 (self.work / "profiles").mkdir(exist_ok=True)
             spec.update(arch=arch, res=res, depth=depth, batch=self.args.batch, threads=self.args.threads,
                         mem_limit_gb=self.args.mem_limit_gb)
@@ -781,6 +790,15 @@ class Study:
             if estimate > self.args.call_timeout:
                 return "timeout", (f"predicted: ~{estimate:.0f} s per call extrapolated from "
                                    f"{last['resolution']}² exceeds the {self.args.call_timeout:.0f} s call timeout")
+            # An export runs the model too (the fused-MHA export three times: trace, PyTorch reference, check).
+            graph_variant = variant.partition("+")[0]
+            key = f"{arch}-{graph_variant}-d{depth}-r{res}-b{self.args.batch}"
+            passes = 3 if graph_variant.endswith("-mha") else 1
+            if not variant.startswith("torch-") and not (self.work / "graphs" / key / "info.json").is_file() \
+                    and estimate * (1 + passes) > self.args.call_timeout:
+                return "timeout", (f"predicted: exporting and running it ~{estimate * (1 + passes):.0f} s "
+                                   f"(~{estimate:.0f} s per model pass, extrapolated from {last['resolution']}²) "
+                                   f"exceeds the {self.args.call_timeout:.0f} s call timeout")
         return None
 
     def save(self) -> None:
@@ -836,6 +854,20 @@ def ratios(results: list[dict]) -> list[dict]:
             if a.get("peak_rss_mb") and b.get("peak_rss_mb") and a.get("status") == "ok":
                 entry["memory_ratio"] = round(a["peak_rss_mb"] / b["peak_rss_mb"], 2)
             out.append(entry)
+    # int8 student vs fp32 teacher: chained through the fp32 student, the anchor measured in both groups of the run
+    for (arch, res, depth, group, run), rows in keyed.items():
+        s = ARCHS[arch]["student"]
+        int8 = keyed.get((arch, res, depth, "int8", run), {})
+        if group != "attention" or not all(int8.get(v, {}).get("median_ms") for v in (s, f"{s}-int8")):
+            continue
+        for teacher, form in (("softmax", "our export"), ("softmax-mha", "fused-MHA peer form")):
+            if not all(rows.get(v, {}).get("median_ms") for v in (teacher, s)):
+                continue
+            chained = (rows[teacher]["median_ms"] / rows[s]["median_ms"]) * \
+                (int8[s]["median_ms"] / int8[f"{s}-int8"]["median_ms"])
+            out.append({"arch": arch, "resolution": res, "depth": depth, "group": "attention × int8",
+                        "what": f"int8 EDiT vs fp32 teacher ({form}), chained through the fp32 EDiT measured in "
+                                "both groups", "slow": teacher, "fast": f"{s}-int8", "speedup": round(chained, 2)})
     return out
 
 
@@ -1245,6 +1277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-timeout", type=float, default=3600.0)
     p.add_argument("--work-dir", default="out/bench_scaling", help="exported graphs, results, profiles")
     p.add_argument("--retry-failed", action="store_true", help="retry exports that failed in an earlier run")
+    p.add_argument("--render-only", action="store_true",
+                   help="measure nothing: re-render the plot and Markdown from the output JSON")
     p.add_argument("--docs", action="store_true",
                    help="write docs/bench_scaling.json, docs/bench_scaling.png and the section of docs/benchmarks.md"
                    " (default: only into the work folder)")
@@ -1258,6 +1292,18 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.quick:
         args.archs, args.int8 = ["pixart"], args.int8 and "--no-int8" not in argv
+    if args.render_only:
+        out_dir = REPO / "docs" if args.docs else Path(args.work_dir).resolve()
+        report = json.loads((out_dir / "bench_scaling.json").read_text())
+        report["ratios"] = ratios(report["results"])
+        (out_dir / "bench_scaling.json").write_text(json.dumps(report, indent=1) + "\n")
+        plot(report, out_dir / "bench_scaling.png")
+        section = markdown(report, "bench_scaling.png")
+        if args.docs:
+            write_markdown(REPO / "docs" / "benchmarks.md", section)
+        else:
+            (out_dir / "benchmarks_section.md").write_text(section + "\n")
+        return report
     study = Study(args)
     study.machine = machine_description(args.threads)
     study.log(f"machine: {study.machine}")
