@@ -1191,7 +1191,7 @@ def plot(report: dict, path: Path) -> None:
         return
     fig, axes = plt.subplots(len(archs), 2, figsize=(12, 4.6 * len(archs)), squeeze=False)
     for i, arch in enumerate(archs):
-        series = {}
+        series, failed = {}, {}
         for r in rows:
             if r["arch"] != arch:
                 continue
@@ -1206,13 +1206,17 @@ def plot(report: dict, path: Path) -> None:
             marker = "o" if "int8" not in variant else "s"
             line = axes[i][0].plot(ok, [pts[x]["median_ms"] / 1e3 for x in ok], style, marker=marker,
                                    label=label)[0]
-            axes[i][1].plot([x for x in xs if pts[x].get("peak_rss_mb")],
-                            [pts[x]["peak_rss_mb"] / 1024 for x in xs if pts[x].get("peak_rss_mb")], style,
+            # a failed call's memory is where it stopped, not a peak: only completed calls are plotted
+            with_rss = [x for x in ok if pts[x].get("peak_rss_mb")]
+            axes[i][1].plot(with_rss, [pts[x]["peak_rss_mb"] / 1024 for x in with_rss], style,
                             marker=marker, color=line.get_color(), label=label)
             for x in xs:
                 if pts[x].get("status") not in ("ok", None):
-                    axes[i][0].annotate(pts[x]["status"], (x, axes[i][0].get_ylim()[1]), fontsize=8,
-                                        color=line.get_color(), rotation=90, va="top")
+                    failed.setdefault(pts[x]["resolution"], set()).add(f"{variant} {pts[x]['status']}")
+        if failed:  # one box listing the calls that did not complete, per resolution
+            text = "\n".join(f"{res}²: " + ", ".join(sorted(v)) for res, v in sorted(failed.items()))
+            axes[i][0].text(0.98, 0.02, text, transform=axes[i][0].transAxes, fontsize=7, ha="right",
+                            va="bottom", bbox={"boxstyle": "round", "fc": "white", "alpha": 0.8})
         for r in report["results"]:  # the full-depth call(s): one star each
             if r["arch"] == arch and r["group"].startswith("full-depth") and r.get("status") == "ok":
                 label = f"{r['variant']} (depth {r['depth']}, cold call)"
