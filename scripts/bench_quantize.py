@@ -179,7 +179,7 @@ def bench_model(model: str, resolution: int, repeats: int, threads: int, validat
     }
     row["targets"] = {p: {k: {"target": v, "measured": row["size_vs_fp32" if k == "size" else "latency_vs_fp32"][p],
                               "met": row["size_vs_fp32" if k == "size" else "latency_vs_fp32"][p] <= v}
-                          for k, v in t.items()} for p, t in TARGETS.items()}
+                          for k, v in t.items()} for p, t in TARGETS.items() if p in packages}
     if validate:
         from edit_mobile.export.validate import ValidationOptions, validate as run_validation
 

@@ -1289,6 +1289,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def write_report(report: dict, out_dir: Path, docs: bool) -> None:
+    """bench_scaling.json, the PNG plot, and the Markdown section: into docs/benchmarks.md with --docs, else into
+    benchmarks_section.md beside the JSON."""
+    (out_dir / "bench_scaling.json").write_text(json.dumps(report, indent=1) + "\n")
+    plot(report, out_dir / "bench_scaling.png")
+    section = markdown(report, "bench_scaling.png")
+    if docs:
+        write_markdown(REPO / "docs" / "benchmarks.md", section)
+    else:
+        (out_dir / "benchmarks_section.md").write_text(section + "\n")
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("_export", "_worker", "_peak", "_save_sd3"):
@@ -1300,13 +1312,7 @@ def main(argv: list[str] | None = None) -> dict:
         out_dir = REPO / "docs" if args.docs else Path(args.work_dir).resolve()
         report = json.loads((out_dir / "bench_scaling.json").read_text())
         report["ratios"] = ratios(report["results"])
-        (out_dir / "bench_scaling.json").write_text(json.dumps(report, indent=1) + "\n")
-        plot(report, out_dir / "bench_scaling.png")
-        section = markdown(report, "bench_scaling.png")
-        if args.docs:
-            write_markdown(REPO / "docs" / "benchmarks.md", section)
-        else:
-            (out_dir / "benchmarks_section.md").write_text(section + "\n")
+        write_report(report, out_dir, args.docs)
         return report
     study = Study(args)
     study.machine = machine_description(args.threads)
@@ -1324,13 +1330,7 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir = REPO / "docs" if args.docs else study.work
     if args.merge and (out_dir / "bench_scaling.json").is_file():
         report = merge_reports(json.loads((out_dir / "bench_scaling.json").read_text()), report)
-    (out_dir / "bench_scaling.json").write_text(json.dumps(report, indent=1) + "\n")
-    plot(report, out_dir / "bench_scaling.png")
-    section = markdown(report, "bench_scaling.png")
-    if args.docs:
-        write_markdown(REPO / "docs" / "benchmarks.md", section)
-    else:
-        (study.work / "benchmarks_section.md").write_text(section + "\n")
+    write_report(report, out_dir, args.docs)
     study.log(f"wrote {out_dir / 'bench_scaling.json'}, {out_dir / 'bench_scaling.png'}"
               + (", docs/benchmarks.md" if args.docs else f", {study.work / 'benchmarks_section.md'}"))
     for q in report["ratios"]:
