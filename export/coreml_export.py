@@ -15,7 +15,6 @@ Float inputs and outputs stay fp32 in fp16 programs (as the ONNX fp16 export wit
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import json
 import logging
 import time
@@ -27,6 +26,7 @@ import torch
 
 from ..runtime.errors import UserError
 from ..runtime.metrics import compare
+from ..runtime.package import installed_version
 from .components import ComponentSpec
 from .coreml_twin import ane_twin
 
@@ -146,10 +146,7 @@ def export_coreml(spec: ComponentSpec, out_dir: Path, compute_precision: str = "
         raise RuntimeError(f"{spec.name}: Core ML program has inputs {got_in} / outputs {got_out}, the spec "
                            f"{[s.name for s in spec.inputs]} / {[s.name for s in spec.outputs]}")
     meta = metadata or {}
-    try:
-        version = importlib.metadata.version("edit-mobile")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
+    version = installed_version("edit-mobile") or "unknown"
     mlmodel.short_description = (f"edit-mobile {spec.name} of {meta.get('source', '?')} "
                                  f"({meta.get('architecture', '?')}), {compute_precision}, static shapes")
     mlmodel.author = "edit-mobile"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
 import time
@@ -13,7 +12,7 @@ from tqdm.auto import tqdm
 from ..models.convert import load_pipeline, pipeline_family
 from ..runtime.atomic import atomic_output_dir, check_output_free
 from ..runtime.errors import UserError
-from ..runtime.package import SCHEMA_VERSION, parse_resolution, sha256_file
+from ..runtime.package import SCHEMA_VERSION, installed_version, parse_resolution, sha256_file
 from .components import pipeline_components
 from .onnx_export import OPSET, export_onnx, onnx_parity
 
@@ -24,13 +23,7 @@ TARGETS = ("onnx", "ort-mobile", "coreml")
 
 def tool_versions() -> dict:
     names = ["edit-mobile", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "coremltools", "numpy"]
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+    return {name: installed_version(name) for name in names}
 
 
 def convert_to_ort(model_path: Path) -> Path:

@@ -22,7 +22,7 @@ import onnx
 
 from ..runtime.atomic import atomic_output_dir, check_output_free
 from ..runtime.errors import UserError
-from ..runtime.package import MANIFEST, Package, load_package, read_manifest, sha256_file
+from ..runtime.package import MANIFEST, Package, installed_version, load_package, read_manifest, sha256_file
 from . import quantize_onnx as qo
 from .calibration import (DEFAULT_PROMPT_COUNT, DEFAULT_STEPS, CalibrationSet, default_prompts, read_prompt_file,
                           record_calibration)
@@ -151,18 +151,9 @@ def quantize_package(package_dir: str | Path, out: str | Path, precision: str, c
                             else f"models/assets/prompts.txt ({DEFAULT_PROMPT_COUNT} spread evenly)"},
             "seconds": round(time.perf_counter() - start, 1),
         }
-        new.setdefault("tools", {})["onnxruntime"] = _version("onnxruntime")
+        new.setdefault("tools", {})["onnxruntime"] = installed_version("onnxruntime")
         (tmp / MANIFEST).write_text(json.dumps(new, indent=2))
     return new
-
-
-def _version(name: str) -> str | None:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def _copy_unchanged(src: Path, dst: Path, manifest: dict, plan: dict[str, str]) -> None:

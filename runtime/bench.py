@@ -16,7 +16,6 @@ Latencies are reported as median, p10, p90 (numpy's linear percentiles), mean, m
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import platform
 import sys
@@ -28,7 +27,7 @@ import numpy as np
 
 from .backends import BACKENDS, component_backend, to_numpy_dtype
 from .errors import UserError
-from .package import Package, load_package
+from .package import Package, installed_version, load_package
 
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon"
 TEXT_TO_IMAGE = ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae_decoder")
@@ -101,13 +100,9 @@ def peak_rss_mb() -> float | None:
 
     Linux: VmHWM, the high-water mark of this process image's memory. getrusage's ru_maxrss is kept across
     fork + exec, so a process started by a large parent would report at least the parent's RSS."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
+    hwm = _proc_status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
     try:
         import resource
     except ImportError:  # Windows
@@ -122,19 +117,27 @@ def peak_rss_mb() -> float | None:
 
 
 def current_rss_mb() -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
+    rss = _proc_status_mb("VmRSS")
+    if rss is not None:
+        return rss
     try:
         import psutil
 
         return round(psutil.Process().memory_info().rss / 2**20, 1)
     except ImportError:
         return None
+
+
+def _proc_status_mb(field: str) -> float | None:
+    """A memory field of Linux's /proc/self/status (given in kB), in MB; None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
 
 
 def folder_size_mb(path: str | Path) -> float:
@@ -171,13 +174,6 @@ def physical_cores() -> int | None:
         return None
 
 
-def _version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def machine_info(threads: int | None = None) -> dict:
     """CPU model, cores, the threads the benchmark used, OS, library versions, load average."""
     return {
@@ -187,7 +183,7 @@ def machine_info(threads: int | None = None) -> dict:
         "threads": threads if threads is not None else "default (ONNX Runtime: one per physical core)",
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "versions": {name: _version(name) for name in ("edit-mobile", "numpy", "onnxruntime", "coremltools",
+        "versions": {name: installed_version(name) for name in ("edit-mobile", "numpy", "onnxruntime", "coremltools",
                                                        "tokenizers")},
         "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }

@@ -493,6 +493,15 @@ def _conv(p, d):
     return y
 
 
+def _scale_shift(y, p, shape):
+    """The normalisations' optional affine part: y * gamma + beta, both broadcast to `shape`."""
+    if p.get("gamma") is not None:
+        y = y * _f(p["gamma"]).reshape(shape)
+    if p.get("beta") is not None:
+        y = y + _f(p["beta"]).reshape(shape)
+    return y
+
+
 def _layer_norm(p, d):
     x = _f(p["x"])
     axes = tuple(_axis(a, x.ndim) for a in _ints(p["axes"])) if p.get("axes") is not None else tuple(range(x.ndim))
@@ -501,11 +510,7 @@ def _layer_norm(p, d):
     var = np.square(x - mean).mean(axis=axes, keepdims=True)
     y = (x - mean) / np.sqrt(var + eps)
     shape = [x.shape[i] if i in axes else 1 for i in range(x.ndim)]
-    if p.get("gamma") is not None:
-        y = y * _f(p["gamma"]).reshape(shape)
-    if p.get("beta") is not None:
-        y = y + _f(p["beta"]).reshape(shape)
-    return y
+    return _scale_shift(y, p, shape)
 
 
 def _instance_norm(p, d):
@@ -515,11 +520,7 @@ def _instance_norm(p, d):
     mean = x.mean(axis=axes, keepdims=True)
     y = (x - mean) / np.sqrt(np.square(x - mean).mean(axis=axes, keepdims=True) + eps)
     shape = [1, x.shape[1]] + [1] * (x.ndim - 2)
-    if p.get("gamma") is not None:
-        y = y * _f(p["gamma"]).reshape(shape)
-    if p.get("beta") is not None:
-        y = y + _f(p["beta"]).reshape(shape)
-    return y
+    return _scale_shift(y, p, shape)
 
 
 def _batch_norm(p, d):  # per-channel statistics given as constants (axis 1)
@@ -527,11 +528,7 @@ def _batch_norm(p, d):  # per-channel statistics given as constants (axis 1)
     shape = [1, x.shape[1]] + [1] * (x.ndim - 2)
     eps = np.float32(_scalar(p.get("epsilon"), 1e-5))
     y = (x - _f(p["mean"]).reshape(shape)) / np.sqrt(_f(p["variance"]).reshape(shape) + eps)
-    if p.get("gamma") is not None:
-        y = y * _f(p["gamma"]).reshape(shape)
-    if p.get("beta") is not None:
-        y = y + _f(p["beta"]).reshape(shape)
-    return y
+    return _scale_shift(y, p, shape)
 
 
 def _reshape(p, d):

@@ -6,6 +6,7 @@ No torch here: this is the first thing the on-device runtime runs.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 from dataclasses import dataclass, field
@@ -19,6 +20,14 @@ FAMILIES = ("pixart", "sd3")
 MANIFEST = "manifest.json"
 _REQUIRED = ("schema_version", "family", "resolution", "batch", "latent_shape", "vae", "transformer_out_channels",
              "text", "scheduler", "components")
+
+
+def installed_version(name: str) -> str | None:
+    """The installed version of a distribution (recorded in manifests and benchmark reports), None if absent."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 @dataclass(frozen=True)

@@ -875,15 +875,8 @@ def ratios(results: list[dict]) -> list[dict]:
 # Machine and matmul peak
 # ==================================================================================================================
 def machine_description(threads: int) -> dict:
-    import importlib.metadata
-
     from edit_mobile.runtime.bench import cpu_model, physical_cores
-
-    def version(name):
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return None
+    from edit_mobile.runtime.package import installed_version
 
     mem = None
     try:
@@ -895,7 +888,7 @@ def machine_description(threads: int) -> dict:
     return {"cpu": cpu_model(), "logical_cores": os.cpu_count(), "physical_cores": physical_cores(),
             "memory_gb": mem, "threads": threads, "platform": platform.platform(),
             "python": platform.python_version(),
-            "versions": {n: version(n) for n in ("onnxruntime", "torch", "numpy", "diffusers", "onnx")},
+            "versions": {n: installed_version(n) for n in ("onnxruntime", "torch", "numpy", "diffusers", "onnx")},
             "loadavg_start": list(os.getloadavg())}
 
 
