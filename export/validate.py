@@ -15,7 +15,7 @@ from ..runtime.backends import component_backend
 from ..runtime.errors import UserError
 from ..runtime.metrics import compare, psnr
 from ..runtime.package import Package, load_package, write_validation
-from ..runtime.pipeline import Text2ImagePipeline, initial_noise
+from ..runtime.pipeline import DEFAULT_GUIDANCE, Text2ImagePipeline, initial_noise
 from .components import pipeline_components
 
 logger = logging.getLogger(__name__)
@@ -27,6 +27,14 @@ COMPONENT_GATES_DB = {"fp32": 60.0, "fp16": 40.0, "int8-weights": 35.0, "int8-dy
 # palettize-4 26.1 / 34.4 dB; w8a8 is static int8 activations, gated as ONNX's int8-static.
 COMPONENT_GATES_DB.update({"palettize-6": 30.0, "palettize-4": 20.0, "w8a8": 25.0})
 IMAGE_GATE_DB = 40.0  # final image of an all-fp32 package against the PyTorch image
+# Latents after every denoising step of an all-fp32 package against diffusers' (the worst step). Float noise of an
+# exact export scores >= 98 dB on the tiny and mid-size models and 80+ dB on the 28-block PixArt-Σ-XL; a planted
+# guidance / CFG-order / scheduler bug scores <= 45 dB (docs/validation.md). The gate sits between the two.
+TRAJECTORY_GATE_DB = 60.0
+# The package's own sampling loop (tokenizers, conditioning, CFG, scheduler, latent scaling, decoding) run with the
+# PyTorch fp32 components in place of the exported graphs, against diffusers: only loop arithmetic differs, so any
+# precision of package is held to the fp32 gates here. This is what catches a runtime bug in a quantized or
+# Core ML package, whose components are otherwise checked on inputs replayed from diffusers.
 
 
 @dataclass
@@ -92,6 +100,32 @@ def run_reference(pipe, package: Package, opts: ValidationOptions, noise: np.nda
     return image, latents, calls
 
 
+class TorchComponentBackend:
+    """A component's PyTorch export wrapper behind the runtime's backend interface (fp32, any batch)."""
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        args = []
+        for s in self.spec.inputs:
+            a = np.ascontiguousarray(inputs[s.name])
+            args.append(torch.from_numpy(a.astype(np.float32) if np.issubdtype(a.dtype, np.floating) else a))
+        with torch.inference_mode():
+            out = self.spec.module(*args)
+        outs = [out] if torch.is_tensor(out) else list(out)
+        return {s.name: _to_np(t) for s, t in zip(self.spec.outputs, outs)}
+
+
+def _batch_rows(feed: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+    """A transformer call at the package's static batch: diffusers calls with 1 row when guidance is off, which a
+    batch-2 package runs with the row repeated (as the runtime does); the first `batch` rows otherwise."""
+    rows = next(iter(feed.values())).shape[0]
+    if rows >= batch:
+        return {k: v[:batch] for k, v in feed.items()}
+    return {k: np.concatenate([v] * -(-batch // rows))[:batch] for k, v in feed.items()}
+
+
 def _worst(results: list[dict]) -> dict:
     return {"psnr_db": min(r["psnr_db"] for r in results),
             "max_abs": None if any(r["max_abs"] is None for r in results) else max(r["max_abs"] for r in results),
@@ -99,12 +133,9 @@ def _worst(results: list[dict]) -> dict:
             "checks": len(results)}
 
 
-def compare_components(pipe, package: Package, runtime: Text2ImagePipeline, opts: ValidationOptions,
+def compare_components(specs: dict, package: Package, runtime: Text2ImagePipeline, opts: ValidationOptions,
                        calls: list[dict], ref_latents: np.ndarray, ref_image: np.ndarray) -> dict:
     """Each component on identical inputs: the exported graph vs its PyTorch module (the export wrappers)."""
-    specs = {s.name: s for s in pipeline_components(pipe, package.family, tuple(package.resolution),
-                                                    package.batch, None if package.family == "sd3" else
-                                                    package.text_for("text_encoder").max_length)}
     inputs: dict[str, list[dict]] = {}
     for name, tok in runtime.tokenizers.items():
         enc = tok.encode(runtime._preprocess(opts.prompt))
@@ -113,7 +144,7 @@ def compare_components(pipe, package: Package, runtime: Text2ImagePipeline, opts
             feed["attention_mask"] = enc.attention_mask
         inputs[name] = [feed]
     picks = np.unique(np.linspace(0, len(calls) - 1, min(opts.transformer_checks, len(calls))).round().astype(int))
-    inputs["transformer"] = [{k: v[: package.batch] for k, v in calls[i].items()} for i in picks]
+    inputs["transformer"] = [_batch_rows(calls[i], package.batch) for i in picks]
     vae = package.vae
     unscaled = ref_latents / np.float32(vae["scaling_factor"]) + np.float32(vae.get("shift_factor") or 0.0)
     inputs["vae_decoder"] = [{"latent_sample": unscaled.astype(np.float32)}]
@@ -138,6 +169,32 @@ def compare_components(pipe, package: Package, runtime: Text2ImagePipeline, opts
     return report
 
 
+def trajectory_psnr(timesteps, reference: list[np.ndarray], test: list[np.ndarray]) -> list[dict]:
+    return [{"step": i, "timestep": float(t), "psnr_db": psnr(r, g)}
+            for i, (t, r, g) in enumerate(zip(timesteps, reference, test))]
+
+
+def image_psnr(reference: np.ndarray, test: np.ndarray) -> float:
+    """PSNR of two uint8 (H, W, 3) images, peak 255."""
+    return psnr(reference.astype(np.float64), test.astype(np.float64), peak=255.0)
+
+
+def check_loop(specs: dict, package: Package, opts: ValidationOptions, guidance: float, noise: np.ndarray,
+               ref_latents: list[np.ndarray], ref_uint8: np.ndarray, package_image: np.ndarray) -> dict:
+    """The package's sampling loop with the PyTorch fp32 components as backends, against diffusers (gated at the
+    fp32 trajectory and image gates), and the package's image against this fp32 loop's image (reported)."""
+    backends = {name: TorchComponentBackend(specs[name]) for name in package.components if name != "vae_encoder"}
+    loop = Text2ImagePipeline(package, backend=validation_backend(package), backends=backends, progress=False)
+    result = loop(opts.prompt, opts.negative_prompt, steps=opts.steps, guidance=guidance, latents=noise)
+    trajectory = trajectory_psnr(result.timesteps, ref_latents, result.latents)
+    worst = min(t["psnr_db"] for t in trajectory)
+    image = image_psnr(ref_uint8, result.image)
+    return {"trajectory_min_psnr_db": worst, "image_psnr_db": image,
+            "gate_db": {"trajectory": TRAJECTORY_GATE_DB, "image": IMAGE_GATE_DB},
+            "passed": bool(worst >= TRAJECTORY_GATE_DB and image >= IMAGE_GATE_DB),
+            "package_image_vs_fp32_loop_psnr_db": image_psnr(result.image, package_image)}
+
+
 def validate(package_dir: str, reference: str | None = None, opts: ValidationOptions | None = None,
              threads: int | None = None) -> dict:
     opts = opts or ValidationOptions()
@@ -147,7 +204,7 @@ def validate(package_dir: str, reference: str | None = None, opts: ValidationOpt
     if pipeline_family(pipe) != package.family:
         raise UserError(f"reference {reference} is a {pipeline_family(pipe)} pipeline, the package {package.family}")
     runtime = Text2ImagePipeline(package, backend=validation_backend(package), threads=threads)
-    guidance = opts.guidance if opts.guidance is not None else {"pixart": 4.5, "sd3": 7.0}[package.family]
+    guidance = opts.guidance if opts.guidance is not None else DEFAULT_GUIDANCE[package.family]
     noise = initial_noise(package, opts.seed)
 
     ref_image, ref_latents, calls = run_reference(pipe, package, opts, noise, guidance)
@@ -155,7 +212,10 @@ def validate(package_dir: str, reference: str | None = None, opts: ValidationOpt
     if len(ref_latents) != len(result.latents):
         raise RuntimeError(f"diffusers ran {len(ref_latents)} steps, the runtime {len(result.latents)}")
 
-    components = compare_components(pipe, package, runtime, opts, calls, ref_latents[-1], ref_image)
+    specs = {s.name: s for s in pipeline_components(
+        pipe, package.family, tuple(package.resolution), package.batch,
+        None if package.family == "sd3" else package.text_for("text_encoder").max_length)}
+    components = compare_components(specs, package, runtime, opts, calls, ref_latents[-1], ref_image)
     for name, entry in components.items():
         # The gate a quantized package recorded for the component (`gate_psnr_db`), else the precision's default.
         recorded = package.components[name].raw.get("gate_psnr_db")
@@ -168,22 +228,22 @@ def validate(package_dir: str, reference: str | None = None, opts: ValidationOpt
     if fp16:  # ONNX Runtime's CPU provider hides fp16 overflow: check in true fp16 arithmetic (export/fp16_safety.py)
         from .fp16_safety import check_fp16, trajectory_inputs
 
-        specs = {s.name: s for s in pipeline_components(
-            pipe, package.family, tuple(package.resolution), package.batch,
-            None if package.family == "sd3" else package.text_for("text_encoder").max_length)}
         feeds = trajectory_inputs(package, runtime, opts.prompt, opts.negative_prompt, calls, ref_latents[-1],
                                   ref_image)
         for name, safety in check_fp16(specs, fp16, feeds).items():
             components[name]["fp16_safety"] = safety
             components[name]["passed"] = bool(components[name]["passed"] and safety["finite"])
-    trajectory = [{"step": i, "timestep": float(t), "psnr_db": psnr(r, g)}
-                  for i, (t, r, g) in enumerate(zip(result.timesteps, ref_latents, result.latents))]
     ref_uint8 = (ref_image * 255).round().astype(np.uint8)
-    # The image gate applies to all-fp32 packages; a quantized package's image PSNR is reported, and gated only
-    # when --min-image-psnr asks for it (its components are gated by their precisions' gates).
+    # End to end, the image and trajectory gates apply to all-fp32 packages; a quantized or Core ML package's are
+    # reported, and gated only when --min-image-psnr asks for it (its components are gated by their precisions'
+    # gates, its loop by the loop check below).
     all_fp32 = all((c.precision or "fp32") == "fp32" for c in package.components.values())
     image_gate = opts.min_image_psnr if opts.min_image_psnr is not None else IMAGE_GATE_DB if all_fp32 else None
-    image_psnr = psnr(ref_uint8.astype(np.float64), result.image.astype(np.float64), peak=255.0)
+    image_db = image_psnr(ref_uint8, result.image)
+    trajectory = trajectory_psnr(result.timesteps, ref_latents, result.latents)
+    worst_step = min(t["psnr_db"] for t in trajectory)
+    trajectory_gate = TRAJECTORY_GATE_DB if all_fp32 else None
+    loop = check_loop(specs, package, opts, guidance, noise, ref_latents, ref_uint8, result.image)
     report = {
         "passed": False,
         "package": str(package_dir),
@@ -192,10 +252,14 @@ def validate(package_dir: str, reference: str | None = None, opts: ValidationOpt
         "guidance": guidance, "seed": opts.seed,
         "components": components,
         "trajectory": trajectory,
-        "image": {"psnr_db": image_psnr, "gate_db": image_gate,
-                  "passed": bool(image_gate is None or image_psnr >= image_gate)},
+        "trajectory_gate": {"min_psnr_db": worst_step, "gate_db": trajectory_gate,
+                            "passed": bool(trajectory_gate is None or worst_step >= trajectory_gate)},
+        "loop": loop,
+        "image": {"psnr_db": image_db, "gate_db": image_gate,
+                  "passed": bool(image_gate is None or image_db >= image_gate)},
     }
-    report["passed"] = bool(report["image"]["passed"] and all(c["passed"] for c in components.values()))
+    report["passed"] = bool(report["image"]["passed"] and report["trajectory_gate"]["passed"] and loop["passed"]
+                            and all(c["passed"] for c in components.values()))
     write_validation(package, report)
     return report
 
@@ -206,9 +270,15 @@ def format_report(report: dict) -> str:
         max_abs = "non-finite" if c["max_abs"] is None else f"{c['max_abs']:.2e}"
         lines.append(f"{name:<16}{c['precision']:<14}{c['psnr_db']:>9.1f}{c['gate_db']:>7.0f}{max_abs:>11}"
                      f"{c['cosine']:>10.6f}  {'ok' if c['passed'] else 'FAIL'}")
-    traj = report["trajectory"]
-    lines.append(f"trajectory: {len(traj)} steps, latent PSNR min {min(t['psnr_db'] for t in traj):.1f} dB, "
-                 f"last {traj[-1]['psnr_db']:.1f} dB")
+    traj, tg = report["trajectory"], report["trajectory_gate"]
+    gate = "not gated: quantized package" if tg["gate_db"] is None else f"gate {tg['gate_db']:.0f}"
+    lines.append(f"trajectory: {len(traj)} steps, latent PSNR min {tg['min_psnr_db']:.1f} dB ({gate}), "
+                 f"last {traj[-1]['psnr_db']:.1f} dB  {'ok' if tg['passed'] else 'FAIL'}")
+    loop = report["loop"]
+    lines.append(f"loop (package loop, PyTorch components): latent PSNR min {loop['trajectory_min_psnr_db']:.1f} dB "
+                 f"(gate {loop['gate_db']['trajectory']:.0f}), image {loop['image_psnr_db']:.1f} dB "
+                 f"(gate {loop['gate_db']['image']:.0f})  {'ok' if loop['passed'] else 'FAIL'}; package image vs "
+                 f"this fp32 loop {loop['package_image_vs_fp32_loop_psnr_db']:.1f} dB")
     for name, c in report["components"].items():
         if "fp16_safety" in c:
             safety = c["fp16_safety"]
