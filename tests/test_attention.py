@@ -109,11 +109,80 @@ def test_fp16_without_mean_normalisation_would_overflow():
     assert torch.isfinite(relu_linear_attention(q, k, v, 1e-6, accumulate_fp32=False)).all()
 
 
+def test_zero_feature_rows_give_zero_output_not_nan():
+    # A ReLU feature map is exactly zero for a token whose projections are all negative: then q_i . S = 0 and
+    # q_i . z = 0, and only the "+ eps" in the denominator turns 0/0 (NaN) into the intended 0 for that row.
+    b, h, n, m, d = 1, 2, 12, 5, 8
+    q, k, v = F.relu(torch.randn(b, h, n, d)), F.relu(torch.randn(b, h, m, d)), torch.randn(b, h, m, d)
+    q[:, :, 3] = 0.0  # one query token with an all-zero feature map
+    y = relu_linear_attention(q, k, v, eps=1e-6)
+    assert torch.isfinite(y).all()
+    assert torch.equal(y[:, :, 3], torch.zeros_like(y[:, :, 3]))
+    others = [i for i in range(n) if i != 3]  # the other rows are untouched by the zero row
+    assert torch.allclose(y[:, :, others].double(), naive_linear_attention(q, k, v, 1e-6)[:, :, others], atol=1e-5)
+    # All keys zero (z = 0, S = 0): every row is 0/eps = 0.
+    y0 = relu_linear_attention(q, torch.zeros_like(k), v, eps=1e-6)
+    assert torch.isfinite(y0).all() and torch.equal(y0, torch.zeros_like(y0))
+
+
+def test_true_fp16_kernel_long_sequence_stays_finite_and_accurate():
+    """The kernel itself in true fp16 arithmetic (accumulate_fp32=False) over M = 4096 keys at activation scale 10.
+
+    With sums instead of means, z = sum_j k_j reaches ~1.6e4 and q . z ~ 1e6 > 65504 (fp16 max): the output becomes
+    NaN (inf / inf) or 0 (x / inf). The means keep every intermediate at activation scale (DESIGN.md §1).
+    torch's CPU fp16 matmul rounds its result to fp16, so the overflow is not hidden (unlike ONNX Runtime's CPU).
+    """
+    g = torch.Generator().manual_seed(0)
+    b, h, n, m, d = 1, 2, 256, 4096, 16
+    q = F.relu(torch.randn(b, h, n, d, generator=g) * 10).half()
+    k = F.relu(torch.randn(b, h, m, d, generator=g) * 10).half()
+    v = (torch.randn(b, h, m, d, generator=g) * 10).half()
+    y = relu_linear_attention(q, k, v, 1e-6, accumulate_fp32=False)
+    assert y.dtype == torch.float16
+    assert torch.isfinite(y).all()
+    # Also accurate, so an overflow that ends as 0 (finite but wrong) fails too. Reference: the same fp16 inputs in
+    # float64. 10 fp16 epsilons (~1e-2) of relative L2 error; 4e-4 measured.
+    ref = naive_linear_attention(q, k, v, 1e-6)
+    rel = float((y.double() - ref).norm() / ref.norm())
+    assert rel < 10 * torch.finfo(torch.float16).eps, rel
+
+
 def joint_attention(dim=32, heads=2, context_pre_only=False):
     attn = Attention(query_dim=dim, cross_attention_dim=None, added_kv_proj_dim=dim, dim_head=dim // heads,
                      heads=heads, out_dim=dim, context_pre_only=context_pre_only, bias=True, qk_norm="rms_norm",
                      eps=1e-6, processor=JointAttnProcessor2_0())
     return attn.eval()
+
+
+def reference_mm_image_rows(attn, img, txt, grid, eta_mode, eps=1e-6):
+    """MM-EDiT image rows written from DESIGN.md §1: eta * linear(image) + (1 - eta) * softmax(image -> prompt),
+    through to_out. The softmax term uses the teacher's projections with SD3's QK-norm; the linear term the EDiT
+    feature maps (edit_qkv, checked against explicit convolutions above) and the naive float64 formula."""
+    b, n_i, c = img.shape
+    heads = attn.heads
+    d = c // heads
+    split = lambda t: t.reshape(b, t.shape[1], heads, d).transpose(1, 2)  # noqa: E731
+    q_i, k_i = attn.norm_q(split(attn.to_q(img))), attn.norm_k(split(attn.to_k(img)))
+    k_p = attn.norm_added_k(split(attn.add_k_proj(txt)))
+    v_p = split(attn.add_v_proj(txt))
+    s_ip = (q_i @ k_p.transpose(-1, -2)) / d**0.5
+    cross = torch.softmax(s_ip, -1) @ v_p
+    lin = naive_linear_attention(*edit_qkv(attn, img, grid), eps).float()
+    if eta_mode == "exact":  # the joint softmax's probability mass on image keys, per row
+        z_i = torch.exp((q_i @ k_i.transpose(-1, -2)) / d**0.5).sum(-1, keepdim=True)
+        z_p = torch.exp(s_ip).sum(-1, keepdim=True)
+        eta = z_i / (z_i + z_p)
+    else:  # token count: N_I / (N_I + N_P)
+        eta = n_i / (n_i + txt.shape[1])
+    return attn.to_out[0]((eta * lin + (1 - eta) * cross).transpose(1, 2).reshape(b, n_i, c))
+
+
+def mm_edit_attention(attn, config):
+    """Turn a teacher joint attention into MM-EDiT with random EDiT layers (so the linear term is not at init)."""
+    add_edit_layers(attn, config)
+    randomize(attn.conv_fusion), randomize(attn.k_compressor), randomize(attn.v_compressor)
+    attn.set_processor(MMEDiTAttnProcessor(config))
+    return attn
 
 
 @pytest.mark.parametrize("eta_mode", ["token_count", "exact"])
@@ -123,39 +192,28 @@ def test_mm_edit_prompt_rows_exact_and_image_rows_follow_formula(eta_mode):
     img, txt, grid = torch.randn(2, 5 * 6, 32), torch.randn(2, 7, 32), (5, 6)
     with torch.no_grad():
         teacher_img, teacher_txt = attn(img, encoder_hidden_states=txt)
-        add_edit_layers(attn, config)
-        randomize(attn.conv_fusion), randomize(attn.k_compressor), randomize(attn.v_compressor)
-        attn.set_processor(MMEDiTAttnProcessor(config))
+        mm_edit_attention(attn, config)
         y_img, y_txt = attn(img, encoder_hidden_states=txt, grid_size=grid)
 
         # Prompt rows: the teacher's exact joint softmax.
         assert torch.allclose(y_txt, teacher_txt, atol=1e-6)
-
-        # Image rows: eta * linear(image) + (1 - eta) * softmax(image -> prompt).
-        split = lambda t: t.reshape(2, t.shape[1], 2, 16).transpose(1, 2)  # noqa: E731
-        q_i, k_i = attn.norm_q(split(attn.to_q(img))), attn.norm_k(split(attn.to_k(img)))
-        k_p = attn.norm_added_k(split(attn.add_k_proj(txt)))
-        v_p = split(attn.add_v_proj(txt))
-        s_ip = (q_i @ k_p.transpose(-1, -2)) / 4.0
-        cross = torch.softmax(s_ip, -1) @ v_p
-        lin = naive_linear_attention(*edit_qkv(attn, img, grid), 1e-6).float()
-        if eta_mode == "exact":
-            z_i = torch.exp((q_i @ k_i.transpose(-1, -2)) / 4.0).sum(-1, keepdim=True)
-            z_p = torch.exp(s_ip).sum(-1, keepdim=True)
-            eta = z_i / (z_i + z_p)
-        else:
-            eta = 30 / 37
-        ref = attn.to_out[0]((eta * lin + (1 - eta) * cross).transpose(1, 2).reshape(2, 30, 32))
+        ref = reference_mm_image_rows(attn, img, txt, grid, eta_mode)
     assert torch.allclose(y_img, ref, atol=1e-5), (y_img - ref).abs().max()
 
 
-def test_mm_edit_context_pre_only_block_returns_image_rows():
-    attn = joint_attention(context_pre_only=True)
-    add_edit_layers(attn, EDiTConfig())
-    attn.set_processor(MMEDiTAttnProcessor(EDiTConfig()))
+@pytest.mark.parametrize("eta_mode", ["token_count", "exact"])
+def test_mm_edit_context_pre_only_block_returns_image_rows(eta_mode):
+    # SD3's last block (context_pre_only) has no prompt output projection; its image rows must still be the hybrid
+    # formula (and a processor that returned, say, only the softmax term, or skipped to_out, must fail here).
+    config = EDiTConfig(eta_mode=eta_mode)
+    attn = mm_edit_attention(joint_attention(context_pre_only=True), config)
+    assert not hasattr(attn, "to_add_out") or attn.to_add_out is None
+    img, txt, grid = torch.randn(1, 16, 32), torch.randn(1, 3, 32), (4, 4)
     with torch.no_grad():
-        y_img, _ = attn(torch.randn(1, 16, 32), encoder_hidden_states=torch.randn(1, 3, 32), grid_size=(4, 4))
-    assert y_img.shape == (1, 16, 32) and torch.isfinite(y_img).all()
+        y_img, _ = attn(img, encoder_hidden_states=txt, grid_size=grid)
+        ref = reference_mm_image_rows(attn, img, txt, grid, eta_mode)
+    assert y_img.shape == (1, 16, 32)
+    assert torch.allclose(y_img, ref, atol=1e-5), (y_img - ref).abs().max()
 
 
 def test_config_rejects_unknown_eta_mode():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shutil
 import socket
@@ -125,24 +126,87 @@ def test_two_processes_end_with_identical_weights(tiny_dirs, tmp_path):
     assert apart < 1e-3 * moved, (apart, moved)
 
 
-def test_mm_edit_sd3_distills_from_an_image_folder(tiny_dirs, tmp_path):
-    from diffusers import StableDiffusion3Pipeline
+def test_mm_edit_sd3_distills_from_an_image_folder(tiny_dirs, tmp_path, monkeypatch):
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
     from edit_mobile.models import MMEDiTSD3Transformer2DModel
+    from edit_mobile.models import distill as distill_module
 
     data = tmp_path / "data"  # an image + caption folder (images of any size are cropped to the resolution)
     data.mkdir()
     for i, (size, color) in enumerate([((96, 64), "red"), ((64, 80), "blue"), ((70, 70), "green")]):
         Image.new("RGB", size, color).save(data / f"{i}.png")
         (data / f"{i}.txt").write_text(f"a {color} wall")
+    # Keep a handle on the pipeline the trainer loads (teacher transformer, VAE, text encoders): they are meant to
+    # stay frozen, and they live only inside distill().
+    loaded = []
+    real_load = distill_module.load_pipeline
+    monkeypatch.setattr(distill_module, "load_pipeline", lambda src: loaded.append(real_load(src)) or loaded[-1])
     out = tmp_path / "sd3"
     summary = distill(DistillConfig(teacher=str(tiny_dirs["tiny-sd3"]), student=str(tiny_dirs["tiny-sd3-mm-edit"]),
                                     out=str(out), steps=2, resolutions=[64], batch_size=2, data=str(data),
                                     feature_prompt=True))
-    assert all(torch.isfinite(torch.tensor(v)) for v in summary["eval_end"].values())
-    assert summary["eval_end"]["feature"] > 0
     pipe = StableDiffusion3Pipeline.from_pretrained(out)
     assert type(pipe.transformer) is MMEDiTSD3Transformer2DModel
+    # What was written is what was trained (the digest every rank reported at the end).
+    assert summary["rank_weight_digests"] == [state_digest(pipe.transformer)]
+
+    # Losses: every reported total is the weighted sum of its parts (all weights 1 here; eval values are rounded to
+    # 8 decimals), the parts are positive (the converted student is not the teacher: its image rows mix in linear
+    # attention, so output and feature losses are > 0 from the start), and the fixed-batch eval changed: the
+    # weights it was computed with moved.
+    start, end = summary["eval_start"], summary["eval_end"]
+    rows = list(csv.DictReader((out / "losses.csv").open()))
+    assert [int(r["step"]) for r in rows] == [1, 2]
+    for parts in [start, end, *({k: float(r[k]) for k in ("loss", "task", "output", "feature")} for r in rows)]:
+        assert all(math.isfinite(parts[k]) and parts[k] > 0 for k in ("task", "output", "feature")), parts
+        assert math.isclose(parts["loss"], parts["task"] + parts["output"] + parts["feature"],
+                            rel_tol=1e-6, abs_tol=3e-8), parts
+    assert start != end
+    assert _state(out)["eval"] == {"0": start, "2": end}
+
+    # Parameters: the whole student is trained except the weights its forward never reaches, which
+    # `_freeze_unused` freezes at the teacher's values: the last (context_pre_only) block's prompt queries and its
+    # image-key norm (token-count eta needs no image keys in the softmax), and the QK-norm of SD3.5's converted
+    # image-only attn2 (EDiT's linear attention has no QK-norm).
+    before = MMEDiTSD3Transformer2DModel.from_pretrained(tiny_dirs["tiny-sd3-mm-edit"], subfolder="transformer")
+    blocks = before.transformer_blocks
+    last = len(blocks) - 1
+    assert blocks[last].attn.context_pre_only and before.edit.eta_mode == "token_count"
+    dead = {f"transformer_blocks.{last}.attn.{n}" for n in
+            ("add_q_proj.weight", "add_q_proj.bias", "norm_added_q.weight", "norm_k.weight")}
+    dead |= {f"transformer_blocks.{i}.attn2.{n}" for i, b in enumerate(blocks) if b.attn2 is not None
+             for n in ("norm_q.weight", "norm_k.weight")}
+    teacher_start = SD3Transformer2DModel.from_pretrained(tiny_dirs["tiny-sd3"], subfolder="transformer").state_dict()
+    after = dict(pipe.transformer.named_parameters())
+    moved = []
+    for name, p0 in before.named_parameters():
+        if name in dead:
+            assert torch.equal(after[name], teacher_start[name]), name
+        elif name.endswith("conv_fusion.conv_in.bias"):
+            # ConvFusion's GroupNorm has one channel per group on this tiny width, so this per-channel bias is
+            # normalised away: its gradient is zero up to rounding, and whether Adam moves it depends on that noise.
+            continue
+        else:
+            moved.append(name)
+            assert not torch.equal(after[name], p0), f"{name} was not trained"
+    # That includes every new EDiT layer of every converted attention (ConvFusion's zero-initialised output conv
+    # must leave zero for the queries to get any local context) as well as the teacher-inherited weights.
+    converted = [f"transformer_blocks.{i}.{a}" for i, b in enumerate(blocks) for a in ("attn", "attn2")
+                 if hasattr(getattr(b, a, None), "conv_fusion")]
+    assert len(converted) > len(blocks)  # every joint attention, plus the dual-attention block's attn2
+    for path in converted:
+        for layer in ("conv_fusion.conv_out.weight", "k_compressor.conv.weight", "v_compressor.conv.weight",
+                      "to_q.weight", "to_out.0.weight"):
+            assert f"{path}.{layer}" in moved, f"{path}.{layer}"
+
+    # The frozen modules did not move: the teacher transformer, VAE and text encoders the trainer held end exactly
+    # as loaded from the teacher folder.
+    (teacher_pipe,) = loaded
+    fresh = StableDiffusion3Pipeline.from_pretrained(tiny_dirs["tiny-sd3"])
+    for component in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        held, ref = getattr(teacher_pipe, component).state_dict(), getattr(fresh, component).state_dict()
+        assert held.keys() == ref.keys() and all(torch.equal(held[k], ref[k]) for k in ref), component
 
 
 def test_synthetic_source_is_deterministic_per_index():

@@ -172,18 +172,34 @@ def test_ort_mobile_package_gets_ort_files_and_operator_config(tiny_dirs, prompt
     assert "MatMulInteger" in (out / "required_operators.config").read_text()
 
 
-def test_sensitivity_pass_reports_exclusions(packages, prompts, tmp_path):
+def test_sensitivity_pass_reports_exclusions(packages, prompts, tmp_path, monkeypatch):
+    from edit_mobile.export import quantize as quantize_module
+
+    # The pass aims at gate + SENSITIVITY_MARGIN_DB; neither the CLI nor quantize_package lets a caller set that
+    # target, so the test raises the module's margin until the target is unreachable. Then the exclusion path always
+    # runs (whatever this CPU's int8 kernels score) and stops at its cap: the worst groups, worst first.
+    margin = 1000.0
+    monkeypatch.setattr(quantize_module, "SENSITIVITY_MARGIN_DB", margin)
     out = tmp_path / "sens"
     assert cli(["quantize", str(packages["sd3"]), "--precision", "int8-static", "--components", "text_encoder_2",
                 "--sensitivity", "--out", str(out), "--calibration-prompts", str(prompts), *CALIB]) == 0
     q = _manifest(out)["components"]["text_encoder_2"]["quantization"]
     s = q["sensitivity"]
-    assert len(s["group_psnr_db"]) >= 4 and s["target_psnr_db"] == 35.0
-    worst = min(s["group_psnr_db"], key=s["group_psnr_db"].get)
-    if s["excluded_groups"]:
-        assert s["excluded_groups"][0] == worst
-        assert all(q["excluded_nodes"][n] == "sensitivity" for n in s["excluded_nodes"])
-    assert len(s["psnr_db_after_each_exclusion"]) == len(s["excluded_groups"]) + 1
+    assert s["target_psnr_db"] == quantize_module.GATES_DB["int8-static"] + margin
+    groups = s["group_psnr_db"]
+    assert len(groups) >= 4
+    worst_first = sorted(groups, key=groups.get)
+    cap = max(1, int(len(groups) * quantize_module.SENSITIVITY_MAX_FRACTION))
+    assert s["excluded_groups"] == worst_first[:cap], (s["excluded_groups"], groups)
+    assert s["excluded_groups"][0] == min(groups, key=groups.get)
+    # Every node of the excluded groups stays float in the result, recorded with its reason.
+    assert s["excluded_nodes"] and all(q["excluded_nodes"][n] == "sensitivity" for n in s["excluded_nodes"])
+    history = s["psnr_db_after_each_exclusion"]
+    assert len(history) == len(s["excluded_groups"]) + 1
+    # Keeping the worst group in float improves the whole component (33.9 -> 40.4 dB measured), and the written
+    # model is the one the pass measured last (same exclusions, same calibration, same check inputs).
+    assert history[1] > history[0] and history[-1] > history[0], history
+    assert abs(q["check"]["psnr_db"] - history[-1]) <= 0.01, (q["check"], history)
 
 
 def test_calibration_records_every_step_of_the_trajectory(packages, prompts):

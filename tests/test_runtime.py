@@ -252,18 +252,32 @@ def test_tokenizer_matches_transformers(tokenizer_dirs, caplog, kind, max_length
 
 # --- generation -------------------------------------------------------------------------------------------------
 def test_save_png_is_atomic_and_lossless(tmp_path):
+    import torch  # the reference only: the runtime itself must not import torch
+    from diffusers.image_processor import VaeImageProcessor
     from PIL import Image
 
     from edit_mobile.runtime.pipeline import save_png, to_uint8
 
     decoded = np.random.default_rng(0).uniform(-1.2, 1.2, (1, 3, 8, 6)).astype(np.float32)
+    # Hand-checked pixels (channel 0, row 0): the ends of [-1, 1], out-of-range values (clipped), the midpoint
+    # (0 -> 127.5, which rounds half to even: 128) and 0.5 -> 191.25 -> 191.
+    decoded[0, 0, 0] = [-1.0, 1.0, -5.0, 5.0, 0.0, 0.5]
     image = to_uint8(decoded)
     assert image.shape == (8, 6, 3) and image.dtype == np.uint8
-    np.testing.assert_array_equal(image, (np.clip(decoded[0] / 2 + 0.5, 0, 1).transpose(1, 2, 0) * 255)
-                                  .round().astype(np.uint8))
+    assert image[0, :, 0].tolist() == [0, 255, 0, 255, 128, 191]
+    # The reference is diffusers' own post-processing, the two calls its pipelines make for output_type="pil":
+    # postprocess (denormalize: x * 0.5 + 0.5 clamped to [0, 1], then NCHW -> NHWC float) and numpy_to_pil
+    # ((x * 255).round().astype("uint8"), diffusers 0.42). Equal bytes: a PNG from the runtime is the image
+    # diffusers would have saved from the same decoder output.
+    as_np = VaeImageProcessor().postprocess(torch.from_numpy(decoded), output_type="np")
+    assert as_np.shape == (1, 8, 6, 3)
+    expected = np.asarray(VaeImageProcessor.numpy_to_pil(as_np)[0])
+    assert expected.dtype == np.uint8 and expected[0, :, 0].tolist() == [0, 255, 0, 255, 128, 191]
+    np.testing.assert_array_equal(image, expected)
+
     save_png(image, tmp_path / "x.png")
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "x.png")), image)
-    assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "x.png")), image)  # lossless round trip
+    assert [p.name for p in tmp_path.iterdir()] == ["x.png"]  # atomic: no temporary file left behind
     with pytest.raises(UserError, match="does not exist"):
         save_png(image, tmp_path / "nope" / "x.png")
 
