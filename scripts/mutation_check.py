@@ -124,6 +124,7 @@ def export_package(model: str, work: Path) -> tuple[Path | None, str | None]:
     else:
         from edit_mobile.scripts.bench_quantize import build_source
 
+        (work / model).mkdir(parents=True, exist_ok=True)
         folder = build_source(model, work / model)
     proc = run([*cli, "export", str(folder), "--target", "onnx", "--resolution", MODELS[model],
                 "--max-text-tokens", "32", "--out", str(package)], 3600, ROOT)
