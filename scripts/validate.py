@@ -3,8 +3,10 @@
 The same prompt, seed and initial noise go through diffusers (the reference) and through the package on
 ONNX Runtime. Reported: per component (text encoders, transformer at several timesteps, VAE decoder and
 encoder, each on identical inputs) PSNR, max abs error and cosine; the latents' PSNR after every step; the
-final image's PSNR. Gates per precision (fp32: 60 dB per component, 40 dB on the image) fail with exit code 1.
-The report is written into the package's manifest.json and, with --json, to a file.
+final image's PSNR; and the package's own loop (tokenizers, guidance, scheduler, scaling) run with the PyTorch
+components in place of the graphs. Gates fail with exit code 1: per component by precision (fp32 60 dB), the
+trajectory (60 dB at every step) and the image (40 dB) of all-fp32 packages, the loop check (60 / 40 dB) for every
+package (docs/validation.md). The report is written into the package's manifest.json and, with --json, to a file.
 
 example:
   edit-mobile validate pkg --reference tiny-pixart --json report.json

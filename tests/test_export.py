@@ -38,8 +38,11 @@ def test_export_generate_validate(packages, tmp_path, name):
     report = json.loads(report_path.read_text())
     assert report["passed"] is True
     assert set(report["components"]) >= {"transformer", "vae_decoder", "text_encoder"}
-    assert all(c["psnr_db"] >= 60 for c in report["components"].values())
-    assert len(report["trajectory"]) == 4 and report["image"]["psnr_db"] >= 40
+    # The gates (60 dB) are set for real-size models; the tiny graphs match PyTorch to float noise (125-147 dB
+    # here), so 100 dB still catches an export error far below the gate, on any CPU.
+    assert all(c["psnr_db"] >= 100 for c in report["components"].values()), report["components"]
+    assert len(report["trajectory"]) == 4 and report["trajectory_gate"]["min_psnr_db"] >= 100
+    assert report["image"]["psnr_db"] >= 40 and report["loop"]["passed"]
     assert json.loads((pkg / "manifest.json").read_text())["validation"]["passed"] is True
 
 
