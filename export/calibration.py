@@ -114,7 +114,7 @@ def record_calibration(package: Package, prompts: list[str], steps: int = DEFAUL
 
 def _cast(values: dict[str, np.ndarray], specs) -> dict[str, np.ndarray]:
     """Keep exactly the component's inputs, in the manifest dtypes (the fp32 package's own)."""
-    from ..runtime.backends import to_numpy_dtype
+    from ..runtime.io_specs import to_numpy_dtype
 
     return {s.name: np.ascontiguousarray(values[s.name], dtype=to_numpy_dtype(s.dtype)) for s in specs}
 

@@ -31,10 +31,6 @@ IMAGE_GATE_DB = 40.0  # final image of an all-fp32 package against the PyTorch i
 # exact export scores >= 133 dB on the tiny, mid-size and 28-block PixArt-Σ-XL models; a planted guidance /
 # CFG-order / scheduler / tokenizer bug scores <= 42 dB (docs/validation.md). The gate sits between the two.
 TRAJECTORY_GATE_DB = 60.0
-# The package's own sampling loop (tokenizers, conditioning, CFG, scheduler, latent scaling, decoding) run with the
-# PyTorch fp32 components in place of the exported graphs, against diffusers: only loop arithmetic differs, so any
-# precision of package is held to the fp32 gates here. This is what catches a runtime bug in a quantized or
-# Core ML package, whose components are otherwise checked on inputs replayed from diffusers.
 
 
 @dataclass
@@ -181,8 +177,12 @@ def image_psnr(reference: np.ndarray, test: np.ndarray) -> float:
 
 def check_loop(specs: dict, package: Package, opts: ValidationOptions, guidance: float, noise: np.ndarray,
                ref_latents: list[np.ndarray], ref_uint8: np.ndarray, package_image: np.ndarray) -> dict:
-    """The package's sampling loop with the PyTorch fp32 components as backends, against diffusers (gated at the
-    fp32 trajectory and image gates), and the package's image against this fp32 loop's image (reported)."""
+    """The package's own sampling loop (tokenizers, conditioning, CFG, scheduler, latent scaling, decoding) with the
+    PyTorch fp32 components as backends, against diffusers, and the package's image against this loop's (reported).
+
+    Only loop arithmetic differs from diffusers here, so every package, whatever its precision, is held to the fp32
+    trajectory and image gates. This is what catches a runtime bug in a quantized or Core ML package, whose
+    components are otherwise checked on inputs replayed from diffusers, where guidance never enters."""
     backends = {name: TorchComponentBackend(specs[name]) for name in package.components if name != "vae_encoder"}
     loop = Text2ImagePipeline(package, backend=validation_backend(package), backends=backends, progress=False)
     result = loop(opts.prompt, opts.negative_prompt, steps=opts.steps, guidance=guidance, latents=noise)

@@ -1,6 +1,6 @@
 """Inference backends behind one interface: `run(inputs: dict[str, ndarray]) -> dict[str, ndarray]`.
 
-Every backend checks its inputs against the manifest's static specs (names, shapes, dtypes) before running, so a
+Every backend checks its inputs against the manifest's static specs (runtime/io_specs.py) before running, so a
 wrong call fails with a message naming the input instead of deep inside the runtime.
 """
 
@@ -12,59 +12,12 @@ from typing import Iterable, Protocol
 import numpy as np
 
 from .errors import UserError
+from .io_specs import as_specs, check_inputs
 from .package import Package, TensorSpec
 
 BACKENDS = ("ort", "coreml", "coreml-reference")
 
-# Manifest dtype names (numpy names, the short forms used in docs/package.md, ONNX type strings) -> numpy dtype.
-_DTYPES = {
-    "f32": np.float32, "float": np.float32, "float32": np.float32, "tensor(float)": np.float32,
-    "f16": np.float16, "half": np.float16, "float16": np.float16, "tensor(float16)": np.float16,
-    "f64": np.float64, "double": np.float64, "float64": np.float64, "tensor(double)": np.float64,
-    "i64": np.int64, "int64": np.int64, "tensor(int64)": np.int64,
-    "i32": np.int32, "int32": np.int32, "tensor(int32)": np.int32,
-    "bool": np.bool_, "tensor(bool)": np.bool_,
-}
-
 _OPT_LEVELS = ("disable", "basic", "extended", "all")
-
-
-def to_numpy_dtype(name: str) -> np.dtype:
-    """Numpy dtype of a manifest dtype name ("float32", "f32", "int64", "tensor(float)", ...)."""
-    try:
-        return np.dtype(_DTYPES.get(str(name).lower()) or name)
-    except TypeError:
-        raise ValueError(f"unknown dtype {name!r} in the manifest") from None
-
-
-def _as_specs(specs: Iterable[TensorSpec | dict]) -> list[TensorSpec]:
-    return [s if isinstance(s, TensorSpec) else TensorSpec.from_dict(s) for s in specs]
-
-
-def check_inputs(inputs: dict[str, np.ndarray], specs: Iterable[TensorSpec | dict], where: str = "model") -> None:
-    """ValueError naming the input if names, shapes or dtypes differ from `specs` (string / None dims: any size)."""
-    specs = _as_specs(specs)
-    expected = [s.name for s in specs]
-    missing = [n for n in expected if n not in inputs]
-    extra = [n for n in inputs if n not in expected]
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing input(s) {', '.join(missing)}")
-        if extra:
-            parts.append(f"unexpected input(s) {', '.join(extra)}")
-        raise ValueError(f"{where}: {'; '.join(parts)} (expected exactly: {', '.join(expected)})")
-    for s in specs:
-        a = inputs[s.name]
-        if not isinstance(a, np.ndarray):
-            raise ValueError(f"{where}: input {s.name!r} must be a numpy array, got {type(a).__name__}")
-        want = to_numpy_dtype(s.dtype)
-        if a.dtype != want:
-            raise ValueError(f"{where}: input {s.name!r} has dtype {a.dtype}, expected {want}")
-        shape_ok = len(a.shape) == len(s.shape) and all(
-            not isinstance(d, int) or d == n for d, n in zip(s.shape, a.shape))
-        if not shape_ok:
-            raise ValueError(f"{where}: input {s.name!r} has shape {tuple(a.shape)}, expected {tuple(s.shape)}")
 
 
 class Backend(Protocol):
@@ -83,7 +36,7 @@ class OrtBackend:
         import onnxruntime as ort
 
         self.model_path = Path(model_path)
-        self.input_specs = _as_specs(input_specs)
+        self.input_specs = as_specs(input_specs)
         self.output_names = list(output_names)
         available = ort.get_available_providers()
         providers = list(providers) if providers else ["CPUExecutionProvider"]

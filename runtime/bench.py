@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import BACKENDS, component_backend, to_numpy_dtype
+from .backends import BACKENDS, component_backend
+from .io_specs import to_numpy_dtype
 from .errors import UserError
 from .package import Package, installed_version, load_package
 

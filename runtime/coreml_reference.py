@@ -37,6 +37,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import UserError
+from .io_specs import as_specs, check_inputs
 
 MODEL_FILE = Path("Data/com.apple.CoreML/model.mlmodel")
 WEIGHTS_PREFIX = "@model_path/"
@@ -913,11 +914,9 @@ class CoreMLReferenceBackend:
     to the program's declared dtypes; for checking on machines without Core ML)."""
 
     def __init__(self, model_path: str | Path, input_specs, output_names: list[str]):
-        from .backends import _as_specs
-
         self.model_path = Path(model_path)
         _check_mlpackage(self.model_path)
-        self.input_specs = _as_specs(input_specs)
+        self.input_specs = as_specs(input_specs)
         self.output_names = list(output_names)
         self.program = CoreMLReferenceProgram(self.model_path, component=self.model_path.parent.name)
         if set(self.program.inputs) != {s.name for s in self.input_specs} or \
@@ -926,8 +925,6 @@ class CoreMLReferenceBackend:
                             f"{self.program.output_names} do not match the manifest")
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .backends import check_inputs
-
         check_inputs(inputs, self.input_specs, where=str(self.model_path))
         out = self.program.run(inputs)
         return {name: out[name] for name in self.output_names}
@@ -937,8 +934,6 @@ class CoreMLBackend:
     """`--backend coreml`: Core ML itself (macOS only), through coremltools' MLModel.predict."""
 
     def __init__(self, model_path: str | Path, input_specs, output_names: list[str], compute_units: str = "ALL"):
-        from .backends import _as_specs
-
         self.model_path = Path(model_path)
         _check_mlpackage(self.model_path)
         if sys.platform != "darwin":
@@ -946,7 +941,7 @@ class CoreMLBackend:
                             "with the numpy reference executor")
         import coremltools as ct  # imports torch too; only here, on macOS
 
-        self.input_specs = _as_specs(input_specs)
+        self.input_specs = as_specs(input_specs)
         self.output_names = list(output_names)
         try:
             units = ct.ComputeUnit[compute_units]
@@ -959,8 +954,6 @@ class CoreMLBackend:
                         for i in self.model.get_spec().description.input}
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .backends import check_inputs
-
         check_inputs(inputs, self.input_specs, where=str(self.model_path))
         out = self.model.predict({k: np.ascontiguousarray(v, dtype=self._dtypes[k]) for k, v in inputs.items()})
         return {name: np.asarray(out[name]) for name in self.output_names}

@@ -16,7 +16,8 @@ from typing import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from .backends import BACKENDS, component_backend, to_numpy_dtype
+from .backends import BACKENDS, component_backend
+from .io_specs import to_numpy_dtype
 from .errors import UserError
 from .package import Package, load_package
 from .schedulers import scheduler_from_config
