@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 
 from ..runtime.errors import UserError
-from ..runtime.package import read_manifest
+from ..runtime.package import load_package
 
 # Execution providers whose supported-op lists ship with ONNX Runtime (onnxruntime/tools/mobile_helpers):
 # an op outside a list runs on the CPU instead of the accelerator (a partitioned, slower graph).
@@ -59,18 +59,16 @@ def _prod(dims) -> int:
 
 
 def inspect_package(package: str | Path) -> dict:
-    root = Path(package)
-    manifest = read_manifest(root)
-    if manifest.get("target") == "coreml":
+    pkg = load_package(package)
+    if pkg.target == "coreml":
         raise UserError(f"{package} is a Core ML package: inspect reads ONNX graphs (Core ML programs are checked by "
                         "`edit-mobile validate` through the reference executor)")
     report = {}
-    for name, entry in manifest["components"].items():
-        path = root / entry["path"]
-        onnx_path = path.with_suffix(".onnx")  # .ort packages keep their source .onnx beside the .ort file
+    for name, comp in pkg.components.items():
+        onnx_path = comp.path.with_suffix(".onnx")  # .ort packages keep their source .onnx beside the .ort file
         if not onnx_path.is_file():
             raise UserError(f"{name}: {onnx_path} is missing")
-        report[name] = {"precision": entry.get("precision"), **inspect_model(onnx_path)}
+        report[name] = {"precision": comp.precision, **inspect_model(onnx_path)}
     return report
 
 

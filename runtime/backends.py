@@ -12,8 +12,8 @@ from typing import Iterable, Protocol
 import numpy as np
 
 from .errors import UserError
-from .io_specs import as_specs, check_inputs
-from .package import Package, TensorSpec
+from .io_specs import TensorSpec, as_specs, check_inputs
+from .package import Package
 
 BACKENDS = ("ort", "coreml", "coreml-reference")
 

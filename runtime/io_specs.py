@@ -7,11 +7,23 @@ share it without importing each other.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
 
-from .package import TensorSpec
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One static input or output of a component: name, shape, dtype name as written in the manifest."""
+
+    name: str
+    shape: tuple
+    dtype: str
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TensorSpec":
+        return cls(name=str(d["name"]), shape=tuple(d["shape"]), dtype=str(d["dtype"]))
 
 # Manifest dtype names (numpy names, the short forms used in docs/package.md, ONNX type strings) -> numpy dtype.
 _DTYPES = {
@@ -22,7 +34,7 @@ _DTYPES = {
     "i32": np.int32, "int32": np.int32, "tensor(int32)": np.int32,
     "bool": np.bool_, "tensor(bool)": np.bool_,
 }
-
+DTYPE_NAMES = frozenset(_DTYPES)
 
 
 def to_numpy_dtype(name: str) -> np.dtype:
