@@ -63,8 +63,13 @@ class CalibrationSet:
 
     def summary(self) -> dict:
         timesteps = sorted({round(t, 3) for _, _, t in self.transformer_meta}, reverse=True)
-        return {"prompts": len(self.prompts), "steps": self.steps, "guidance": self.guidance,
-                "samples": {name: len(f) for name, f in self.feeds.items()}, "timesteps": timesteps}
+        return {
+            "prompts": len(self.prompts),
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "samples": {name: len(f) for name, f in self.feeds.items()},
+            "timesteps": timesteps,
+        }
 
     def subset(self, name: str, count: int) -> list[dict[str, np.ndarray]]:
         """Up to `count` feeds of one component, spread evenly (over prompts and timesteps for the transformer)."""
@@ -73,8 +78,14 @@ class CalibrationSet:
         return [feeds[i] for i in picks]
 
 
-def record_calibration(package: Package, prompts: list[str], steps: int = DEFAULT_STEPS,
-                       guidance: float | None = None, seed: int = 0, threads: int | None = None) -> CalibrationSet:
+def record_calibration(
+    package: Package,
+    prompts: list[str],
+    steps: int = DEFAULT_STEPS,
+    guidance: float | None = None,
+    seed: int = 0,
+    threads: int | None = None,
+) -> CalibrationSet:
     """Run the sampling loop of `package` on each prompt and record every component's real inputs."""
     from ..runtime.pipeline import DEFAULT_GUIDANCE, Text2ImagePipeline
 
@@ -84,8 +95,9 @@ def record_calibration(package: Package, prompts: list[str], steps: int = DEFAUL
         raise UserError(f"--calibration-steps must be >= 1, got {steps}")
     runtime = Text2ImagePipeline(package, threads=threads, progress=False)
     guidance = DEFAULT_GUIDANCE[package.family] if guidance is None else float(guidance)
-    calib = CalibrationSet(prompts=list(prompts), steps=steps, guidance=guidance,
-                           feeds={name: [] for name in package.components})
+    calib = CalibrationSet(
+        prompts=list(prompts), steps=steps, guidance=guidance, feeds={name: [] for name in package.components}
+    )
     vae = package.vae
     for p, prompt in enumerate(prompts):
         result = runtime(prompt, "", steps=steps, guidance=guidance, seed=seed + p, record=True)
@@ -97,8 +109,9 @@ def record_calibration(package: Package, prompts: list[str], steps: int = DEFAUL
             specs = package.input_specs(name)
             for text in (prompt, ""):  # the prompt and the (empty) negative prompt, as the loop encodes them
                 enc = tok.encode(runtime._preprocess(text))
-                calib.feeds[name].append(_cast({"input_ids": enc.input_ids, "attention_mask": enc.attention_mask},
-                                               specs))
+                calib.feeds[name].append(
+                    _cast({"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}, specs)
+                )
         latents = result.latents[-1] / np.float32(vae["scaling_factor"])
         if vae.get("shift_factor") is not None:
             latents = latents + np.float32(vae["shift_factor"])
@@ -107,8 +120,9 @@ def record_calibration(package: Package, prompts: list[str], steps: int = DEFAUL
         if "vae_encoder" in calib.feeds:
             image = np.clip(result.decoded, -1.0, 1.0)
             calib.feeds["vae_encoder"].append(_cast({"sample": image}, package.input_specs("vae_encoder")))
-    logger.info("calibration: %d prompts x %d steps -> %s", len(prompts), steps,
-                {k: len(v) for k, v in calib.feeds.items()})
+    logger.info(
+        "calibration: %d prompts x %d steps -> %s", len(prompts), steps, {k: len(v) for k, v in calib.feeds.items()}
+    )
     return calib
 
 

@@ -63,9 +63,14 @@ class PixArtTransformer(nn.Module):
         self.transformer = transformer
 
     def forward(self, sample, timestep, encoder_hidden_states, encoder_attention_mask):
-        return self.transformer(sample, encoder_hidden_states=encoder_hidden_states, timestep=timestep,
-                                encoder_attention_mask=encoder_attention_mask,
-                                added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)[0]
+        return self.transformer(
+            sample,
+            encoder_hidden_states=encoder_hidden_states,
+            timestep=timestep,
+            encoder_attention_mask=encoder_attention_mask,
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            return_dict=False,
+        )[0]
 
 
 class SD3Transformer(nn.Module):
@@ -74,8 +79,13 @@ class SD3Transformer(nn.Module):
         self.transformer = transformer
 
     def forward(self, sample, timestep, encoder_hidden_states, pooled_projections):
-        return self.transformer(hidden_states=sample, encoder_hidden_states=encoder_hidden_states,
-                                pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
+        return self.transformer(
+            hidden_states=sample,
+            encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections,
+            timestep=timestep,
+            return_dict=False,
+        )[0]
 
 
 class VaeDecoder(nn.Module):
@@ -104,8 +114,9 @@ def _i64(name, *shape):
     return TensorSpec(name, tuple(shape), "int64")
 
 
-def pipeline_components(pipe, family: str, resolution: tuple[int, int], batch: int,
-                        max_text_tokens: int | None) -> list[ComponentSpec]:
+def pipeline_components(
+    pipe, family: str, resolution: tuple[int, int], batch: int, max_text_tokens: int | None
+) -> list[ComponentSpec]:
     """Every component the runtime's loop needs, with static shapes for this resolution and batch."""
     height, width = resolution
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
@@ -119,40 +130,85 @@ def pipeline_components(pipe, family: str, resolution: tuple[int, int], batch: i
             raise UserError("PixArt models with additional (resolution / aspect) conditions are not supported")
         t = max_text_tokens or 300  # PixArt-Σ's max_sequence_length
         d = pipe.text_encoder.config.d_model
-        specs.append(ComponentSpec("text_encoder", T5Encoder(pipe.text_encoder, with_mask=True),
-                                   [_i64("input_ids", 1, t), _i64("attention_mask", 1, t)],
-                                   [_f32("last_hidden_state", 1, t, d)],
-                                   {"tokenizer": "tokenizer", "max_length": t}))
+        specs.append(
+            ComponentSpec(
+                "text_encoder",
+                T5Encoder(pipe.text_encoder, with_mask=True),
+                [_i64("input_ids", 1, t), _i64("attention_mask", 1, t)],
+                [_f32("last_hidden_state", 1, t, d)],
+                {"tokenizer": "tokenizer", "max_length": t},
+            )
+        )
         c_out = pipe.transformer.config.out_channels
-        specs.append(ComponentSpec("transformer", PixArtTransformer(pipe.transformer),
-                                   [_f32("sample", batch, c_lat, h, w), _f32("timestep", batch),
-                                    _f32("encoder_hidden_states", batch, t, d),
-                                    _f32("encoder_attention_mask", batch, t)],
-                                   [_f32("out_sample", batch, c_out, h, w)]))
+        specs.append(
+            ComponentSpec(
+                "transformer",
+                PixArtTransformer(pipe.transformer),
+                [
+                    _f32("sample", batch, c_lat, h, w),
+                    _f32("timestep", batch),
+                    _f32("encoder_hidden_states", batch, t, d),
+                    _f32("encoder_attention_mask", batch, t),
+                ],
+                [_f32("out_sample", batch, c_out, h, w)],
+            )
+        )
     elif family == "sd3":
         t = max_text_tokens or 256  # SD3's T5 max_sequence_length
         clip_len = pipe.tokenizer.model_max_length
         dims = []
-        for i, (enc_name, tok_name) in enumerate((("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))):
+        for enc_name, tok_name in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
             enc = getattr(pipe, enc_name)
             d, p = enc.config.hidden_size, enc.config.projection_dim
             dims.append((d, p))
-            specs.append(ComponentSpec(enc_name, ClipEncoder(enc), [_i64("input_ids", 1, clip_len)],
-                                       [_f32("hidden_states", 1, clip_len, d), _f32("text_embeds", 1, p)],
-                                       {"tokenizer": tok_name, "max_length": clip_len}))
+            specs.append(
+                ComponentSpec(
+                    enc_name,
+                    ClipEncoder(enc),
+                    [_i64("input_ids", 1, clip_len)],
+                    [_f32("hidden_states", 1, clip_len, d), _f32("text_embeds", 1, p)],
+                    {"tokenizer": tok_name, "max_length": clip_len},
+                )
+            )
         d_t5 = pipe.text_encoder_3.config.d_model
-        specs.append(ComponentSpec("text_encoder_3", T5Encoder(pipe.text_encoder_3, with_mask=False),
-                                   [_i64("input_ids", 1, t)], [_f32("last_hidden_state", 1, t, d_t5)],
-                                   {"tokenizer": "tokenizer_3", "max_length": t}))
-        specs.append(ComponentSpec("transformer", SD3Transformer(pipe.transformer),
-                                   [_f32("sample", batch, c_lat, h, w), _f32("timestep", batch),
-                                    _f32("encoder_hidden_states", batch, clip_len + t, d_t5),
-                                    _f32("pooled_projections", batch, sum(p for _, p in dims))],
-                                   [_f32("out_sample", batch, pipe.transformer.config.out_channels, h, w)]))
+        specs.append(
+            ComponentSpec(
+                "text_encoder_3",
+                T5Encoder(pipe.text_encoder_3, with_mask=False),
+                [_i64("input_ids", 1, t)],
+                [_f32("last_hidden_state", 1, t, d_t5)],
+                {"tokenizer": "tokenizer_3", "max_length": t},
+            )
+        )
+        specs.append(
+            ComponentSpec(
+                "transformer",
+                SD3Transformer(pipe.transformer),
+                [
+                    _f32("sample", batch, c_lat, h, w),
+                    _f32("timestep", batch),
+                    _f32("encoder_hidden_states", batch, clip_len + t, d_t5),
+                    _f32("pooled_projections", batch, sum(p for _, p in dims)),
+                ],
+                [_f32("out_sample", batch, pipe.transformer.config.out_channels, h, w)],
+            )
+        )
     else:
         raise UserError(f"unknown pipeline family {family!r}")
-    specs.append(ComponentSpec("vae_decoder", VaeDecoder(pipe.vae), [_f32("latent_sample", 1, c_lat, h, w)],
-                               [_f32("sample", 1, 3, height, width)]))
-    specs.append(ComponentSpec("vae_encoder", VaeEncoder(pipe.vae), [_f32("sample", 1, 3, height, width)],
-                               [_f32("latent_mean", 1, c_lat, h, w)]))
+    specs.append(
+        ComponentSpec(
+            "vae_decoder",
+            VaeDecoder(pipe.vae),
+            [_f32("latent_sample", 1, c_lat, h, w)],
+            [_f32("sample", 1, 3, height, width)],
+        )
+    )
+    specs.append(
+        ComponentSpec(
+            "vae_encoder",
+            VaeEncoder(pipe.vae),
+            [_f32("sample", 1, 3, height, width)],
+            [_f32("latent_mean", 1, c_lat, h, w)],
+        )
+    )
     return specs

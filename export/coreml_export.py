@@ -59,11 +59,13 @@ def import_coremltools():
 def check_options(compute_precision: str, deployment_target: str) -> None:
     """UserError for an unknown precision or deployment target (before anything is loaded or written)."""
     if compute_precision not in COMPUTE_PRECISIONS:
-        raise UserError(f"unknown --compute-precision {compute_precision!r}; expected one of "
-                        f"{', '.join(COMPUTE_PRECISIONS)}")
+        raise UserError(
+            f"unknown --compute-precision {compute_precision!r}; expected one of {', '.join(COMPUTE_PRECISIONS)}"
+        )
     if deployment_target not in DEPLOYMENT_TARGETS:
-        raise UserError(f"unknown --deployment-target {deployment_target!r}; expected one of "
-                        f"{', '.join(DEPLOYMENT_TARGETS)}")
+        raise UserError(
+            f"unknown --deployment-target {deployment_target!r}; expected one of {', '.join(DEPLOYMENT_TARGETS)}"
+        )
 
 
 def _decompositions(program=None) -> dict:
@@ -75,11 +77,14 @@ def _decompositions(program=None) -> dict:
     from torch._decomp import decomposition_table, get_decompositions
 
     aten = torch.ops.aten
-    table = get_decompositions([aten.new_ones, aten.new_zeros, aten.new_full, aten.new_empty,
-                                aten.addcmul])  # addcmul: ConvFusion's fused GroupNorm affine
+    table = get_decompositions(
+        [aten.new_ones, aten.new_zeros, aten.new_full, aten.new_empty, aten.addcmul]
+    )  # addcmul: ConvFusion's fused GroupNorm affine
     # ConvFusion's GroupNorm statistics (torch's own var_mean decomposition emits prims.var, unknown to coremltools)
     table[aten.var_mean.correction] = lambda x, dim=None, *, correction=None, keepdim=False: (
-        aten.var.correction(x, dim, correction=correction, keepdim=keepdim), aten.mean.dim(x, dim, keepdim))
+        aten.var.correction(x, dim, correction=correction, keepdim=keepdim),
+        aten.mean.dim(x, dim, keepdim),
+    )
     # T5's and CLIP's masks: `mask_a & mask_b`, `where(mask, x, scalar)` and `alias` (transformers 5).
     table[aten.__and__.Tensor] = lambda a, b: aten.bitwise_and.Tensor(a, b)
     table[aten.where.ScalarOther] = lambda c, a, o: aten.where.self(c, a, aten.full_like.default(a, o))
@@ -109,9 +114,15 @@ def _example(spec: ComponentSpec, seed: int) -> tuple[torch.Tensor, ...]:
     return tuple(s.example(gen) for s in spec.inputs)
 
 
-def export_coreml(spec: ComponentSpec, out_dir: Path, compute_precision: str = "fp16",
-                  deployment_target: str = "iOS17", metadata: dict | None = None, seed: int = 0,
-                  twin: bool = True) -> Path:
+def export_coreml(
+    spec: ComponentSpec,
+    out_dir: Path,
+    compute_precision: str = "fp16",
+    deployment_target: str = "iOS17",
+    metadata: dict | None = None,
+    seed: int = 0,
+    twin: bool = True,
+) -> Path:
     """Convert `spec.module` with static example inputs; writes `out_dir/model.mlpackage` and returns its path.
 
     With `twin`, EDiT self-attentions are converted through their Neural Engine twin (export/coreml_twin.py),
@@ -132,8 +143,10 @@ def export_coreml(spec: ComponentSpec, out_dir: Path, compute_precision: str = "
         program = program.run_decompositions(_decompositions(program))
         mlmodel = ct.convert(
             program,
-            outputs=[ct.TensorType(name=s.name, dtype=np.float32 if s.dtype.startswith("float") else np.int32)
-                     for s in spec.outputs],
+            outputs=[
+                ct.TensorType(name=s.name, dtype=np.float32 if s.dtype.startswith("float") else np.int32)
+                for s in spec.outputs
+            ],
             convert_to="mlprogram",
             compute_precision=ct.precision.FLOAT16 if compute_precision == "fp16" else ct.precision.FLOAT32,
             minimum_deployment_target=getattr(ct.target, DEPLOYMENT_TARGETS[deployment_target]),
@@ -143,27 +156,33 @@ def export_coreml(spec: ComponentSpec, out_dir: Path, compute_precision: str = "
     got_in = [i.name for i in mlmodel.get_spec().description.input]
     got_out = [o.name for o in mlmodel.get_spec().description.output]
     if got_in != [s.name for s in spec.inputs] or got_out != [s.name for s in spec.outputs]:
-        raise RuntimeError(f"{spec.name}: Core ML program has inputs {got_in} / outputs {got_out}, the spec "
-                           f"{[s.name for s in spec.inputs]} / {[s.name for s in spec.outputs]}")
+        raise RuntimeError(
+            f"{spec.name}: Core ML program has inputs {got_in} / outputs {got_out}, the spec "
+            f"{[s.name for s in spec.inputs]} / {[s.name for s in spec.outputs]}"
+        )
     meta = metadata or {}
     version = installed_version("edit-mobile") or "unknown"
-    mlmodel.short_description = (f"edit-mobile {spec.name} of {meta.get('source', '?')} "
-                                 f"({meta.get('architecture', '?')}), {compute_precision}, static shapes")
+    mlmodel.short_description = (
+        f"edit-mobile {spec.name} of {meta.get('source', '?')} "
+        f"({meta.get('architecture', '?')}), {compute_precision}, static shapes"
+    )
     mlmodel.author = "edit-mobile"
     mlmodel.version = version
     for s in spec.inputs:
         mlmodel.input_description[s.name] = f"{s.dtype} {list(s.shape)}"
     for s in spec.outputs:
         mlmodel.output_description[s.name] = f"{s.dtype} {list(s.shape)}"
-    mlmodel.user_defined_metadata.update({
-        "edit_mobile.component": spec.name,
-        "edit_mobile.source": str(meta.get("source", "")),
-        "edit_mobile.architecture": str(meta.get("architecture", "")),
-        "edit_mobile.compute_precision": compute_precision,
-        "edit_mobile.deployment_target": deployment_target,
-        "edit_mobile.io": json.dumps(spec.io_dict()),
-        "edit_mobile.ane_twin": json.dumps(twin_report),
-    })
+    mlmodel.user_defined_metadata.update(
+        {
+            "edit_mobile.component": spec.name,
+            "edit_mobile.source": str(meta.get("source", "")),
+            "edit_mobile.architecture": str(meta.get("architecture", "")),
+            "edit_mobile.compute_precision": compute_precision,
+            "edit_mobile.deployment_target": deployment_target,
+            "edit_mobile.io": json.dumps(spec.io_dict()),
+            "edit_mobile.ane_twin": json.dumps(twin_report),
+        }
+    )
     path = out_dir / MLPACKAGE
     mlmodel.save(str(path))
     logger.info("exported %s: %.1f MB", spec.name, package_size(path) / 1e6)
@@ -174,8 +193,9 @@ def package_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def coreml_parity(spec: ComponentSpec, path: Path, compute_precision: str, seed: int = 1,
-                  gate_db: float | None = None) -> dict:
+def coreml_parity(
+    spec: ComponentSpec, path: Path, compute_precision: str, seed: int = 1, gate_db: float | None = None
+) -> dict:
     """Run the saved program in the numpy reference executor and the module in PyTorch on the same random inputs.
 
     Raises UserError (with the numbers) below the precision's gate or on a non-finite output."""
@@ -194,15 +214,18 @@ def coreml_parity(spec: ComponentSpec, path: Path, compute_precision: str, seed:
     for s, r in zip(spec.outputs, ref):
         g = got[s.name]
         if g.shape != s.shape:
-            raise RuntimeError(f"{spec.name}: the Core ML program returned {s.name} of shape {g.shape}, "
-                               f"spec {s.shape}")
+            raise RuntimeError(f"{spec.name}: the Core ML program returned {s.name} of shape {g.shape}, spec {s.shape}")
         report["outputs"][s.name] = compare(r.float().numpy(), g.astype(np.float32))
     worst = min(report["outputs"].values(), key=lambda c: c["psnr_db"] if c["finite"] else -1e9)
     name = next(k for k, v in report["outputs"].items() if v is worst)
     if not worst["finite"]:
-        raise UserError(f"Core ML {spec.name} ({compute_precision}): output {name} is not finite in the reference "
-                        f"executor (fp16 overflow?); refusing the export")
+        raise UserError(
+            f"Core ML {spec.name} ({compute_precision}): output {name} is not finite in the reference "
+            f"executor (fp16 overflow?); refusing the export"
+        )
     if worst["psnr_db"] < gate:
-        raise UserError(f"Core ML {spec.name} ({compute_precision}): PSNR {worst['psnr_db']:.1f} dB against PyTorch "
-                        f"on random inputs ({name}), below the {gate:.0f} dB gate; refusing the export")
+        raise UserError(
+            f"Core ML {spec.name} ({compute_precision}): PSNR {worst['psnr_db']:.1f} dB against PyTorch "
+            f"on random inputs ({name}), below the {gate:.0f} dB gate; refusing the export"
+        )
     return report

@@ -44,19 +44,28 @@ PRECISIONS = ("int8-weights", "palettize-4", "palettize-6", "w8a8")
 WEIGHT_THRESHOLD = 512  # elements: a 32x32 matrix of the tiny presets is compressed, biases and norm weights are not
 COMPRESSED_OPS = ("linear", "conv", "matmul", "gather")  # consumers whose constant weights are compressed
 MIN_RANGE = 1e-5  # smallest activation range: int8 scale 1e-5 / 127 stays above fp16's smallest subnormal (6e-8)
-CALIBRATION_PROMPTS = ("a red circle on a white background", "a photo of a cat", "an oil painting of a harbour",
-                       "a mountain landscape at sunset")
+CALIBRATION_PROMPTS = (
+    "a red circle on a white background",
+    "a photo of a cat",
+    "an oil painting of a harbour",
+    "a mountain landscape at sunset",
+)
 
 
 def _configs(precision: str):
     import coremltools.optimize.coreml as cto
 
     if precision in ("int8-weights", "w8a8"):
-        op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
-                                         weight_threshold=WEIGHT_THRESHOLD)
+        op = cto.OpLinearQuantizerConfig(
+            mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=WEIGHT_THRESHOLD
+        )
     else:
-        op = cto.OpPalettizerConfig(mode="kmeans", nbits=int(precision.split("-")[1]), granularity="per_tensor",
-                                    weight_threshold=WEIGHT_THRESHOLD)
+        op = cto.OpPalettizerConfig(
+            mode="kmeans",
+            nbits=int(precision.split("-")[1]),
+            granularity="per_tensor",
+            weight_threshold=WEIGHT_THRESHOLD,
+        )
     return cto.OptimizationConfig(op_type_configs={name: op for name in COMPRESSED_OPS})
 
 
@@ -103,15 +112,22 @@ def _quantize_activations(mlmodel, stats: dict):
     config = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric"))
     _adjust_concat_surrounding_activation_stats(ModelDebugger(mlmodel)._get_concat_op_info(), stats)
     passes = []
-    for name in ("compression::insert_prefix_quantize_dequantize_pair",
-                 "compression::insert_suffix_quantize_dequantize_pair"):
+    for name in (
+        "compression::insert_prefix_quantize_dequantize_pair",
+        "compression::insert_suffix_quantize_dequantize_pair",
+    ):
         graph_pass = PASS_REGISTRY[name]
         graph_pass.set_options([PassOption("config", config)])
         graph_pass.set_options([PassOption("activation_stats", stats)])
         passes.append(graph_pass)
     passes.append(PASS_REGISTRY["common::dequantize_quantize_pair_elimination"])
-    return model_utils._apply_graph_pass(mlmodel, passes, spec_version=_SPECIFICATION_VERSION_IOS_17,
-                                         pymil_load_func=milproto_load_module.load, skip_model_load=True)
+    return model_utils._apply_graph_pass(
+        mlmodel,
+        passes,
+        spec_version=_SPECIFICATION_VERSION_IOS_17,
+        pymil_load_func=milproto_load_module.load,
+        skip_model_load=True,
+    )
 
 
 def compress_program(src: Path, dst: Path, precision: str, samples: list[dict[str, np.ndarray]] | None = None) -> None:
@@ -132,8 +148,10 @@ def compress_program(src: Path, dst: Path, precision: str, samples: list[dict[st
             try:
                 mlmodel = _quantize_activations(mlmodel, activation_ranges(CoreMLReferenceProgram(src), samples))
             except ValueError as e:  # e.g. a quantize op inserted on an int32 tensor (T5's position buckets)
-                raise UserError(f"coremltools cannot quantize the activations of {src.parent.name}: "
-                                f"{str(e).splitlines()[0]} (use int8-weights for it)") from None
+                raise UserError(
+                    f"coremltools cannot quantize the activations of {src.parent.name}: "
+                    f"{str(e).splitlines()[0]} (use int8-weights for it)"
+                ) from None
         if precision in ("int8-weights", "w8a8"):
             mlmodel = cto.linear_quantize_weights(mlmodel, _configs(precision))
         else:
@@ -170,8 +188,10 @@ def check_expansion(path: Path) -> dict:
         a, b = ours[name], reference[name]
         if a.shape != b.shape or a.dtype != b.dtype or not np.array_equal(a, b, equal_nan=True):
             diff = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max()) if a.shape == b.shape else None
-            raise RuntimeError(f"{path}: weight {name} expands differently from coremltools' decompression "
-                               f"({a.dtype}{a.shape} vs {b.dtype}{b.shape}, max |diff| {diff})")
+            raise RuntimeError(
+                f"{path}: weight {name} expands differently from coremltools' decompression "
+                f"({a.dtype}{a.shape} vs {b.dtype}{b.shape}, max |diff| {diff})"
+            )
     return {"compressed_weights": len(compressed), "equal_to_coremltools_decompression": True}
 
 
@@ -189,8 +209,13 @@ def record_inputs(package, prompts: list[str], steps: int, seed: int = 0) -> dic
             wanted = {s.name for s in package.input_specs(name)}
             for text in (prompt, ""):
                 enc = tok.encode(runtime._preprocess(text))
-                feeds[name].append({k: v for k, v in {"input_ids": enc.input_ids,
-                                                      "attention_mask": enc.attention_mask}.items() if k in wanted})
+                feeds[name].append(
+                    {
+                        k: v
+                        for k, v in {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}.items()
+                        if k in wanted
+                    }
+                )
         vae = package.vae
         latents = result.latents[-1] / np.float32(vae["scaling_factor"]) + np.float32(vae.get("shift_factor") or 0.0)
         if "vae_decoder" in feeds:
@@ -207,14 +232,21 @@ def _parse_components(components, available: list[str], precision: str) -> list[
         components = [c.strip() for c in components.split(",") if c.strip()]
     unknown = [c for c in components if c not in available]
     if unknown or not components:
-        raise UserError(f"unknown component(s) {', '.join(unknown) or '(none given)'}; the package has "
-                        f"{', '.join(available)}")
+        raise UserError(
+            f"unknown component(s) {', '.join(unknown) or '(none given)'}; the package has {', '.join(available)}"
+        )
     return list(dict.fromkeys(components))
 
 
-def quantize_coreml_package(package_dir: str | Path, out_dir: str | Path, precision: str,
-                            components: list[str] | str | None = None, overwrite: bool = False,
-                            calibration_prompts: list[str] | None = None, calibration_steps: int = 4) -> dict:
+def quantize_coreml_package(
+    package_dir: str | Path,
+    out_dir: str | Path,
+    precision: str,
+    components: list[str] | str | None = None,
+    overwrite: bool = False,
+    calibration_prompts: list[str] | None = None,
+    calibration_steps: int = 4,
+) -> dict:
     """Compress the Core ML programs of `components` (default: transformer and text encoders) of a Core ML package
     into a new package at `out_dir` (written atomically); returns its manifest."""
     from .validate import COMPONENT_GATES_DB
@@ -262,30 +294,46 @@ def quantize_coreml_package(package_dir: str | Path, out_dir: str | Path, precis
             entry = new["components"][name]
             entry["precision"] = precision
             entry["gate_psnr_db"] = COMPONENT_GATES_DB.get(precision)
-            entry["files"] = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted((tmp / name).rglob("*"))
-                              if f.is_file()}
+            entry["files"] = {
+                str(f.relative_to(tmp)): sha256_file(f) for f in sorted((tmp / name).rglob("*")) if f.is_file()
+            }
             entry["quantization"] = {
                 "method": f"coremltools.optimize.coreml ({_describe(precision)})",
                 "source_precision": comp.precision,
-                "weight_threshold": WEIGHT_THRESHOLD, "compressed_ops": list(COMPRESSED_OPS),
+                "weight_threshold": WEIGHT_THRESHOLD,
+                "compressed_ops": list(COMPRESSED_OPS),
                 "calibration": {"prompts": len(prompts), "steps": steps, "samples": len(samples)}
-                if precision == "w8a8" else None,
-                "expansion_check": expansion, "check": check, "seconds": round(seconds, 2),
+                if precision == "w8a8"
+                else None,
+                "expansion_check": expansion,
+                "check": check,
+                "seconds": round(seconds, 2),
                 "size_bytes": {"source": _size(comp.path), "quantized": _size(dst)},
             }
-            logger.info("%s -> %s: %.1f dB vs the %s program, %.2fx the size", name, precision, check["psnr_db"],
-                        comp.precision, _size(dst) / max(_size(comp.path), 1))
-        new["quantization"] = {"precision": precision, "components": {n: precision for n in names},
-                               "seconds": round(time.perf_counter() - start, 1)}
+            logger.info(
+                "%s -> %s: %.1f dB vs the %s program, %.2fx the size",
+                name,
+                precision,
+                check["psnr_db"],
+                comp.precision,
+                _size(dst) / max(_size(comp.path), 1),
+            )
+        new["quantization"] = {
+            "precision": precision,
+            "components": {n: precision for n in names},
+            "seconds": round(time.perf_counter() - start, 1),
+        }
         (tmp / MANIFEST).write_text(json.dumps(new, indent=2))
     return new
 
 
 def _describe(precision: str) -> str:
-    return {"int8-weights": "linear_quantize_weights, int8 symmetric per channel",
-            "palettize-4": "palettize_weights, k-means 4 bits per tensor",
-            "palettize-6": "palettize_weights, k-means 6 bits per tensor",
-            "w8a8": "int8 activations calibrated with the reference executor + linear_quantize_weights int8"}[precision]
+    return {
+        "int8-weights": "linear_quantize_weights, int8 symmetric per channel",
+        "palettize-4": "palettize_weights, k-means 4 bits per tensor",
+        "palettize-6": "palettize_weights, k-means 6 bits per tensor",
+        "w8a8": "int8 activations calibrated with the reference executor + linear_quantize_weights int8",
+    }[precision]
 
 
 def _size(path: Path) -> int:
@@ -302,5 +350,8 @@ def _compare_programs(src: Path, dst: Path, samples: list[dict]) -> dict:
         ra, rb = a.run(sample), b.run(sample)
         for name in a.output_names:
             worst = min(worst, psnr(ra[name].astype(np.float32), rb[name].astype(np.float32)))
-    return {"psnr_db": round(worst, 2), "samples": len(samples),
-            "against": "the uncompressed program, both run by the reference executor, recorded inputs"}
+    return {
+        "psnr_db": round(worst, 2),
+        "samples": len(samples),
+        "against": "the uncompressed program, both run by the reference executor, recorded inputs",
+    }

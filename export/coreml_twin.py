@@ -41,8 +41,14 @@ class EDiTAttnProcessorANE:
     def __init__(self, config: EDiTConfig):
         self.config = config
 
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
-                 grid_size: tuple[int, int] | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        grid_size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         if grid_size is None or encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("EDiTAttnProcessorANE: self-attention over image tokens with grid_size=(h, w)")
         b, n, c = hidden_states.shape
@@ -110,7 +116,9 @@ def check_twin(module: nn.Module, example, reference, layers: int) -> dict:
     scale = float(ref.abs().max()) or 1.0
     err = float((got - ref).abs().max())
     if not err <= TWIN_RTOL * scale:
-        raise RuntimeError(f"the ANE twin of EDiT attention differs from the reference: max |diff| {err:.3e} "
-                           f"(output range {scale:.3e}, allowed {TWIN_RTOL:.0e} relative)")
+        raise RuntimeError(
+            f"the ANE twin of EDiT attention differs from the reference: max |diff| {err:.3e} "
+            f"(output range {scale:.3e}, allowed {TWIN_RTOL:.0e} relative)"
+        )
     logger.info("ANE twin: %d EDiT attentions, max |twin - reference| %.2e", layers, err)
     return {"layers": layers, "max_abs_diff": err, "relative": err / scale}

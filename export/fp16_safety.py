@@ -20,8 +20,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-def trajectory_inputs(package, runtime, prompt: str, negative_prompt: str, calls: list[dict],
-                      final_latents: np.ndarray, image: np.ndarray) -> dict[str, list[tuple[dict, dict]]]:
+def trajectory_inputs(
+    package, runtime, prompt: str, negative_prompt: str, calls: list[dict], final_latents: np.ndarray, image: np.ndarray
+) -> dict[str, list[tuple[dict, dict]]]:
     """Per component: [(label, feed)] with the reference run's inputs (label: {"step": i} for the transformer).
 
     `calls` are the transformer inputs diffusers recorded (one call per step, both CFG halves), `final_latents`
@@ -35,8 +36,9 @@ def trajectory_inputs(package, runtime, prompt: str, negative_prompt: str, calls
             enc = tok.encode(runtime._preprocess(text))
             feed = {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}
             inputs[name].append(({"input": kind}, {k: v for k, v in feed.items() if k in wanted}))
-    inputs["transformer"] = [({"step": i, "timestep": float(np.asarray(c["timestep"]).ravel()[0])}, c)
-                             for i, c in enumerate(calls)]
+    inputs["transformer"] = [
+        ({"step": i, "timestep": float(np.asarray(c["timestep"]).ravel()[0])}, c) for i, c in enumerate(calls)
+    ]
     vae = package.vae
     unscaled = final_latents / np.float32(vae["scaling_factor"]) + np.float32(vae.get("shift_factor") or 0.0)
     inputs["vae_decoder"] = [({"input": "final latents"}, {"latent_sample": unscaled.astype(np.float32)})]
@@ -63,14 +65,22 @@ def check_fp16(specs: dict, components: list[str], inputs: dict[str, list[tuple[
             with torch.inference_mode():
                 out = module(*args)
             outs = [out] if torch.is_tensor(out) else list(out)
-            bad = {o.name: int((~torch.isfinite(t)).sum()) for o, t in zip(spec.outputs, outs)
-                   if not torch.isfinite(t).all()}
+            bad = {
+                o.name: int((~torch.isfinite(t)).sum())
+                for o, t in zip(spec.outputs, outs)
+                if not torch.isfinite(t).all()
+            }
             finite_max = [float(t[torch.isfinite(t)].abs().max()) for t in outs if torch.isfinite(t).any()]
             largest = max([largest, *finite_max])
             if bad:
                 non_finite.append({**label, "non_finite_values": bad})
                 logger.warning("fp16 safety: %s produced non-finite values at %s: %s", name, label, bad)
         del module
-        report[name] = {"finite": not non_finite, "checks": len(inputs.get(name, [])), "non_finite": non_finite,
-                        "max_abs_output": largest, "arithmetic": "torch.float16 (PyTorch CPU)"}
+        report[name] = {
+            "finite": not non_finite,
+            "checks": len(inputs.get(name, [])),
+            "non_finite": non_finite,
+            "max_abs_output": largest,
+            "arithmetic": "torch.float16 (PyTorch CPU)",
+        }
     return report

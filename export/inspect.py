@@ -23,8 +23,7 @@ def supported_ops(ep: str) -> set[str]:
 
 
 def _dims(value) -> list:
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-            for d in value.type.tensor_type.shape.dim]
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in value.type.tensor_type.shape.dim]
 
 
 def inspect_model(path: Path) -> dict:
@@ -32,8 +31,11 @@ def inspect_model(path: Path) -> dict:
     graph = model.graph
     ops = collections.Counter((f"{n.domain}:" if n.domain else "") + n.op_type for n in graph.node)
     params = sum(int(_prod(t.dims)) for t in graph.initializer)
-    dynamic = [f"{v.name}{_dims(v)}" for v in [*graph.input, *graph.output]
-               if any(not isinstance(d, int) or d <= 0 for d in _dims(v))]
+    dynamic = [
+        f"{v.name}{_dims(v)}"
+        for v in [*graph.input, *graph.output]
+        if any(not isinstance(d, int) or d <= 0 for d in _dims(v))
+    ]
     unknown_inner = sum(1 for v in graph.value_info if any(not isinstance(d, int) or d <= 0 for d in _dims(v)))
     fp64 = [t.name for t in graph.initializer if t.data_type == onnx.TensorProto.DOUBLE]
     fp64 += [v.name for v in graph.value_info if v.type.tensor_type.elem_type == onnx.TensorProto.DOUBLE]
@@ -61,8 +63,10 @@ def _prod(dims) -> int:
 def inspect_package(package: str | Path) -> dict:
     pkg = load_package(package)
     if pkg.target == "coreml":
-        raise UserError(f"{package} is a Core ML package: inspect reads ONNX graphs (Core ML programs are checked by "
-                        "`edit-mobile validate` through the reference executor)")
+        raise UserError(
+            f"{package} is a Core ML package: inspect reads ONNX graphs (Core ML programs are checked by "
+            "`edit-mobile validate` through the reference executor)"
+        )
     report = {}
     for name, comp in pkg.components.items():
         onnx_path = comp.path.with_suffix(".onnx")  # .ort packages keep their source .onnx beside the .ort file
@@ -76,12 +80,15 @@ def format_report(report: dict) -> str:
     lines = []
     for name, r in report.items():
         top = ", ".join(f"{op}×{n}" for op, n in list(r["ops"].items())[:8])
-        lines.append(f"{name}: {r['parameters'] / 1e6:.2f} M params, {r['size_mb']:.1f} MB, {r['precision']}, "
-                     f"opset {r['opset']}")
+        lines.append(
+            f"{name}: {r['parameters'] / 1e6:.2f} M params, {r['size_mb']:.1f} MB, {r['precision']}, opset {r['opset']}"
+        )
         lines.append(f"  ops ({sum(r['ops'].values())}): {top}{' ...' if len(r['ops']) > 8 else ''}")
-        lines.append(f"  dynamic I/O dims: {r['dynamic_io_dims'] or 'none'}; fp64 tensors: "
-                     f"{len(r['fp64_tensors']) or 'none'}; values of unknown shape: "
-                     f"{r['intermediate_values_with_unknown_shape']}")
+        lines.append(
+            f"  dynamic I/O dims: {r['dynamic_io_dims'] or 'none'}; fp64 tensors: "
+            f"{len(r['fp64_tensors']) or 'none'}; values of unknown shape: "
+            f"{r['intermediate_values_with_unknown_shape']}"
+        )
         for ep, ops in r["ops_outside"].items():
             lines.append(f"  outside the {ep} execution provider's op list: {', '.join(ops) or 'none'}")
     return "\n".join(lines)

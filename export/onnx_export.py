@@ -40,9 +40,16 @@ def export_onnx(spec: ComponentSpec, out_dir: Path, seed: int = 0) -> Path:
         # PixArt's final squeeze(1) is a no-op at our static shapes; the exporter drops it and says so.
         warnings.filterwarnings("ignore", message="This model contains a squeeze operation")
         raw = Path(tmp) / "model.onnx"
-        torch.onnx.export(module, example, str(raw), input_names=[s.name for s in spec.inputs],
-                          output_names=[s.name for s in spec.outputs], opset_version=OPSET, dynamo=False,
-                          do_constant_folding=True)
+        torch.onnx.export(
+            module,
+            example,
+            str(raw),
+            input_names=[s.name for s in spec.inputs],
+            output_names=[s.name for s in spec.outputs],
+            opset_version=OPSET,
+            dynamo=False,
+            do_constant_folding=True,
+        )
         model = onnx.load(str(raw))  # also loads any external data the exporter scattered into tmp
         inline_initializer_identities(model)
         large = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
@@ -64,8 +71,9 @@ def inline_initializer_identities(model: onnx.ModelProto) -> None:
     still reads its output ("Node input ... is not a graph input, initializer, or output of a previous node").
     """
     initializers = {t.name for t in model.graph.initializer}
-    alias = {n.output[0]: n.input[0] for n in model.graph.node
-             if n.op_type == "Identity" and n.input[0] in initializers}
+    alias = {
+        n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Identity" and n.input[0] in initializers
+    }
     outputs = {o.name for o in model.graph.output}
     alias = {k: v for k, v in alias.items() if k not in outputs}
     keep = [n for n in model.graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
@@ -79,8 +87,14 @@ def inline_initializer_identities(model: onnx.ModelProto) -> None:
 
 def save_onnx(model: onnx.ModelProto, path: Path, large: bool) -> None:
     if large:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=EXTERNAL_DATA_FILE, size_threshold=1024)
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=EXTERNAL_DATA_FILE,
+            size_threshold=1024,
+        )
     else:
         onnx.save_model(model, str(path))
 
@@ -100,8 +114,7 @@ def fold_static_shapes(src: Path, dst: Path, large: bool, spec: ComponentSpec) -
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(dst)
     if large:
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                         EXTERNAL_DATA_FILE)
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", EXTERNAL_DATA_FILE)
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
     model = onnx.load(str(dst), load_external_data=False)
@@ -134,8 +147,10 @@ def check_onnx(path: Path, spec: ComponentSpec) -> None:
     onnx.checker.check_model(str(path), full_check=True)
     model = onnx.load(str(path), load_external_data=False)
     for values, specs in ((model.graph.input, spec.inputs), (model.graph.output, spec.outputs)):
-        got = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-               for v in values}
+        got = {
+            v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            for v in values
+        }
         for s in specs:
             if got.get(s.name) != list(s.shape):
                 raise RuntimeError(f"{spec.name}: {s.name} exported with shape {got.get(s.name)}, spec {s.shape}")

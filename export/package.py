@@ -30,8 +30,7 @@ def convert_to_ort(model_path: Path) -> Path:
     """ONNX Runtime's own converter: model.onnx -> model.ort (fixed optimizations, for minimal mobile builds)."""
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
-    convert_onnx_models_to_ort(model_path, output_dir=model_path.parent,
-                               optimization_styles=[OptimizationStyle.Fixed])
+    convert_onnx_models_to_ort(model_path, output_dir=model_path.parent, optimization_styles=[OptimizationStyle.Fixed])
     ort_path = model_path.with_suffix(".ort")
     if not ort_path.is_file():
         raise RuntimeError(f"ONNX Runtime's converter wrote no {ort_path.name}")
@@ -47,9 +46,17 @@ def write_reduced_operator_config(package: Path, model_paths: list[Path]) -> Pat
     return config
 
 
-def export_package(src: str, out: str | Path, target: str = "onnx", resolution: str | int = 512,
-                   batch: int = 2, max_text_tokens: int | None = None, overwrite: bool = False,
-                   compute_precision: str | None = None, deployment_target: str | None = None) -> dict:
+def export_package(
+    src: str,
+    out: str | Path,
+    target: str = "onnx",
+    resolution: str | int = 512,
+    batch: int = 2,
+    max_text_tokens: int | None = None,
+    overwrite: bool = False,
+    compute_precision: str | None = None,
+    deployment_target: str | None = None,
+) -> dict:
     """Export every component of the pipeline in `src`; returns the manifest.
 
     `compute_precision` (fp16 | fp32, default fp16) and `deployment_target` (iOS17 | iOS18 | macOS14 | macOS15,
@@ -62,8 +69,10 @@ def export_package(src: str, out: str | Path, target: str = "onnx", resolution: 
         compute_precision, deployment_target = compute_precision or "fp16", deployment_target or "iOS17"
         check_options(compute_precision, deployment_target)
     elif compute_precision is not None or deployment_target is not None:
-        raise UserError("--compute-precision and --deployment-target apply to --target coreml only "
-                        "(ONNX packages get fp16 / int8 from `edit-mobile quantize`)")
+        raise UserError(
+            "--compute-precision and --deployment-target apply to --target coreml only "
+            "(ONNX packages get fp16 / int8 from `edit-mobile quantize`)"
+        )
     if batch not in (1, 2):
         raise UserError(f"--batch must be 1 or 2, got {batch}")
     if max_text_tokens is not None and max_text_tokens < 1:
@@ -98,8 +107,9 @@ def export_package(src: str, out: str | Path, target: str = "onnx", resolution: 
         for spec in tqdm(specs, desc="export", unit="component"):
             start = time.perf_counter()
             if target == "coreml":
-                path, entry, export_info = _export_coreml_component(spec, tmp, manifest, compute_precision,
-                                                                    deployment_target)
+                path, entry, export_info = _export_coreml_component(
+                    spec, tmp, manifest, compute_precision, deployment_target
+                )
                 model_paths.append(path)
                 manifest["components"][spec.name] = entry
                 manifest["export"][spec.name] = {"seconds": round(time.perf_counter() - start, 2), **export_info}
@@ -124,8 +134,9 @@ def export_package(src: str, out: str | Path, target: str = "onnx", resolution: 
             write_reduced_operator_config(tmp, model_paths)
         for name, entry in manifest["components"].items():
             # rglob: a Core ML .mlpackage is a folder; every file inside it is listed and hashed
-            entry["files"] = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted((tmp / name).rglob("*"))
-                              if f.is_file()}
+            entry["files"] = {
+                str(f.relative_to(tmp)): sha256_file(f) for f in sorted((tmp / name).rglob("*")) if f.is_file()
+            }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest
 
@@ -135,8 +146,12 @@ def _save_tokenizer(pipe, spec, tmp: Path, manifest: dict) -> None:
         tok_name = spec.extra["tokenizer"]
         tokenizer = getattr(pipe, tok_name)
         tokenizer.save_pretrained(tmp / tok_name)
-        manifest["text"][tok_name] = {"path": tok_name, "max_length": spec.extra["max_length"],
-                                      "pad_id": tokenizer.pad_token_id, "component": spec.name}
+        manifest["text"][tok_name] = {
+            "path": tok_name,
+            "max_length": spec.extra["max_length"],
+            "pad_id": tokenizer.pad_token_id,
+            "component": spec.name,
+        }
 
 
 def _export_coreml_component(spec, tmp: Path, manifest: dict, compute_precision: str, deployment_target: str):
@@ -145,13 +160,26 @@ def _export_coreml_component(spec, tmp: Path, manifest: dict, compute_precision:
     from .coreml_export import coreml_parity, export_coreml, package_size
 
     start = time.perf_counter()
-    path = export_coreml(spec, tmp / spec.name, compute_precision, deployment_target,
-                         metadata={"source": manifest["source"], "architecture": manifest["architecture"]})
+    path = export_coreml(
+        spec,
+        tmp / spec.name,
+        compute_precision,
+        deployment_target,
+        metadata={"source": manifest["source"], "architecture": manifest["architecture"]},
+    )
     convert_seconds = time.perf_counter() - start
     parity = coreml_parity(spec, path, compute_precision)
-    entry = {"path": str(path.relative_to(tmp)), "precision": compute_precision,
-             "deployment_target": deployment_target, **spec.io_dict()}
+    entry = {
+        "path": str(path.relative_to(tmp)),
+        "precision": compute_precision,
+        "deployment_target": deployment_target,
+        **spec.io_dict(),
+    }
     twin = json.loads(CoreMLReferenceProgram(path).metadata()["user_defined"].get("edit_mobile.ane_twin", "null"))
-    info = {"convert_seconds": round(convert_seconds, 2), "bytes": package_size(path), "ane_twin": twin,
-            "coreml_reference_vs_torch": parity}
+    info = {
+        "convert_seconds": round(convert_seconds, 2),
+        "bytes": package_size(path),
+        "ane_twin": twin,
+        "coreml_reference_vs_torch": parity,
+    }
     return path, entry, info

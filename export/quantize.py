@@ -17,15 +17,20 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from ..runtime.atomic import atomic_output_dir, check_output_free
 from ..runtime.errors import UserError
 from ..runtime.package import MANIFEST, Package, installed_version, load_package, read_manifest, sha256_file
 from . import quantize_onnx as qo
-from .calibration import (DEFAULT_PROMPT_COUNT, DEFAULT_STEPS, CalibrationSet, default_prompts, read_prompt_file,
-                          record_calibration)
+from .calibration import (
+    DEFAULT_PROMPT_COUNT,
+    DEFAULT_STEPS,
+    CalibrationSet,
+    default_prompts,
+    read_prompt_file,
+    record_calibration,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -90,10 +95,20 @@ def _files_size(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and f.suffix != ".ort")
 
 
-def quantize_package(package_dir: str | Path, out: str | Path, precision: str, components: str | None = None,
-                     calibration_prompts: str | Path | None = None, calibration_steps: int = DEFAULT_STEPS,
-                     calibration_method: str = "minmax", per_channel: bool = False, sensitivity: bool = False,
-                     overwrite: bool = False, threads: int | None = None, seed: int = 0) -> dict:
+def quantize_package(
+    package_dir: str | Path,
+    out: str | Path,
+    precision: str,
+    components: str | None = None,
+    calibration_prompts: str | Path | None = None,
+    calibration_steps: int = DEFAULT_STEPS,
+    calibration_method: str = "minmax",
+    per_channel: bool = False,
+    sensitivity: bool = False,
+    overwrite: bool = False,
+    threads: int | None = None,
+    seed: int = 0,
+) -> dict:
     """Write a quantized copy of the package in `package_dir` to `out`; returns the new manifest."""
     package_dir, out = Path(package_dir), Path(out)
     if out.resolve() == package_dir.resolve():
@@ -109,8 +124,9 @@ def quantize_package(package_dir: str | Path, out: str | Path, precision: str, c
         if current != "fp32":
             raise UserError(f"{name} is already {current}; quantize the fp32 package instead")
     if calibration_method not in CALIBRATION_METHODS:
-        raise UserError(f"unknown --calibration-method {calibration_method!r}; expected one of "
-                        f"{', '.join(CALIBRATION_METHODS)}")
+        raise UserError(
+            f"unknown --calibration-method {calibration_method!r}; expected one of {', '.join(CALIBRATION_METHODS)}"
+        )
     if calibration_steps < 1:
         raise UserError(f"--calibration-steps must be >= 1, got {calibration_steps}")
     prompts = read_prompt_file(calibration_prompts) if calibration_prompts is not None else default_prompts()
@@ -124,9 +140,17 @@ def quantize_package(package_dir: str | Path, out: str | Path, precision: str, c
         _copy_unchanged(package_dir, tmp, manifest, plan)
         for name, prec in plan.items():
             entry = new["components"][name]
-            info = quantize_component(package, name, prec, tmp / name, calib, per_channel=per_channel,
-                                      calibration_method=calibration_method, sensitivity=sensitivity,
-                                      threads=threads)
+            info = quantize_component(
+                package,
+                name,
+                prec,
+                tmp / name,
+                calib,
+                per_channel=per_channel,
+                calibration_method=calibration_method,
+                sensitivity=sensitivity,
+                threads=threads,
+            )
             path = tmp / name / "model.onnx"
             if manifest.get("target") == "ort-mobile":
                 from .package import convert_to_ort
@@ -138,8 +162,9 @@ def quantize_package(package_dir: str | Path, out: str | Path, precision: str, c
             if prec in ("int8-dynamic", "int8-weights"):
                 entry["ort_session_config"] = dict(qo.WEIGHT_DQ_SESSION_CONFIG)
             entry["quantization"] = info
-            entry["files"] = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted((tmp / name).iterdir())
-                              if f.is_file()}
+            entry["files"] = {
+                str(f.relative_to(tmp)): sha256_file(f) for f in sorted((tmp / name).iterdir()) if f.is_file()
+            }
         if manifest.get("target") == "ort-mobile":
             from .package import write_reduced_operator_config
 
@@ -147,8 +172,12 @@ def quantize_package(package_dir: str | Path, out: str | Path, precision: str, c
         new["quantization"] = {
             "from": str(package_dir),
             "components": dict(plan),
-            "calibration": {**calib.summary(), "prompt_source": str(calibration_prompts) if calibration_prompts
-                            else f"models/assets/prompts.txt ({DEFAULT_PROMPT_COUNT} spread evenly)"},
+            "calibration": {
+                **calib.summary(),
+                "prompt_source": str(calibration_prompts)
+                if calibration_prompts
+                else f"models/assets/prompts.txt ({DEFAULT_PROMPT_COUNT} spread evenly)",
+            },
             "seconds": round(time.perf_counter() - start, 1),
         }
         new.setdefault("tools", {})["onnxruntime"] = installed_version("onnxruntime")
@@ -168,9 +197,17 @@ def _copy_unchanged(src: Path, dst: Path, manifest: dict, plan: dict[str, str]) 
             shutil.copy2(item, dst / item.name)
 
 
-def quantize_component(package: Package, name: str, precision: str, out_dir: Path, calib: CalibrationSet,
-                       per_channel: bool = False, calibration_method: str = "minmax", sensitivity: bool = False,
-                       threads: int | None = None) -> dict:
+def quantize_component(
+    package: Package,
+    name: str,
+    precision: str,
+    out_dir: Path,
+    calib: CalibrationSet,
+    per_channel: bool = False,
+    calibration_method: str = "minmax",
+    sensitivity: bool = False,
+    threads: int | None = None,
+) -> dict:
     """Quantize one component into `out_dir/model.onnx` (+ external data); returns its manifest `quantization`."""
     start = time.perf_counter()
     src = _source_onnx(package, name)
@@ -188,26 +225,34 @@ def quantize_component(package: Package, name: str, precision: str, out_dir: Pat
         named = work / "fp32.onnx"
         qo.save_model(model, named)
         reference = qo.run_feeds(named, check_feeds, threads)
-        info: dict = {"source_precision": "fp32", "per_channel": None,
-                      "calibration": {"prompts": len(calib.prompts), "steps": calib.steps,
-                                      "samples": len(feeds), "method": None}}
+        info: dict = {
+            "source_precision": "fp32",
+            "per_channel": None,
+            "calibration": {"prompts": len(calib.prompts), "steps": calib.steps, "samples": len(feeds), "method": None},
+        }
         if precision == "fp16":
             ranges = qo.tensor_ranges(named, feeds)
             block = qo.fp16_block_list(model, ranges)
             qo.convert_fp16(named, dst, block)
-            info.update(method="onnxruntime.transformers.float16.convert_float_to_float16", keep_io_types=True,
-                        fp16_blocked_nodes=_by_reason(block),
-                        fp16_block_reasons={k: qo.FP16_BLOCK_REASONS[k] for k in sorted(set(block.values()))},
-                        max_abs_activation=float(max((v for v in ranges.values() if v < qo.MASK_SENTINEL),
-                                                     default=0.0)))
+            info.update(
+                method="onnxruntime.transformers.float16.convert_float_to_float16",
+                keep_io_types=True,
+                fp16_blocked_nodes=_by_reason(block),
+                fp16_block_reasons={k: qo.FP16_BLOCK_REASONS[k] for k in sorted(set(block.values()))},
+                max_abs_activation=float(max((v for v in ranges.values() if v < qo.MASK_SENTINEL), default=0.0)),
+            )
             excluded = {}
         else:
-            opts = qo.Int8Options(per_channel=per_channel, calibration_method=calibration_method,
-                                  exclude=default_int8_exclusions(model, precision))
+            opts = qo.Int8Options(
+                per_channel=per_channel,
+                calibration_method=calibration_method,
+                exclude=default_int8_exclusions(model, precision),
+            )
             quantize = _int8_quantizer(precision, named, work, feeds, opts)
             if sensitivity:
-                info["sensitivity"] = sensitivity_pass(model, precision, quantize, opts, reference, check_feeds,
-                                                       GATES_DB[precision], threads)
+                info["sensitivity"] = sensitivity_pass(
+                    model, precision, quantize, opts, reference, check_feeds, GATES_DB[precision], threads
+                )
                 opts.exclude.update({n: "sensitivity" for n in info["sensitivity"]["excluded_nodes"]})
             else:
                 info["sensitivity"] = None
@@ -218,14 +263,22 @@ def quantize_component(package: Package, name: str, precision: str, out_dir: Pat
             excluded = opts.exclude
         info["excluded_nodes"] = dict(sorted(excluded.items()))
         got = qo.run_feeds(dst, check_feeds, threads)
-        info["check"] = {"psnr_db": round(qo.output_psnr(reference, got), 2), "samples": len(check_feeds),
-                         "against": "the fp32 ONNX component on ONNX Runtime CPU, recorded inputs"}
+        info["check"] = {
+            "psnr_db": round(qo.output_psnr(reference, got), 2),
+            "samples": len(check_feeds),
+            "against": "the fp32 ONNX component on ONNX Runtime CPU, recorded inputs",
+        }
         # ONNX files only: an ort-mobile component folder also holds model.ort (made after this).
         info["size_bytes"] = {"fp32": _files_size(src.parent), "quantized": _files_size(out_dir)}
     info["seconds"] = round(time.perf_counter() - start, 1)
-    logger.info("%s -> %s: %.1f dB vs fp32 on %d recorded inputs, %.2fx the size", name, precision,
-                info["check"]["psnr_db"], len(check_feeds),
-                info["size_bytes"]["quantized"] / max(info["size_bytes"]["fp32"] or 1, 1))
+    logger.info(
+        "%s -> %s: %.1f dB vs fp32 on %d recorded inputs, %.2fx the size",
+        name,
+        precision,
+        info["check"]["psnr_db"],
+        len(check_feeds),
+        info["size_bytes"]["quantized"] / max(info["size_bytes"]["fp32"] or 1, 1),
+    )
     return info
 
 
@@ -239,12 +292,12 @@ def _by_reason(block: dict[str, str]) -> dict[str, list[str]]:
 # Why some nodes are never int8 by default (node -> reason in the manifest's `excluded_nodes`).
 INT8_EXCLUSION_REASONS = {
     "input-reader": "reads the raw latent input, whose scale changes along the trajectory (x100 between the first "
-                    "and the last step measured on the tiny presets): one static activation scale cannot cover "
-                    "every timestep (14 dB on tiny-pixart EDiT when quantized)",
+    "and the last step measured on the tiny presets): one static activation scale cannot cover "
+    "every timestep (14 dB on tiny-pixart EDiT when quantized)",
     "linear-attention": "EDiT linear-attention accumulator: numerator and denominator come from one matmul; an int8 "
-                        "denominator error divides through the whole output",
+    "denominator error divides through the whole output",
     "activation-matmul": "a matmul of two activations (attention scores Q K^T, attention-weighted values): "
-                         "per-prompt, per-head ranges that one calibrated scale fits badly",
+    "per-prompt, per-head ranges that one calibrated scale fits badly",
 }
 
 
@@ -257,8 +310,13 @@ def default_int8_exclusions(model: onnx.ModelProto, precision: str) -> dict[str,
     excl = {n: "input-reader" for n in qo.graph_input_readers(model)}
     excl.update({n: "linear-attention" for n in qo.linear_attention_nodes(model)})
     weighted = set(qo.weighted_nodes(model))
-    excl.update({n.name: "activation-matmul" for n in model.graph.node
-                 if n.op_type == "MatMul" and n.name not in weighted and n.name not in excl})
+    excl.update(
+        {
+            n.name: "activation-matmul"
+            for n in model.graph.node
+            if n.op_type == "MatMul" and n.name not in weighted and n.name not in excl
+        }
+    )
     return excl
 
 
@@ -267,8 +325,9 @@ def _int8_quantizer(precision: str, src: Path, work: Path, feeds: list[dict], op
     cache = work / "calibration.json"
 
     def run(exclude: dict, dst: Path) -> dict:
-        o = qo.Int8Options(per_channel=opts.per_channel, calibration_method=opts.calibration_method,
-                           exclude=dict(exclude))
+        o = qo.Int8Options(
+            per_channel=opts.per_channel, calibration_method=opts.calibration_method, exclude=dict(exclude)
+        )
         if precision == "int8-dynamic":
             return qo.quantize_dynamic_int8(src, dst, o)
         if precision == "int8-static":
@@ -288,8 +347,16 @@ def quantizable_nodes(model: onnx.ModelProto, precision: str) -> list[str]:
     return qo.weighted_nodes(model, ("Gemm", "MatMul", "Conv"))
 
 
-def sensitivity_pass(model: onnx.ModelProto, precision: str, quantize, opts: qo.Int8Options,
-                     reference: list, feeds: list[dict], gate_db: float, threads: int | None = None) -> dict:
+def sensitivity_pass(
+    model: onnx.ModelProto,
+    precision: str,
+    quantize,
+    opts: qo.Int8Options,
+    reference: list,
+    feeds: list[dict],
+    gate_db: float,
+    threads: int | None = None,
+) -> dict:
     """Quantize one node group at a time (everything else float), measure its PSNR against fp32 on recorded
     inputs, then exclude groups worst-first until the whole quantized model reaches gate + margin."""
     candidates = [n for n in quantizable_nodes(model, precision) if n not in opts.exclude]
@@ -314,6 +381,10 @@ def sensitivity_pass(model: onnx.ModelProto, precision: str, quantize, opts: qo.
             quantize({**opts.exclude, **skip}, trial)
             whole = qo.output_psnr(reference, qo.run_feeds(trial, feeds, threads))
             history.append(round(whole, 2))
-    return {"target_psnr_db": target, "group_psnr_db": dict(sorted(scores.items(), key=lambda kv: kv[1])),
-            "excluded_groups": excluded, "excluded_nodes": [n for g in excluded for n in groups[g]],
-            "psnr_db_after_each_exclusion": history}
+    return {
+        "target_psnr_db": target,
+        "group_psnr_db": dict(sorted(scores.items(), key=lambda kv: kv[1])),
+        "excluded_groups": excluded,
+        "excluded_nodes": [n for g in excluded for n in groups[g]],
+        "psnr_db_after_each_exclusion": history,
+    }

@@ -56,8 +56,14 @@ def save_model(model: onnx.ModelProto, path: str | Path) -> list[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=EXTERNAL_DATA_FILE, size_threshold=1024)
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=EXTERNAL_DATA_FILE,
+            size_threshold=1024,
+        )
         return [path, path.parent / EXTERNAL_DATA_FILE]
     onnx.save_model(model, str(path))
     return [path]
@@ -99,6 +105,7 @@ def topological_sort(model: onnx.ModelProto) -> None:
 def quiet_ort_quantization():
     """ONNX Runtime's quantizers log one INFO line per tensor and a pre-processing hint per call on the root
     logger: silence INFO and the hint while they run; other warnings still show."""
+
     class _Drop(logging.Filter):
         def filter(self, record):
             return "pre-process" not in record.getMessage()
@@ -179,8 +186,12 @@ def normalization_nodes(model: onnx.ModelProto) -> list[str]:
     mean-of-squares chains (T5's RMSNorm: Pow -> ReduceMean -> Add -> Sqrt -> Div; ConvFusion's GroupNorm:
     ReduceMean -> Sub -> Mul(x, x) -> ReduceMean -> Add -> Sqrt -> Div)."""
     producers = _producers(model)
-    names = [n.name for n in model.graph.node if n.op_type in ("LayerNormalization", "InstanceNormalization",
-                                                                 "GroupNormalization", "SimplifiedLayerNormalization")]
+    names = [
+        n.name
+        for n in model.graph.node
+        if n.op_type
+        in ("LayerNormalization", "InstanceNormalization", "GroupNormalization", "SimplifiedLayerNormalization")
+    ]
     for node in model.graph.node:
         if node.op_type != "Sqrt":
             continue
@@ -224,8 +235,13 @@ def unfuse_gemm(model: onnx.ModelProto) -> int:
     new_nodes, count, dropped = [], 0, set()
     for node in model.graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if (node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0)
-                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+        if (
+            node.op_type != "Gemm"
+            or node.input[1] not in inits
+            or attrs.get("transA", 0)
+            or attrs.get("alpha", 1.0) != 1.0
+            or attrs.get("beta", 1.0) != 1.0
+        ):
             new_nodes.append(node)
             continue
         weight = node.input[1]
@@ -241,8 +257,9 @@ def unfuse_gemm(model: onnx.ModelProto) -> int:
         mm_out = f"{node.output[0]}__matmul" if has_bias else node.output[0]
         new_nodes.append(helper.make_node("MatMul", [node.input[0], weight], [mm_out], name=f"{node.name}__MatMul"))
         if has_bias:
-            new_nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]],
-                                              name=f"{node.name}__Add"))
+            new_nodes.append(
+                helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]], name=f"{node.name}__Add")
+            )
         count += 1
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
@@ -283,12 +300,22 @@ def int8_conv_weights(model: onnx.ModelProto, exclude=()) -> int:
                 zero, scale, qo_ = quantize_data(w[o].ravel(), onnx.TensorProto.INT8, symmetric=True)
                 assert int(zero) == 0
                 q[o], scales[o] = np.asarray(qo_, np.int8).reshape(w.shape[1:]), float(scale)
-            model.graph.initializer.extend([
-                numpy_helper.from_array(q, f"{name}__int8"), numpy_helper.from_array(scales, f"{name}__scale"),
-                numpy_helper.from_array(np.zeros(w.shape[0], np.int8), f"{name}__zero_point")])
-            model.graph.node.append(helper.make_node(
-                "DequantizeLinear", [f"{name}__int8", f"{name}__scale", f"{name}__zero_point"], [f"{name}__dq"],
-                name=f"{name}__DequantizeLinear", axis=0))
+            model.graph.initializer.extend(
+                [
+                    numpy_helper.from_array(q, f"{name}__int8"),
+                    numpy_helper.from_array(scales, f"{name}__scale"),
+                    numpy_helper.from_array(np.zeros(w.shape[0], np.int8), f"{name}__zero_point"),
+                ]
+            )
+            model.graph.node.append(
+                helper.make_node(
+                    "DequantizeLinear",
+                    [f"{name}__int8", f"{name}__scale", f"{name}__zero_point"],
+                    [f"{name}__dq"],
+                    name=f"{name}__DequantizeLinear",
+                    axis=0,
+                )
+            )
             done[name] = f"{name}__dq"
         node.input[1] = done[name]
         uses[name] -= 1
@@ -338,33 +365,42 @@ def tensor_ranges(path: str | Path, feeds: list[dict]) -> dict[str, float]:
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
 
     with tempfile.TemporaryDirectory() as tmp:
-        calibrator = create_calibrator(Path(path), [], augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                                       calibrate_method=CalibrationMethod.MinMax,
-                                       use_external_data_format=True)
+        calibrator = create_calibrator(
+            Path(path),
+            [],
+            augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+            calibrate_method=CalibrationMethod.MinMax,
+            use_external_data_format=True,
+        )
         collect_in_chunks(calibrator, feeds)
         data = calibrator.compute_data()
         del calibrator
-    return {name: float(max(abs(np.asarray(d.range_value[0]).min()), abs(np.asarray(d.range_value[1]).max())))
-            for name, d in data.data.items()}
+    return {
+        name: float(max(abs(np.asarray(d.range_value[0]).min()), abs(np.asarray(d.range_value[1]).max())))
+        for name, d in data.data.items()
+    }
 
 
 # --- fp16 ----------------------------------------------------------------------------------------------------------
 # Why each kind of node stays fp32 in an fp16 package (docs/quantization.md has the measurements behind these).
 FP16_BLOCK_REASONS = {
     "linear-attention": "EDiT linear-attention accumulators [S|z] = K^T[V|1] / M, Q[S|z] and the numerator / "
-                        "denominator division: sums over all compressed tokens, and the denominator decides the "
-                        "scale of the output; kept fp32 as the PyTorch model does (EDiTConfig.accumulate_fp32), "
-                        "DESIGN.md §1",
+    "denominator division: sums over all compressed tokens, and the denominator decides the "
+    "scale of the output; kept fp32 as the PyTorch model does (EDiTConfig.accumulate_fp32), "
+    "DESIGN.md §1",
     "normalization": "normalisation statistics (LayerNorm, GroupNorm / InstanceNorm, T5 RMSNorm, ConvFusion "
-                     "GroupNorm): a mean of squares overflows fp16 once |x| > 256, and the reference kernels "
-                     "(torch LayerNorm / GroupNorm, transformers' T5LayerNorm) accumulate in fp32",
+    "GroupNorm): a mean of squares overflows fp16 once |x| > 256, and the reference kernels "
+    "(torch LayerNorm / GroupNorm, transformers' T5LayerNorm) accumulate in fp32",
     "range": "reads or writes a value measured on the calibration trajectory above 65504 / 2 (fp16 max with 2x "
-             "headroom; masking sentinels of 1e30 and more excepted)",
+    "headroom; masking sentinels of 1e30 and more excepted)",
 }
 
 
-def fp16_block_list(model: onnx.ModelProto, ranges: dict[str, float] | None = None,
-                    rules: tuple[str, ...] = ("linear-attention", "normalization", "range")) -> dict[str, str]:
+def fp16_block_list(
+    model: onnx.ModelProto,
+    ranges: dict[str, float] | None = None,
+    rules: tuple[str, ...] = ("linear-attention", "normalization", "range"),
+) -> dict[str, str]:
     """node name -> reason, for the nodes that stay fp32 in the fp16 model."""
     block: dict[str, str] = {}
     if "linear-attention" in rules:
@@ -422,12 +458,24 @@ def quantize_dynamic_int8(src: Path, dst: Path, opts: Int8Options) -> dict:
         unfused = Path(tmp) / "unfused.onnx"
         changed = prepare_weight_only(src, unfused, opts.exclude)
         with quiet_ort_quantization():
-            quantize_dynamic(unfused, dst, op_types_to_quantize=["MatMul"], per_channel=opts.per_channel,
-                             weight_type=QuantType.QInt8, nodes_to_exclude=_unfused_names(opts.exclude),
-                             use_external_data_format=_large(unfused), extra_options={"MatMulConstBOnly": True})
-    return {"method": "onnxruntime.quantization.quantize_dynamic", "format": "QOperator (MatMulInteger)",
-            "weights": "int8, symmetric (Conv: int8 per output channel through DequantizeLinear, fp32 compute)",
-            "activations": "uint8, quantized at run time (Conv: fp32)", "op_types": ["MatMul", "Conv"], **changed}
+            quantize_dynamic(
+                unfused,
+                dst,
+                op_types_to_quantize=["MatMul"],
+                per_channel=opts.per_channel,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=_unfused_names(opts.exclude),
+                use_external_data_format=_large(unfused),
+                extra_options={"MatMulConstBOnly": True},
+            )
+    return {
+        "method": "onnxruntime.quantization.quantize_dynamic",
+        "format": "QOperator (MatMulInteger)",
+        "weights": "int8, symmetric (Conv: int8 per output channel through DequantizeLinear, fp32 compute)",
+        "activations": "uint8, quantized at run time (Conv: fp32)",
+        "op_types": ["MatMul", "Conv"],
+        **changed,
+    }
 
 
 def calibrate_ranges(src: Path, feeds: list[dict], method: str, cache: Path) -> None:
@@ -440,14 +488,25 @@ def calibrate_ranges(src: Path, feeds: list[dict], method: str, cache: Path) -> 
     from onnxruntime.quantization import save_tensors_data
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
 
-    kind = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-            "percentile": CalibrationMethod.Percentile}[method]
-    extra = {"minmax": {}, "entropy": {"num_bins": 2048, "num_quantized_bins": 128},
-             "percentile": {"num_bins": 2048, "percentile": 99.999}}[method]
+    kind = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[method]
+    extra = {
+        "minmax": {},
+        "entropy": {"num_bins": 2048, "num_quantized_bins": 128},
+        "percentile": {"num_bins": 2048, "percentile": 99.999},
+    }[method]
     with tempfile.TemporaryDirectory(dir=cache.parent) as tmp, contextlib.redirect_stdout(io.StringIO()):
-        calibrator = create_calibrator(Path(src), list(STATIC_OP_TYPES),
-                                       augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                                       calibrate_method=kind, use_external_data_format=True, extra_options=extra)
+        calibrator = create_calibrator(
+            Path(src),
+            list(STATIC_OP_TYPES),
+            augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+            calibrate_method=kind,
+            use_external_data_format=True,
+            extra_options=extra,
+        )
         collect_in_chunks(calibrator, feeds)
         save_tensors_data(calibrator.compute_data(), cache)
         del calibrator
@@ -463,29 +522,45 @@ def collect_in_chunks(calibrator, feeds: list[dict]) -> None:
     from .calibration import feed_reader
 
     for start in range(0, len(feeds), CALIBRATION_CHUNK):
-        calibrator.collect_data(feed_reader(feeds[start:start + CALIBRATION_CHUNK]))
+        calibrator.collect_data(feed_reader(feeds[start : start + CALIBRATION_CHUNK]))
 
 
-def quantize_static_int8(src: Path, dst: Path, feeds: list[dict], opts: Int8Options,
-                         cache: Path | None = None) -> dict:
+def quantize_static_int8(src: Path, dst: Path, feeds: list[dict], opts: Int8Options, cache: Path | None = None) -> dict:
     """QDQ static int8: weights int8, activations uint8 with ranges calibrated on `feeds` (once per `cache`)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-              "percentile": CalibrationMethod.Percentile}[opts.calibration_method]
+    method = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[opts.calibration_method]
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         cache = cache or Path(tmp) / "calibration.json"
         if not cache.is_file():
             calibrate_ranges(src, feeds, opts.calibration_method, cache)
         with quiet_ort_quantization():
-            quantize_static(src, dst, None, quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=list(STATIC_OP_TYPES), per_channel=opts.per_channel,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            nodes_to_exclude=list(opts.exclude), calibrate_method=method,
-                            use_external_data_format=_large(src), calibration_cache_path=cache)
-    return {"method": "onnxruntime.quantization.quantize_static", "format": "QDQ",
-            "weights": "int8, symmetric", "activations": "uint8, calibrated ranges",
-            "op_types": list(STATIC_OP_TYPES), "calibration_method": opts.calibration_method}
+            quantize_static(
+                src,
+                dst,
+                None,
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(STATIC_OP_TYPES),
+                per_channel=opts.per_channel,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=list(opts.exclude),
+                calibrate_method=method,
+                use_external_data_format=_large(src),
+                calibration_cache_path=cache,
+            )
+    return {
+        "method": "onnxruntime.quantization.quantize_static",
+        "format": "QDQ",
+        "weights": "int8, symmetric",
+        "activations": "uint8, calibrated ranges",
+        "op_types": list(STATIC_OP_TYPES),
+        "calibration_method": opts.calibration_method,
+    }
 
 
 WEIGHT_ONLY_BLOCK = 128  # ONNX Runtime's default block along K for MatMulNBits
@@ -502,16 +577,26 @@ def quantize_weights_int8(src: Path, dst: Path, opts: Int8Options) -> dict:
         changed = prepare_weight_only(src, unfused, opts.exclude)
         model = load_model(unfused)
         with quiet_ort_quantization():
-            quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=WEIGHT_ONLY_BLOCK, is_symmetric=True,
-                                             nodes_to_exclude=_unfused_names(opts.exclude),
-                                             quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",))
+            quantizer = MatMulNBitsQuantizer(
+                model,
+                bits=8,
+                block_size=WEIGHT_ONLY_BLOCK,
+                is_symmetric=True,
+                nodes_to_exclude=_unfused_names(opts.exclude),
+                quant_format=QuantFormat.QOperator,
+                op_types_to_quantize=("MatMul",),
+            )
             quantizer.process()
         save_model(quantizer.model.model, dst)
-    return {"method": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
-            "format": "QOperator (com.microsoft MatMulNBits, bits=8)",
-            "weights": f"int8, symmetric, blocks of {WEIGHT_ONLY_BLOCK} along K per output channel (Conv: per "
-                       "output channel through DequantizeLinear)",
-            "activations": "fp32 (weights dequantized, fp32 compute)", "op_types": ["MatMul", "Conv"], **changed}
+    return {
+        "method": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
+        "format": "QOperator (com.microsoft MatMulNBits, bits=8)",
+        "weights": f"int8, symmetric, blocks of {WEIGHT_ONLY_BLOCK} along K per output channel (Conv: per "
+        "output channel through DequantizeLinear)",
+        "activations": "fp32 (weights dequantized, fp32 compute)",
+        "op_types": ["MatMul", "Conv"],
+        **changed,
+    }
 
 
 def _unfused_names(names) -> list[str]:

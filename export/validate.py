@@ -70,8 +70,11 @@ def run_reference(pipe, package: Package, opts: ValidationOptions, noise: np.nda
 
     def record_inputs(_module, args, kwargs):
         sample = args[0] if args else kwargs["hidden_states"]
-        rec = {"sample": _to_np(sample), "timestep": _to_np(kwargs["timestep"]).astype(np.float32),
-               "encoder_hidden_states": _to_np(kwargs["encoder_hidden_states"])}
+        rec = {
+            "sample": _to_np(sample),
+            "timestep": _to_np(kwargs["timestep"]).astype(np.float32),
+            "encoder_hidden_states": _to_np(kwargs["encoder_hidden_states"]),
+        }
         if family == "pixart":
             rec["encoder_attention_mask"] = _to_np(kwargs["encoder_attention_mask"]).astype(np.float32)
         else:
@@ -80,9 +83,17 @@ def run_reference(pipe, package: Package, opts: ValidationOptions, noise: np.nda
 
     height, width = package.resolution
     t5_length = package.text_for("text_encoder" if family == "pixart" else "text_encoder_3").max_length
-    kwargs = dict(prompt=opts.prompt, negative_prompt=opts.negative_prompt, num_inference_steps=opts.steps,
-                  guidance_scale=guidance, height=height, width=width, latents=torch.from_numpy(noise.copy()),
-                  output_type="np", max_sequence_length=t5_length)
+    kwargs = dict(
+        prompt=opts.prompt,
+        negative_prompt=opts.negative_prompt,
+        num_inference_steps=opts.steps,
+        guidance_scale=guidance,
+        height=height,
+        width=width,
+        latents=torch.from_numpy(noise.copy()),
+        output_type="np",
+        max_sequence_length=t5_length,
+    )
     if family == "pixart":
         kwargs.update(clean_caption=False, use_resolution_binning=False, callback=on_step, callback_steps=1)
     else:
@@ -123,14 +134,24 @@ def _batch_rows(feed: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray
 
 
 def _worst(results: list[dict]) -> dict:
-    return {"psnr_db": min(r["psnr_db"] for r in results),
-            "max_abs": None if any(r["max_abs"] is None for r in results) else max(r["max_abs"] for r in results),
-            "cosine": min(r["cosine"] for r in results), "finite": all(r["finite"] for r in results),
-            "checks": len(results)}
+    return {
+        "psnr_db": min(r["psnr_db"] for r in results),
+        "max_abs": None if any(r["max_abs"] is None for r in results) else max(r["max_abs"] for r in results),
+        "cosine": min(r["cosine"] for r in results),
+        "finite": all(r["finite"] for r in results),
+        "checks": len(results),
+    }
 
 
-def compare_components(specs: dict, package: Package, runtime: Text2ImagePipeline, opts: ValidationOptions,
-                       calls: list[dict], ref_latents: np.ndarray, ref_image: np.ndarray) -> dict:
+def compare_components(
+    specs: dict,
+    package: Package,
+    runtime: Text2ImagePipeline,
+    opts: ValidationOptions,
+    calls: list[dict],
+    ref_latents: np.ndarray,
+    ref_image: np.ndarray,
+) -> dict:
     """Each component on identical inputs: the exported graph vs its PyTorch module (the export wrappers)."""
     inputs: dict[str, list[dict]] = {}
     for name, tok in runtime.tokenizers.items():
@@ -166,8 +187,10 @@ def compare_components(specs: dict, package: Package, runtime: Text2ImagePipelin
 
 
 def trajectory_psnr(timesteps, reference: list[np.ndarray], test: list[np.ndarray]) -> list[dict]:
-    return [{"step": i, "timestep": float(t), "psnr_db": psnr(r, g)}
-            for i, (t, r, g) in enumerate(zip(timesteps, reference, test))]
+    return [
+        {"step": i, "timestep": float(t), "psnr_db": psnr(r, g)}
+        for i, (t, r, g) in enumerate(zip(timesteps, reference, test))
+    ]
 
 
 def image_psnr(reference: np.ndarray, test: np.ndarray) -> float:
@@ -175,8 +198,16 @@ def image_psnr(reference: np.ndarray, test: np.ndarray) -> float:
     return psnr(reference.astype(np.float64), test.astype(np.float64), peak=255.0)
 
 
-def check_loop(specs: dict, package: Package, opts: ValidationOptions, guidance: float, noise: np.ndarray,
-               ref_latents: list[np.ndarray], ref_uint8: np.ndarray, package_image: np.ndarray) -> dict:
+def check_loop(
+    specs: dict,
+    package: Package,
+    opts: ValidationOptions,
+    guidance: float,
+    noise: np.ndarray,
+    ref_latents: list[np.ndarray],
+    ref_uint8: np.ndarray,
+    package_image: np.ndarray,
+) -> dict:
     """The package's own sampling loop (tokenizers, conditioning, CFG, scheduler, latent scaling, decoding) with the
     PyTorch fp32 components as backends, against diffusers, and the package's image against this loop's (reported).
 
@@ -189,14 +220,18 @@ def check_loop(specs: dict, package: Package, opts: ValidationOptions, guidance:
     trajectory = trajectory_psnr(result.timesteps, ref_latents, result.latents)
     worst = min(t["psnr_db"] for t in trajectory)
     image = image_psnr(ref_uint8, result.image)
-    return {"trajectory_min_psnr_db": worst, "image_psnr_db": image,
-            "gate_db": {"trajectory": TRAJECTORY_GATE_DB, "image": IMAGE_GATE_DB},
-            "passed": bool(worst >= TRAJECTORY_GATE_DB and image >= IMAGE_GATE_DB),
-            "package_image_vs_fp32_loop_psnr_db": image_psnr(result.image, package_image)}
+    return {
+        "trajectory_min_psnr_db": worst,
+        "image_psnr_db": image,
+        "gate_db": {"trajectory": TRAJECTORY_GATE_DB, "image": IMAGE_GATE_DB},
+        "passed": bool(worst >= TRAJECTORY_GATE_DB and image >= IMAGE_GATE_DB),
+        "package_image_vs_fp32_loop_psnr_db": image_psnr(result.image, package_image),
+    }
 
 
-def validate(package_dir: str, reference: str | None = None, opts: ValidationOptions | None = None,
-             threads: int | None = None) -> dict:
+def validate(
+    package_dir: str, reference: str | None = None, opts: ValidationOptions | None = None, threads: int | None = None
+) -> dict:
     opts = opts or ValidationOptions()
     package = load_package(package_dir)
     reference = reference or package.source
@@ -212,15 +247,27 @@ def validate(package_dir: str, reference: str | None = None, opts: ValidationOpt
     if len(ref_latents) != len(result.latents):
         raise RuntimeError(f"diffusers ran {len(ref_latents)} steps, the runtime {len(result.latents)}")
 
-    specs = {s.name: s for s in pipeline_components(
-        pipe, package.family, tuple(package.resolution), package.batch,
-        None if package.family == "sd3" else package.text_for("text_encoder").max_length)}
+    specs = {
+        s.name: s
+        for s in pipeline_components(
+            pipe,
+            package.family,
+            tuple(package.resolution),
+            package.batch,
+            None if package.family == "sd3" else package.text_for("text_encoder").max_length,
+        )
+    }
     components = compare_components(specs, package, runtime, opts, calls, ref_latents[-1], ref_image)
     for name, entry in components.items():
         # The gate a quantized package recorded for the component (`gate_psnr_db`), else the precision's default.
         recorded = package.components[name].raw.get("gate_psnr_db")
-        gate = opts.min_component_psnr if opts.min_component_psnr is not None else float(recorded) \
-            if recorded is not None else COMPONENT_GATES_DB.get(entry["precision"], COMPONENT_GATES_DB["fp32"])
+        gate = (
+            opts.min_component_psnr
+            if opts.min_component_psnr is not None
+            else float(recorded)
+            if recorded is not None
+            else COMPONENT_GATES_DB.get(entry["precision"], COMPONENT_GATES_DB["fp32"])
+        )
         entry.update(gate_db=gate, passed=bool(entry["finite"] and entry["psnr_db"] >= gate))
     # A Core ML package's fp16 programs already run in fp16 here (Core ML on macOS, the reference executor's true
     # fp16 arithmetic elsewhere): a non-finite output fails its component's gate directly.
@@ -228,8 +275,9 @@ def validate(package_dir: str, reference: str | None = None, opts: ValidationOpt
     if fp16:  # ONNX Runtime's CPU provider hides fp16 overflow: check in true fp16 arithmetic (export/fp16_safety.py)
         from .fp16_safety import check_fp16, trajectory_inputs
 
-        feeds = trajectory_inputs(package, runtime, opts.prompt, opts.negative_prompt, calls, ref_latents[-1],
-                                  ref_image)
+        feeds = trajectory_inputs(
+            package, runtime, opts.prompt, opts.negative_prompt, calls, ref_latents[-1], ref_image
+        )
         for name, safety in check_fp16(specs, fp16, feeds).items():
             components[name]["fp16_safety"] = safety
             components[name]["passed"] = bool(components[name]["passed"] and safety["finite"])
@@ -248,18 +296,31 @@ def validate(package_dir: str, reference: str | None = None, opts: ValidationOpt
         "passed": False,
         "package": str(package_dir),
         "reference": str(reference),
-        "prompt": opts.prompt, "negative_prompt": opts.negative_prompt, "steps": opts.steps,
-        "guidance": guidance, "seed": opts.seed,
+        "prompt": opts.prompt,
+        "negative_prompt": opts.negative_prompt,
+        "steps": opts.steps,
+        "guidance": guidance,
+        "seed": opts.seed,
         "components": components,
         "trajectory": trajectory,
-        "trajectory_gate": {"min_psnr_db": worst_step, "gate_db": trajectory_gate,
-                            "passed": bool(trajectory_gate is None or worst_step >= trajectory_gate)},
+        "trajectory_gate": {
+            "min_psnr_db": worst_step,
+            "gate_db": trajectory_gate,
+            "passed": bool(trajectory_gate is None or worst_step >= trajectory_gate),
+        },
         "loop": loop,
-        "image": {"psnr_db": image_db, "gate_db": image_gate,
-                  "passed": bool(image_gate is None or image_db >= image_gate)},
+        "image": {
+            "psnr_db": image_db,
+            "gate_db": image_gate,
+            "passed": bool(image_gate is None or image_db >= image_gate),
+        },
     }
-    report["passed"] = bool(report["image"]["passed"] and report["trajectory_gate"]["passed"] and loop["passed"]
-                            and all(c["passed"] for c in components.values()))
+    report["passed"] = bool(
+        report["image"]["passed"]
+        and report["trajectory_gate"]["passed"]
+        and loop["passed"]
+        and all(c["passed"] for c in components.values())
+    )
     write_validation(package, report)
     return report
 
@@ -268,24 +329,34 @@ def format_report(report: dict) -> str:
     lines = [f"{'component':<16}{'precision':<14}{'PSNR dB':>9}{'gate':>7}{'max abs':>11}{'cosine':>10}  result"]
     for name, c in report["components"].items():
         max_abs = "non-finite" if c["max_abs"] is None else f"{c['max_abs']:.2e}"
-        lines.append(f"{name:<16}{c['precision']:<14}{c['psnr_db']:>9.1f}{c['gate_db']:>7.0f}{max_abs:>11}"
-                     f"{c['cosine']:>10.6f}  {'ok' if c['passed'] else 'FAIL'}")
+        lines.append(
+            f"{name:<16}{c['precision']:<14}{c['psnr_db']:>9.1f}{c['gate_db']:>7.0f}{max_abs:>11}"
+            f"{c['cosine']:>10.6f}  {'ok' if c['passed'] else 'FAIL'}"
+        )
     traj, tg = report["trajectory"], report["trajectory_gate"]
     gate = "not gated: quantized package" if tg["gate_db"] is None else f"gate {tg['gate_db']:.0f}"
-    lines.append(f"trajectory: {len(traj)} steps, latent PSNR min {tg['min_psnr_db']:.1f} dB ({gate}), "
-                 f"last {traj[-1]['psnr_db']:.1f} dB  {'ok' if tg['passed'] else 'FAIL'}")
+    lines.append(
+        f"trajectory: {len(traj)} steps, latent PSNR min {tg['min_psnr_db']:.1f} dB ({gate}), "
+        f"last {traj[-1]['psnr_db']:.1f} dB  {'ok' if tg['passed'] else 'FAIL'}"
+    )
     loop = report["loop"]
-    lines.append(f"loop (package loop, PyTorch components): latent PSNR min {loop['trajectory_min_psnr_db']:.1f} dB "
-                 f"(gate {loop['gate_db']['trajectory']:.0f}), image {loop['image_psnr_db']:.1f} dB "
-                 f"(gate {loop['gate_db']['image']:.0f})  {'ok' if loop['passed'] else 'FAIL'}; package image vs "
-                 f"this fp32 loop {loop['package_image_vs_fp32_loop_psnr_db']:.1f} dB")
+    lines.append(
+        f"loop (package loop, PyTorch components): latent PSNR min {loop['trajectory_min_psnr_db']:.1f} dB "
+        f"(gate {loop['gate_db']['trajectory']:.0f}), image {loop['image_psnr_db']:.1f} dB "
+        f"(gate {loop['gate_db']['image']:.0f})  {'ok' if loop['passed'] else 'FAIL'}; package image vs "
+        f"this fp32 loop {loop['package_image_vs_fp32_loop_psnr_db']:.1f} dB"
+    )
     for name, c in report["components"].items():
         if "fp16_safety" in c:
             safety = c["fp16_safety"]
-            where = "; ".join(f"{ {k: v for k, v in b.items() if k != 'non_finite_values'} } "
-                              f"{b['non_finite_values']}" for b in safety["non_finite"])
-            lines.append(f"fp16 safety (true fp16) {name}: {safety['checks']} checks, " +
-                         ("all finite" if safety["finite"] else f"NON-FINITE at {where}"))
+            where = "; ".join(
+                f"{ {k: v for k, v in b.items() if k != 'non_finite_values'} } {b['non_finite_values']}"
+                for b in safety["non_finite"]
+            )
+            lines.append(
+                f"fp16 safety (true fp16) {name}: {safety['checks']} checks, "
+                + ("all finite" if safety["finite"] else f"NON-FINITE at {where}")
+            )
     img = report["image"]
     gate = "not gated: quantized package" if img["gate_db"] is None else f"gate {img['gate_db']:.0f}"
     lines.append(f"image: PSNR {img['psnr_db']:.1f} dB ({gate})  {'ok' if img['passed'] else 'FAIL'}")

@@ -22,8 +22,11 @@ ARCHS = {
     "edit": (PixArtTransformer2DModel, EDiTPixArtTransformer2DModel, "pixart"),
     "mm-edit": (SD3Transformer2DModel, MMEDiTSD3Transformer2DModel, "sd3"),
 }
-SUPPORTED_PIPELINES = {"PixArtSigmaPipeline": "pixart", "PixArtAlphaPipeline": "pixart",
-                       "StableDiffusion3Pipeline": "sd3"}
+SUPPORTED_PIPELINES = {
+    "PixArtSigmaPipeline": "pixart",
+    "PixArtAlphaPipeline": "pixart",
+    "StableDiffusion3Pipeline": "sd3",
+}
 
 
 def load_pipeline(src: str | Path) -> DiffusionPipeline:
@@ -67,13 +70,15 @@ def convert_pipeline(pipe: DiffusionPipeline, arch: str, edit: EDiTConfig | None
         )
     student = student_cls.from_teacher(transformer, edit).eval()
     pipe.register_modules(transformer=student)
-    logger.info("converted %s -> %s (%d layers)", teacher_cls.__name__, student_cls.__name__,
-                len(student.transformer_blocks))
+    logger.info(
+        "converted %s -> %s (%d layers)", teacher_cls.__name__, student_cls.__name__, len(student.transformer_blocks)
+    )
     return pipe
 
 
-def convert(src: str | Path, arch: str, out: str | Path, edit: EDiTConfig | None = None,
-            overwrite: bool = False) -> Path:
+def convert(
+    src: str | Path, arch: str, out: str | Path, edit: EDiTConfig | None = None, overwrite: bool = False
+) -> Path:
     """`edit-mobile convert`: write a diffusers pipeline folder whose transformer is EDiT / MM-EDiT."""
     if arch not in ARCHS:
         raise UserError(f"unknown --arch {arch!r}; expected one of {', '.join(ARCHS)}")
@@ -82,6 +87,7 @@ def convert(src: str | Path, arch: str, out: str | Path, edit: EDiTConfig | None
     pipe = convert_pipeline(pipe, arch, edit)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "edit_mobile.json").write_text(json.dumps(
-            {"source": str(src), "arch": arch, "edit_config": pipe.transformer.edit.to_dict()}, indent=2))
+        (tmp / "edit_mobile.json").write_text(
+            json.dumps({"source": str(src), "arch": arch, "edit_config": pipe.transformer.edit.to_dict()}, indent=2)
+        )
     return Path(out)

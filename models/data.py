@@ -78,9 +78,17 @@ def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
 
 
 COLORS = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
-    "orange": (245, 140, 30), "purple": (140, 60, 180), "pink": (240, 130, 180), "brown": (130, 80, 40),
-    "black": (20, 20, 20), "white": (245, 245, 245), "grey": (128, 128, 128),
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 210, 40),
+    "orange": (245, 140, 30),
+    "purple": (140, 60, 180),
+    "pink": (240, 130, 180),
+    "brown": (130, 80, 40),
+    "black": (20, 20, 20),
+    "white": (245, 245, 245),
+    "grey": (128, 128, 128),
 }
 SHAPES = ("circle", "square", "triangle", "ring")
 
@@ -175,8 +183,9 @@ class PipelineEncoder:
     Latents: the VAE posterior mean, scaled (and shifted for SD3) as the pipeline expects.
     """
 
-    def __init__(self, pipe, family: str, device, dtype, max_text_tokens: int | None = None,
-                 cache_bytes: int = 4 << 30):
+    def __init__(
+        self, pipe, family: str, device, dtype, max_text_tokens: int | None = None, cache_bytes: int = 4 << 30
+    ):
         self.pipe, self.family, self.device, self.dtype = pipe, family, device, dtype
         self.max_text_tokens = max_text_tokens or (300 if family == "pixart" else 256)
         self.cache_bytes, self.cached_bytes = cache_bytes, 0
@@ -200,13 +209,22 @@ class PipelineEncoder:
                 text = self.pipe._text_preprocessing(caption, clean_caption=False)[0]
                 n_tokens = len(self.pipe.tokenizer(text, truncation=True, max_length=self.max_text_tokens).input_ids)
                 emb, mask, _, _ = self.pipe.encode_prompt(
-                    caption, do_classifier_free_guidance=False, device=self.device, clean_caption=False,
-                    max_sequence_length=n_tokens)
+                    caption,
+                    do_classifier_free_guidance=False,
+                    device=self.device,
+                    clean_caption=False,
+                    max_sequence_length=n_tokens,
+                )
                 n = max(int(mask[0].sum()), 1)
                 return (emb[0, :n].to(self.dtype),)  # (n, D): the caption's tokens only
             emb, _, pooled, _ = self.pipe.encode_prompt(
-                caption, caption, caption, device=self.device, do_classifier_free_guidance=False,
-                max_sequence_length=self.max_text_tokens)
+                caption,
+                caption,
+                caption,
+                device=self.device,
+                do_classifier_free_guidance=False,
+                max_sequence_length=self.max_text_tokens,
+            )
             return emb[0].to(self.dtype), pooled[0].to(self.dtype)  # (T, D), (P,)
 
     def text(self, captions: list[str]) -> TextBatch:
@@ -218,7 +236,7 @@ class PipelineEncoder:
             emb = torch.zeros(len(items), n, items[0][0].shape[-1], dtype=self.dtype, device=self.device)
             mask = torch.zeros(len(items), n, dtype=torch.long, device=self.device)
             for i, (e,) in enumerate(items):
-                emb[i, :e.shape[0]], mask[i, :e.shape[0]] = e, 1
+                emb[i, : e.shape[0]], mask[i, : e.shape[0]] = e, 1
             return TextBatch(emb, encoder_attention_mask=mask)
         return TextBatch(torch.stack([e for e, _ in items]), pooled_projections=torch.stack([p for _, p in items]))
 
@@ -238,6 +256,9 @@ class PipelineEncoder:
         out = []
         for i in indices:
             key = (i, resolution)
-            out.append(self._latents.get(key) if key in self._latents
-                       else self._remember(self._latents, key, self._encode_image(source, i, resolution)))
+            out.append(
+                self._latents.get(key)
+                if key in self._latents
+                else self._remember(self._latents, key, self._encode_image(source, i, resolution))
+            )
         return torch.stack(out)  # (B, C, R/8, R/8), fp32

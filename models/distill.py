@@ -99,7 +99,7 @@ class DistillConfig:
     max_text_tokens: int | None = None  # T5 tokens; None = the pipeline's default (300 PixArt-Σ, 256 SD3)
     cache_mb: int = 4096  # memory budget for cached latents and text encodings, per process
 
-    def validate(self) -> "DistillConfig":
+    def validate(self) -> DistillConfig:
         for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "log_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise UserError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -122,8 +122,10 @@ class DistillConfig:
         if self.stage_steps:
             stages = max(len(self.resolutions), 1)
             if len(self.stage_steps) != stages or sum(self.stage_steps) != self.steps or min(self.stage_steps) < 1:
-                raise UserError(f"stage steps {self.stage_steps} must give one positive count per resolution "
-                                f"({stages}) summing to steps ({self.steps})")
+                raise UserError(
+                    f"stage steps {self.stage_steps} must give one positive count per resolution "
+                    f"({stages}) summing to steps ({self.steps})"
+                )
         return self
 
     def weight(self, name: str) -> float:
@@ -136,7 +138,7 @@ class DistillConfig:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: Path) -> "DistillConfig":
+    def load(cls, path: Path) -> DistillConfig:
         data = json.loads(Path(path).read_text())
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
@@ -151,8 +153,10 @@ def parse_loss_weights(text: str) -> dict[str, float]:
                 raise ValueError
             weights[name.strip()] = float(value)
         except ValueError:
-            raise UserError(f"bad --loss-weights item {item!r}: expected NAME=NUMBER with NAME one of "
-                            f"{', '.join(LOSSES)} (e.g. task=1,output=1,feature=0.5)") from None
+            raise UserError(
+                f"bad --loss-weights item {item!r}: expected NAME=NUMBER with NAME one of "
+                f"{', '.join(LOSSES)} (e.g. task=1,output=1,feature=0.5)"
+            ) from None
     return weights
 
 
@@ -251,8 +255,17 @@ def attention_modules(transformer, family: str, student_edit) -> list:
 class Objective:
     """Noise schedule, transformer calls and the three losses for one pipeline family."""
 
-    def __init__(self, family: str, scheduler_config, teacher, config: DistillConfig, teacher_tap, student_tap,
-                 autocast=contextlib.nullcontext, vae_scale: int = 8):
+    def __init__(
+        self,
+        family: str,
+        scheduler_config,
+        teacher,
+        config: DistillConfig,
+        teacher_tap,
+        student_tap,
+        autocast=contextlib.nullcontext,
+        vae_scale: int = 8,
+    ):
         self.family, self.teacher, self.config = family, teacher, config
         self.teacher_tap, self.student_tap = teacher_tap, student_tap
         self.autocast, self.vae_scale = autocast, vae_scale  # the teacher is not `prepare`d: autocast it here
@@ -284,7 +297,8 @@ class Objective:
                 px = (h * self.vae_scale, w * self.vae_scale)
                 kwargs["added_cond_kwargs"] = {
                     "resolution": torch.tensor([px] * b, dtype=x_t.dtype, device=x_t.device),
-                    "aspect_ratio": torch.tensor([[h / w]] * b, dtype=x_t.dtype, device=x_t.device)}
+                    "aspect_ratio": torch.tensor([[h / w]] * b, dtype=x_t.dtype, device=x_t.device),
+                }
             else:
                 kwargs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
         return model(x_t, timestep=timestep, return_dict=False, **kwargs)[0]
@@ -306,8 +320,9 @@ class Objective:
         if need_teacher and self.config.weight("feature") > 0:
             if len(student_feats) != len(teacher_feats):
                 raise RuntimeError(f"feature taps disagree: {len(student_feats)} vs {len(teacher_feats)} outputs")
-            parts["feature"] = torch.stack([F.mse_loss(s.float(), t.float())
-                                            for s, t in zip(student_feats, teacher_feats)]).mean()
+            parts["feature"] = torch.stack(
+                [F.mse_loss(s.float(), t.float()) for s, t in zip(student_feats, teacher_feats)]
+            ).mean()
         else:
             parts["feature"] = zero
         parts["loss"] = sum(self.config.weight(k) * parts[k] for k in LOSSES)
@@ -329,13 +344,17 @@ def check_teacher(teacher_src: str, class_name: str | None) -> str:
     if class_name in TEACHER_CLASSES:
         return TEACHER_CLASSES[class_name]
     if class_name in STUDENT_CLASSES:
-        raise UserError(f"teacher {teacher_src} has a {class_name} transformer (already converted); a teacher must "
-                        f"be the unconverted {FAMILIES[STUDENT_CLASSES[class_name]][0].__name__}")
-    raise UserError(f"teacher {teacher_src} has a {class_name or 'missing'} transformer; expected one of "
-                    f"{', '.join(TEACHER_CLASSES)}")
+        raise UserError(
+            f"teacher {teacher_src} has a {class_name} transformer (already converted); a teacher must "
+            f"be the unconverted {FAMILIES[STUDENT_CLASSES[class_name]][0].__name__}"
+        )
+    raise UserError(
+        f"teacher {teacher_src} has a {class_name or 'missing'} transformer; expected one of "
+        f"{', '.join(TEACHER_CLASSES)}"
+    )
 
 
-def precheck_folder_teacher(config: "DistillConfig") -> None:
+def precheck_folder_teacher(config: DistillConfig) -> None:
     """A teacher folder's and the student's configs are checked from their JSON files, before minutes of loading."""
     path = Path(config.teacher)
     if config.teacher in PRESETS or not (path / "model_index.json").is_file():
@@ -349,18 +368,27 @@ def check_student(student_dir: str, family: str, teacher_config, teacher_src: st
     """Refuse a student that is not an EDiT / MM-EDiT conversion of this teacher's architecture; return its class."""
     path = Path(student_dir)
     if str(student_dir) in PRESETS or not (path / "model_index.json").is_file():
-        raise UserError(f"student {student_dir} is not a converted pipeline folder (make one with "
-                        f"`edit-mobile convert {teacher_src} --arch {FAMILIES[family][2]} --out DIR`)")
+        raise UserError(
+            f"student {student_dir} is not a converted pipeline folder (make one with "
+            f"`edit-mobile convert {teacher_src} --arch {FAMILIES[family][2]} --out DIR`)"
+        )
     config = _read_json(path / "transformer" / "config.json")
     name = config.get("_class_name")
     if name not in STUDENT_CLASSES:
-        raise UserError(f"student {student_dir} holds a {name or 'missing'} transformer, not an EDiT / MM-EDiT "
-                        f"model (convert it first with `edit-mobile convert`)")
+        raise UserError(
+            f"student {student_dir} holds a {name or 'missing'} transformer, not an EDiT / MM-EDiT "
+            f"model (convert it first with `edit-mobile convert`)"
+        )
     if STUDENT_CLASSES[name] != family:
-        raise UserError(f"teacher and student architectures differ: teacher {teacher_src} is a {family} pipeline, "
-                        f"student {student_dir} holds a {name} (a {STUDENT_CLASSES[name]} conversion)")
-    diffs = [f"{k} {config.get(k)!r} vs teacher {v!r}" for k, v in teacher_config.items()
-             if not k.startswith("_") and _norm(config.get(k)) != _norm(v)]
+        raise UserError(
+            f"teacher and student architectures differ: teacher {teacher_src} is a {family} pipeline, "
+            f"student {student_dir} holds a {name} (a {STUDENT_CLASSES[name]} conversion)"
+        )
+    diffs = [
+        f"{k} {config.get(k)!r} vs teacher {v!r}"
+        for k, v in teacher_config.items()
+        if not k.startswith("_") and _norm(config.get(k)) != _norm(v)
+    ]
     if diffs:
         raise UserError(f"student {student_dir} does not match the teacher's transformer: {'; '.join(diffs[:3])}")
     return FAMILIES[family][1]
@@ -413,7 +441,7 @@ def plot_losses(csv_path: Path, png_path: Path, plan) -> None:
     plt.close(fig)
 
 
-def _freeze_unused(student, objective: "Objective", encoder, source, indices, resolution) -> None:
+def _freeze_unused(student, objective: Objective, encoder, source, indices, resolution) -> None:
     """Freeze the parameters the student's forward never reaches, found with one forward / backward.
 
     MM-EDiT leaves some teacher weights dead: SD3's last block discards its prompt rows (so its prompt queries and
@@ -434,8 +462,12 @@ def _freeze_unused(student, objective: "Objective", encoder, source, indices, re
     student.zero_grad(set_to_none=True)
     objective.student_tap.take()
     if unused:
-        logger.info("froze %d parameter tensors that the student's forward does not use (%s%s)", len(unused),
-                    ", ".join(n for n, _ in unused[:3]), ", ..." if len(unused) > 3 else "")
+        logger.info(
+            "froze %d parameter tensors that the student's forward does not use (%s%s)",
+            len(unused),
+            ", ".join(n for n, _ in unused[:3]),
+            ", ..." if len(unused) > 3 else "",
+        )
 
 
 def _writable(path: Path) -> bool:
@@ -458,8 +490,10 @@ def _check_output(config: DistillConfig, resume: bool, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"cannot write {out}: it exists and is not a folder")
     if out.exists() and not resume and not overwrite:
-        raise UserError(f"output folder {out} already exists (pass --resume to continue its run, --overwrite to "
-                        f"replace it, or choose another --out)")
+        raise UserError(
+            f"output folder {out} already exists (pass --resume to continue its run, --overwrite to "
+            f"replace it, or choose another --out)"
+        )
     parent = out.parent if str(out.parent) else Path(".")
     if not out.exists():
         if not parent.is_dir():
@@ -473,8 +507,11 @@ def _check_output(config: DistillConfig, resume: bool, overwrite: bool) -> None:
         if not saved_path.is_file():
             raise UserError(f"cannot resume: {out} holds no distillation run (distill_config.json is missing)")
         saved = DistillConfig.load(saved_path).to_dict()
-        diffs = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in config.to_dict().items()
-                 if k not in RESUME_MAY_CHANGE and _norm(saved.get(k)) != _norm(v)]
+        diffs = [
+            f"{k} {saved.get(k)!r} -> {v!r}"
+            for k, v in config.to_dict().items()
+            if k not in RESUME_MAY_CHANGE and _norm(saved.get(k)) != _norm(v)
+        ]
         if diffs:
             raise UserError(f"cannot resume {out} with different settings: {'; '.join(diffs[:3])}")
 
@@ -557,11 +594,14 @@ def distill(config: DistillConfig, resume: bool = False, overwrite: bool = False
     unit, native = vae_scale * patch, teacher.config.sample_size * vae_scale
     for r in config.resolutions:
         if r % unit:
-            raise UserError(f"unknown resolution {r}: must be a multiple of {unit} "
-                            f"(VAE downsampling {vae_scale} x patch {patch})")
+            raise UserError(
+                f"unknown resolution {r}: must be a multiple of {unit} (VAE downsampling {vae_scale} x patch {patch})"
+            )
         if family == "sd3" and r // unit > teacher.config.pos_embed_max_size:
-            raise UserError(f"resolution {r} exceeds the teacher's position-embedding grid "
-                            f"(at most {teacher.config.pos_embed_max_size * unit} px)")
+            raise UserError(
+                f"resolution {r} exceeds the teacher's position-embedding grid "
+                f"(at most {teacher.config.pos_embed_max_size * unit} px)"
+            )
     plan = stage_plan(config, native)
 
     _prepare_output_folder(accelerator, config, resume, overwrite)
@@ -574,8 +614,10 @@ def distill(config: DistillConfig, resume: bool = False, overwrite: bool = False
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
     text_dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
     frozen = [(teacher, weight_dtype), (pipe.vae, torch.float32)] + [
-        (getattr(pipe, n), text_dtype) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")
-        if getattr(pipe, n, None) is not None]
+        (getattr(pipe, n), text_dtype)
+        for n in ("text_encoder", "text_encoder_2", "text_encoder_3")
+        if getattr(pipe, n, None) is not None
+    ]
     for module, dtype in frozen:
         module.requires_grad_(False).eval().to(device)
         if module.dtype != dtype:  # (diffusers warns on any .to(dtype), even a no-op one)
@@ -587,8 +629,9 @@ def distill(config: DistillConfig, resume: bool = False, overwrite: bool = False
         student.enable_gradient_checkpointing()
     teacher_tap = FeatureTap(attention_modules(teacher, family, student.edit), config.feature_prompt)
     student_tap = FeatureTap(attention_modules(student, family, student.edit), config.feature_prompt)
-    objective = Objective(family, pipe.scheduler.config, teacher, config, teacher_tap, student_tap,
-                          accelerator.autocast, vae_scale)
+    objective = Objective(
+        family, pipe.scheduler.config, teacher, config, teacher_tap, student_tap, accelerator.autocast, vae_scale
+    )
 
     sampler = IndexSampler(len(source), config.seed, config.batch_size, world, config.grad_accum)
     _freeze_unused(student, objective, encoder, source, sampler.indices(0, 0, rank), plan[0][1])
@@ -661,7 +704,8 @@ def distill(config: DistillConfig, resume: bool = False, overwrite: bool = False
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             for old in sorted(ckpt_root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[
-                    :-config.keep_checkpoints]:
+                : -config.keep_checkpoints
+            ]:
                 shutil.rmtree(old)
             plot_losses(csv_path, out / "losses.png", plan)
             logger.info("checkpoint %s (eval loss %.5f)", final, state["eval"][str(step)]["loss"])
@@ -671,8 +715,14 @@ def distill(config: DistillConfig, resume: bool = False, overwrite: bool = False
         state["eval"]["0"] = evaluate()
         logger.info("eval loss at start %.5f", state["eval"]["0"]["loss"])
 
-    progress = tqdm(total=config.steps, initial=start_step, disable=not accelerator.is_local_main_process,
-                    desc="distill", unit="step", dynamic_ncols=True)
+    progress = tqdm(
+        total=config.steps,
+        initial=start_step,
+        disable=not accelerator.is_local_main_process,
+        desc="distill",
+        unit="step",
+        dynamic_ncols=True,
+    )
     step, t_start, step_times = start_step, time.perf_counter(), []
     model.train()
     with warnings.catch_warnings():
@@ -710,14 +760,27 @@ def distill(config: DistillConfig, resume: bool = False, overwrite: bool = False
             dt = time.perf_counter() - t0
             step_times.append(dt)
             if accelerator.is_main_process:
-                row = dict(zip(("loss", *LOSSES), totals), step=step, stage=stage, resolution=res, lr=lr,
-                           sec_per_step=round(dt, 5), sec_per_image=round(dt / images_per_step, 6))
+                row = dict(
+                    zip(("loss", *LOSSES), totals),
+                    step=step,
+                    stage=stage,
+                    resolution=res,
+                    lr=lr,
+                    sec_per_step=round(dt, 5),
+                    sec_per_image=round(dt / images_per_step, 6),
+                )
                 with csv_path.open("a", newline="") as f:
                     csv.DictWriter(f, CSV_COLUMNS).writerow(row)
                 progress.set_postfix(loss=f"{totals[0]:.4f}", res=res)
                 if step % config.log_every == 0 or step == config.steps:
-                    logger.info("step %d/%d %dpx loss %.5f (task %.5f output %.5f feature %.5f) %.3f s/step",
-                                step, config.steps, res, *totals, dt)
+                    logger.info(
+                        "step %d/%d %dpx loss %.5f (task %.5f output %.5f feature %.5f) %.3f s/step",
+                        step,
+                        config.steps,
+                        res,
+                        *totals,
+                        dt,
+                    )
             progress.update(1)
             if step % config.checkpoint_every == 0 or step == config.steps:
                 save_checkpoint(step, stage)
@@ -732,23 +795,42 @@ def distill(config: DistillConfig, resume: bool = False, overwrite: bool = False
         first_eval, last_eval = state["eval"].get("0"), state["eval"][str(step)]
         peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         timing = {
-            "num_processes": world, "images_per_step": images_per_step, "mixed_precision": mixed_precision,
+            "num_processes": world,
+            "images_per_step": images_per_step,
+            "mixed_precision": mixed_precision,
             "sec_per_step_median": float(np.median(step_times)),
             "sec_per_image_median": float(np.median(step_times)) / images_per_step,
-            "wall_s_this_run": time.perf_counter() - t_start, "peak_rss_mb_rank0": round(peak_rss_mb, 1),
+            "wall_s_this_run": time.perf_counter() - t_start,
+            "peak_rss_mb_rank0": round(peak_rss_mb, 1),
         }
         if torch.cuda.is_available():
             timing["peak_cuda_mb_rank0"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         state.update(rank_weight_digests=digests, timing=timing)
         (out / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
         config.save(out / "distill_config.json")
-        _write_pipeline(Path(config.student), accelerator.unwrap_model(model), out, {
-            "teacher": config.teacher, "steps": step, "resolutions": [r for _, r in plan],
-            "eval_loss_start": first_eval and first_eval["loss"], "eval_loss_end": last_eval["loss"]})
-        summary = {"out": str(out), "steps": step, "eval_start": first_eval, "eval_end": last_eval, **timing,
-                   "rank_weight_digests": digests}
-        logger.info("wrote %s: eval loss %s -> %.5f", out, first_eval and f"{first_eval['loss']:.5f}",
-                    last_eval["loss"])
+        _write_pipeline(
+            Path(config.student),
+            accelerator.unwrap_model(model),
+            out,
+            {
+                "teacher": config.teacher,
+                "steps": step,
+                "resolutions": [r for _, r in plan],
+                "eval_loss_start": first_eval and first_eval["loss"],
+                "eval_loss_end": last_eval["loss"],
+            },
+        )
+        summary = {
+            "out": str(out),
+            "steps": step,
+            "eval_start": first_eval,
+            "eval_end": last_eval,
+            **timing,
+            "rank_weight_digests": digests,
+        }
+        logger.info(
+            "wrote %s: eval loss %s -> %.5f", out, first_eval and f"{first_eval['loss']:.5f}", last_eval["loss"]
+        )
     teacher_tap.remove()
     student_tap.remove()
     accelerator.wait_for_everyone()

@@ -44,7 +44,7 @@ class EDiTConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "EDiTConfig":
+    def from_dict(cls, d: dict | None) -> EDiTConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in (d or {}).items() if k in known})
 
@@ -197,6 +197,5 @@ class EDiTAttnProcessor:
 class GridAwareAttnProcessor(AttnProcessor2_0):
     """diffusers' SDPA processor that accepts (and ignores) the `grid_size` kwarg the EDiT blocks receive."""
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 grid_size=None):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, grid_size=None):
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)

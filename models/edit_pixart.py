@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from diffusers import PixArtTransformer2DModel
 from diffusers.configuration_utils import register_to_config
+
 # diffusers finds a component's loading method by looking its base classes up in the class's module namespace
 # (model_index.json names this module): it must expose ModelMixin or from_pretrained says "cannot be loaded".
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
@@ -44,15 +45,27 @@ class EDiTPixArtTransformer2DModel(PixArtTransformer2DModel):
         edit_config: dict | None = None,
     ):
         super().__init__(
-            num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim,
-            in_channels=in_channels, out_channels=out_channels, num_layers=num_layers, dropout=dropout,
-            norm_num_groups=norm_num_groups, cross_attention_dim=cross_attention_dim,
-            attention_bias=attention_bias, sample_size=sample_size, patch_size=patch_size,
-            activation_fn=activation_fn, num_embeds_ada_norm=num_embeds_ada_norm,
-            upcast_attention=upcast_attention, norm_type=norm_type,
-            norm_elementwise_affine=norm_elementwise_affine, norm_eps=norm_eps,
-            interpolation_scale=interpolation_scale, use_additional_conditions=use_additional_conditions,
-            caption_channels=caption_channels, attention_type=attention_type,
+            num_attention_heads=num_attention_heads,
+            attention_head_dim=attention_head_dim,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            num_layers=num_layers,
+            dropout=dropout,
+            norm_num_groups=norm_num_groups,
+            cross_attention_dim=cross_attention_dim,
+            attention_bias=attention_bias,
+            sample_size=sample_size,
+            patch_size=patch_size,
+            activation_fn=activation_fn,
+            num_embeds_ada_norm=num_embeds_ada_norm,
+            upcast_attention=upcast_attention,
+            norm_type=norm_type,
+            norm_elementwise_affine=norm_elementwise_affine,
+            norm_eps=norm_eps,
+            interpolation_scale=interpolation_scale,
+            use_additional_conditions=use_additional_conditions,
+            caption_channels=caption_channels,
+            attention_type=attention_type,
         )
         self.edit = EDiTConfig.from_dict(edit_config)
         for block in self.transformer_blocks:

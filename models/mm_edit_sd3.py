@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from diffusers import SD3Transformer2DModel
 from diffusers.configuration_utils import register_to_config
+
 # diffusers looks base classes up in this module's namespace when loading a pipeline component (see edit_pixart).
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401
 
@@ -36,11 +37,19 @@ class MMEDiTSD3Transformer2DModel(SD3Transformer2DModel):
         edit_config: dict | None = None,
     ):
         super().__init__(
-            sample_size=sample_size, patch_size=patch_size, in_channels=in_channels, num_layers=num_layers,
-            attention_head_dim=attention_head_dim, num_attention_heads=num_attention_heads,
-            joint_attention_dim=joint_attention_dim, caption_projection_dim=caption_projection_dim,
-            pooled_projection_dim=pooled_projection_dim, out_channels=out_channels,
-            pos_embed_max_size=pos_embed_max_size, dual_attention_layers=dual_attention_layers, qk_norm=qk_norm,
+            sample_size=sample_size,
+            patch_size=patch_size,
+            in_channels=in_channels,
+            num_layers=num_layers,
+            attention_head_dim=attention_head_dim,
+            num_attention_heads=num_attention_heads,
+            joint_attention_dim=joint_attention_dim,
+            caption_projection_dim=caption_projection_dim,
+            pooled_projection_dim=pooled_projection_dim,
+            out_channels=out_channels,
+            pos_embed_max_size=pos_embed_max_size,
+            dual_attention_layers=dual_attention_layers,
+            qk_norm=qk_norm,
         )
         self.edit = EDiTConfig.from_dict(edit_config)
         for block in self.transformer_blocks:

@@ -6,8 +6,9 @@ wrong call fails with a message naming the input instead of deep inside the runt
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -30,9 +31,16 @@ class Backend(Protocol):
 class OrtBackend:
     """ONNX Runtime InferenceSession over one component's model.onnx."""
 
-    def __init__(self, model_path: str | Path, input_specs: Iterable[TensorSpec | dict], output_names: list[str],
-                 threads: int | None = None, optimization: str = "all", providers: list[str] | None = None,
-                 session_config: dict[str, str] | None = None):
+    def __init__(
+        self,
+        model_path: str | Path,
+        input_specs: Iterable[TensorSpec | dict],
+        output_names: list[str],
+        threads: int | None = None,
+        optimization: str = "all",
+        providers: list[str] | None = None,
+        session_config: dict[str, str] | None = None,
+    ):
         import onnxruntime as ort
 
         self.model_path = Path(model_path)
@@ -42,11 +50,13 @@ class OrtBackend:
         providers = list(providers) if providers else ["CPUExecutionProvider"]
         unknown = [p for p in providers if p not in available]
         if unknown:
-            raise UserError(f"ONNX Runtime provider(s) {', '.join(unknown)} not available here "
-                            f"(available: {', '.join(available)})")
+            raise UserError(
+                f"ONNX Runtime provider(s) {', '.join(unknown)} not available here (available: {', '.join(available)})"
+            )
         if optimization not in _OPT_LEVELS:
-            raise UserError(f"unknown ONNX Runtime optimization level {optimization!r} "
-                            f"(choose from {', '.join(_OPT_LEVELS)})")
+            raise UserError(
+                f"unknown ONNX Runtime optimization level {optimization!r} (choose from {', '.join(_OPT_LEVELS)})"
+            )
         if threads is not None and threads < 1:
             raise UserError(f"threads must be >= 1, got {threads}")
         opts = ort.SessionOptions()
@@ -65,9 +75,11 @@ class OrtBackend:
         model_outputs = {o.name for o in self.session.get_outputs()}
         spec_inputs = {s.name for s in self.input_specs}
         if model_inputs != spec_inputs or not set(self.output_names) <= model_outputs:
-            raise UserError(f"{self.model_path}: the model's inputs {sorted(model_inputs)} / outputs "
-                            f"{sorted(model_outputs)} do not match the manifest ({sorted(spec_inputs)} / "
-                            f"{self.output_names})")
+            raise UserError(
+                f"{self.model_path}: the model's inputs {sorted(model_inputs)} / outputs "
+                f"{sorted(model_outputs)} do not match the manifest ({sorted(spec_inputs)} / "
+                f"{self.output_names})"
+            )
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_inputs(inputs, self.input_specs, where=str(self.model_path))
@@ -75,17 +87,34 @@ class OrtBackend:
         return dict(zip(self.output_names, outs))
 
 
-def create_backend(name: str, model_path: str | Path, input_specs: Iterable[TensorSpec | dict],
-                   output_names: list[str], *, threads: int | None = None, optimization: str = "all",
-                   providers: list[str] | None = None, session_config: dict[str, str] | None = None) -> Backend:
+def create_backend(
+    name: str,
+    model_path: str | Path,
+    input_specs: Iterable[TensorSpec | dict],
+    output_names: list[str],
+    *,
+    threads: int | None = None,
+    optimization: str = "all",
+    providers: list[str] | None = None,
+    session_config: dict[str, str] | None = None,
+) -> Backend:
     """A backend by name: "ort" (ONNX Runtime), "coreml" (Core ML, macOS), "coreml-reference" (numpy executor of
     the Core ML program, runtime/coreml_reference.py)."""
     if name == "ort":
         if Path(model_path).suffix == ".mlpackage":
-            raise UserError(f"{model_path} is a Core ML model: use --backend coreml (macOS) or --backend "
-                            f"coreml-reference (the numpy reference executor)")
-        return OrtBackend(model_path, input_specs, output_names, threads=threads, optimization=optimization,
-                          providers=providers, session_config=session_config)
+            raise UserError(
+                f"{model_path} is a Core ML model: use --backend coreml (macOS) or --backend "
+                f"coreml-reference (the numpy reference executor)"
+            )
+        return OrtBackend(
+            model_path,
+            input_specs,
+            output_names,
+            threads=threads,
+            optimization=optimization,
+            providers=providers,
+            session_config=session_config,
+        )
     if name == "coreml":
         from .coreml_reference import CoreMLBackend
 

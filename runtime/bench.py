@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from .backends import BACKENDS, component_backend
-from .io_specs import to_numpy_dtype
 from .errors import UserError
+from .io_specs import to_numpy_dtype
 from .package import Package, installed_version, load_package
 
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon"
@@ -67,9 +67,15 @@ def summarize(samples_ms: list[float]) -> dict:
     if a.size == 0:
         raise ValueError("no samples")
     p10, med, p90 = np.percentile(a, [10, 50, 90])
-    return {"median_ms": round(float(med), 3), "p10_ms": round(float(p10), 3), "p90_ms": round(float(p90), 3),
-            "mean_ms": round(float(a.mean()), 3), "min_ms": round(float(a.min()), 3),
-            "max_ms": round(float(a.max()), 3), "runs": int(a.size)}
+    return {
+        "median_ms": round(float(med), 3),
+        "p10_ms": round(float(p10), 3),
+        "p90_ms": round(float(p90), 3),
+        "mean_ms": round(float(a.mean()), 3),
+        "min_ms": round(float(a.min()), 3),
+        "max_ms": round(float(a.max()), 3),
+        "runs": int(a.size),
+    }
 
 
 class TimedBackend:
@@ -159,8 +165,12 @@ def cpu_model() -> str:
         import subprocess
 
         try:
-            return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
-                                  timeout=5).stdout.strip() or platform.processor()
+            return (
+                subprocess.run(
+                    ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5
+                ).stdout.strip()
+                or platform.processor()
+            )
         except (OSError, subprocess.SubprocessError):
             pass
     return platform.processor() or platform.machine()
@@ -184,8 +194,10 @@ def machine_info(threads: int | None = None) -> dict:
         "threads": threads if threads is not None else "default (ONNX Runtime: one per physical core)",
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "versions": {name: installed_version(name) for name in ("edit-mobile", "numpy", "onnxruntime", "coremltools",
-                                                       "tokenizers")},
+        "versions": {
+            name: installed_version(name)
+            for name in ("edit-mobile", "numpy", "onnxruntime", "coremltools", "tokenizers")
+        },
         "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
 
@@ -196,13 +208,17 @@ def _fallback_inputs(specs, rng: np.random.Generator) -> dict[str, np.ndarray]:
     for s in specs:
         dtype = to_numpy_dtype(s.dtype)
         shape = tuple(int(d) for d in s.shape)
-        out[s.name] = (rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating)
-                       else np.zeros(shape, dtype=dtype))
+        out[s.name] = (
+            rng.standard_normal(shape).astype(dtype)
+            if np.issubdtype(dtype, np.floating)
+            else np.zeros(shape, dtype=dtype)
+        )
     return out
 
 
-def _component_inputs(name: str, timed: dict[str, TimedBackend], pkg: Package, steps: int,
-                      rng: np.random.Generator) -> dict[str, np.ndarray]:
+def _component_inputs(
+    name: str, timed: dict[str, TimedBackend], pkg: Package, steps: int, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
     """Realistic inputs of one component: what the loop fed it (transformer: a call of the middle step)."""
     t = timed[name]
     if t.calls:
@@ -243,8 +259,13 @@ def bench_package(package_dir: str | Path, options: BenchOptions = BenchOptions(
     rss_after_load = current_rss_mb()
 
     # 2. end to end
-    pipe = Text2ImagePipeline(pkg, backend=options.backend, progress=False,
-                              backends={n: t for n, t in timed.items() if n in TEXT_TO_IMAGE}, **kw)
+    pipe = Text2ImagePipeline(
+        pkg,
+        backend=options.backend,
+        progress=False,
+        backends={n: t for n, t in timed.items() if n in TEXT_TO_IMAGE},
+        **kw,
+    )
     guidance = DEFAULT_GUIDANCE[pkg.family] if options.guidance is None else float(options.guidance)
     e2e_runs = options.e2e_runs or options.runs
     e2e, overhead, in_loop, step_ms = [], [], [], []
@@ -258,7 +279,7 @@ def bench_package(package_dir: str | Path, options: BenchOptions = BenchOptions(
         wall = (time.perf_counter() - start) * 1e3
         for t in timed.values():
             t.capture = False  # the first run's inputs are the ones kept
-        calls = {n: t.times_ms[marks[n]:] for n, t in timed.items()}
+        calls = {n: t.times_ms[marks[n] :] for n, t in timed.items()}
         transformer_calls = len(calls["transformer"])
         if timed_run:
             components_ms = sum(sum(c) for c in calls.values())
@@ -267,15 +288,17 @@ def bench_package(package_dir: str | Path, options: BenchOptions = BenchOptions(
             overhead.append(wall - components_ms)
             per_step = max(transformer_calls // options.steps, 1)
             tr = calls["transformer"]
-            step_ms += [sum(tr[j:j + per_step]) for j in range(0, len(tr), per_step)]
+            step_ms += [sum(tr[j : j + per_step]) for j in range(0, len(tr), per_step)]
 
     # 3. per component, round-robin
     rng = np.random.default_rng(options.seed)
     inputs = {name: _component_inputs(name, timed, pkg, options.steps, rng) for name in timed}
     samples: dict[str, list[float]] = {name: [] for name in timed}
     for i in range(options.warmup + options.runs):
-        say(f"components {'run' if i >= options.warmup else 'warm-up'} "
-            f"{i + 1 - options.warmup if i >= options.warmup else i + 1}")
+        say(
+            f"components {'run' if i >= options.warmup else 'warm-up'} "
+            f"{i + 1 - options.warmup if i >= options.warmup else i + 1}"
+        )
         for name, t in timed.items():
             start = time.perf_counter()
             t.backend.run(inputs[name])
@@ -289,17 +312,32 @@ def bench_package(package_dir: str | Path, options: BenchOptions = BenchOptions(
         calls_per_image[name] = n // (options.warmup + e2e_runs)
     components = {}
     for name, comp in pkg.components.items():
-        components[name] = {**summarize(samples[name]), "load_s": round(load_s[name], 3),
-                            "size_mb": folder_size_mb(comp.path.parent if comp.path.is_file() else comp.path),
-                            "precision": comp.precision, "calls_per_image": calls_per_image[name]}
+        components[name] = {
+            **summarize(samples[name]),
+            "load_s": round(load_s[name], 3),
+            "size_mb": folder_size_mb(comp.path.parent if comp.path.is_file() else comp.path),
+            "precision": comp.precision,
+            "calls_per_image": calls_per_image[name],
+        }
     e2e_summary = {**summarize(e2e), "steps": options.steps}
     overhead_ms = float(np.median(overhead))
     return {
-        "package": {"path": str(pkg.root), "family": pkg.family, "architecture": pkg.architecture,
-                    "target": pkg.target, "resolution": list(pkg.resolution), "batch": pkg.batch,
-                    "latent_shape": list(pkg.latent_shape)},
-        "protocol": {**asdict(options), "e2e_runs": e2e_runs, "guidance": guidance, "cfg": guidance > 1.0,
-                     "transformer_calls_per_step": max(transformer_calls // options.steps, 1)},
+        "package": {
+            "path": str(pkg.root),
+            "family": pkg.family,
+            "architecture": pkg.architecture,
+            "target": pkg.target,
+            "resolution": list(pkg.resolution),
+            "batch": pkg.batch,
+            "latent_shape": list(pkg.latent_shape),
+        },
+        "protocol": {
+            **asdict(options),
+            "e2e_runs": e2e_runs,
+            "guidance": guidance,
+            "cfg": guidance > 1.0,
+            "transformer_calls_per_step": max(transformer_calls // options.steps, 1),
+        },
         "machine": {**machine_info(options.threads), "loadavg_before": loadavg_before},
         "verify_s": round(verify_s, 3),
         "load_s": round(sum(load_s.values()), 3),
@@ -332,8 +370,10 @@ def format_report(report: dict) -> str:
         f"{'size MB':>10}  precision",
     ]
     for name, c in report["components"].items():
-        lines.append(f"{name:<16}{c['load_s']:>9.2f}{c['median_ms']:>12.1f}{c['p10_ms']:>11.1f}{c['p90_ms']:>11.1f}"
-                     f"{c['calls_per_image']:>11d}{c['size_mb']:>10.1f}  {c['precision']}")
+        lines.append(
+            f"{name:<16}{c['load_s']:>9.2f}{c['median_ms']:>12.1f}{c['p10_ms']:>11.1f}{c['p90_ms']:>11.1f}"
+            f"{c['calls_per_image']:>11d}{c['size_mb']:>10.1f}  {c['precision']}"
+        )
     ts, e = report["transformer_step"], report["end_to_end"]
     lines += [
         f"{'transformer/step':<16}{'':>9}{ts['median_ms']:>12.1f}{ts['p10_ms']:>11.1f}{ts['p90_ms']:>11.1f}",

@@ -31,8 +31,8 @@ import math
 import os
 import sys
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -61,16 +61,39 @@ def _proto():
 
 # MIL proto DataType name -> (numpy dtype, bits per element in packed form)
 _DTYPES = {
-    "BOOL": (np.bool_, 8), "FLOAT16": (np.float16, 16), "FLOAT32": (np.float32, 32), "FLOAT64": (np.float64, 64),
-    "INT8": (np.int8, 8), "INT16": (np.int16, 16), "INT32": (np.int32, 32), "INT64": (np.int64, 64),
-    "UINT8": (np.uint8, 8), "UINT16": (np.uint16, 16), "UINT32": (np.uint32, 32), "UINT64": (np.uint64, 64),
-    "INT4": (np.int8, 4), "UINT1": (np.uint8, 1), "UINT2": (np.uint8, 2), "UINT3": (np.uint8, 3),
-    "UINT4": (np.uint8, 4), "UINT6": (np.uint8, 6),
+    "BOOL": (np.bool_, 8),
+    "FLOAT16": (np.float16, 16),
+    "FLOAT32": (np.float32, 32),
+    "FLOAT64": (np.float64, 64),
+    "INT8": (np.int8, 8),
+    "INT16": (np.int16, 16),
+    "INT32": (np.int32, 32),
+    "INT64": (np.int64, 64),
+    "UINT8": (np.uint8, 8),
+    "UINT16": (np.uint16, 16),
+    "UINT32": (np.uint32, 32),
+    "UINT64": (np.uint64, 64),
+    "INT4": (np.int8, 4),
+    "UINT1": (np.uint8, 1),
+    "UINT2": (np.uint8, 2),
+    "UINT3": (np.uint8, 3),
+    "UINT4": (np.uint8, 4),
+    "UINT6": (np.uint8, 6),
 }
 # MIL dtype strings used by cast / quantize (`dtype="fp16"`) -> numpy
-_DTYPE_STRINGS = {"fp16": np.float16, "fp32": np.float32, "fp64": np.float64, "int8": np.int8, "uint8": np.uint8,
-                  "int16": np.int16, "uint16": np.uint16, "int32": np.int32, "uint32": np.uint32, "int64": np.int64,
-                  "bool": np.bool_}
+_DTYPE_STRINGS = {
+    "fp16": np.float16,
+    "fp32": np.float32,
+    "fp64": np.float64,
+    "int8": np.int8,
+    "uint8": np.uint8,
+    "int16": np.int16,
+    "uint16": np.uint16,
+    "int32": np.int32,
+    "uint32": np.uint32,
+    "int64": np.int64,
+    "bool": np.bool_,
+}
 
 
 def unpack_bits(packed: np.ndarray, nbits: int, count: int, signed: bool) -> np.ndarray:
@@ -92,12 +115,14 @@ class _Weights:
     def _map(self, file_name: str) -> np.ndarray:
         if not file_name.startswith(WEIGHTS_PREFIX):
             raise UserError(f"{self.where}: weight file {file_name!r} is not inside the package")
-        rel = file_name[len(WEIGHTS_PREFIX):]
+        rel = file_name[len(WEIGHTS_PREFIX) :]
         path = (self.root / "Data/com.apple.CoreML" / rel).resolve()
         if not path.is_relative_to(self.root.resolve()) or not path.is_file():
             raise UserError(f"corrupted .mlpackage {self.root}: weight file {rel} is missing")
         if rel not in self._maps:
-            self._maps[rel] = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
+            self._maps[rel] = (
+                np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
+            )
         return self._maps[rel]
 
     def read(self, file_name: str, offset: int, dtype_name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -106,11 +131,11 @@ class _Weights:
         count = int(np.prod(shape, dtype=np.int64))
         if offset + 64 > data.size:
             raise UserError(f"corrupted .mlpackage {self.root}: weight offset {offset} beyond the weight file")
-        sentinel, _blob_dtype, size, start = np.frombuffer(data[offset: offset + 24].tobytes(), "<u4,<u4,<u8,<u8")[0]
+        sentinel, _blob_dtype, size, start = np.frombuffer(data[offset : offset + 24].tobytes(), "<u4,<u4,<u8,<u8")[0]
         expected = (count * nbits + 7) // 8
         if sentinel != _BLOB_SENTINEL or size != expected or start + size > data.size:
             raise UserError(f"corrupted .mlpackage {self.root}: bad weight blob at offset {offset}")
-        raw = np.asarray(data[start: start + size])
+        raw = np.asarray(data[start : start + size])
         if nbits < 8:
             return unpack_bits(raw, nbits, count, dtype_name == "INT4").reshape(shape)
         return raw.view(np.dtype(dtype).newbyteorder("<")).astype(dtype, copy=True).reshape(shape)
@@ -195,8 +220,10 @@ class CoreMLReferenceProgram:
             raise UserError(f"Core ML reference executor does not implement op {unknown[0]!r} (in {self.component})")
         for op in self.ops:
             if len(op.blocks):
-                raise UserError(f"Core ML reference executor does not implement op {op.type!r} with nested blocks "
-                                f"(in {self.component})")
+                raise UserError(
+                    f"Core ML reference executor does not implement op {op.type!r} with nested blocks "
+                    f"(in {self.component})"
+                )
         # Last op index that reads each value, so that intermediate tensors are freed as soon as possible.
         self._last_use: dict[str, int] = {}
         for i, op in enumerate(self.ops):
@@ -211,11 +238,13 @@ class CoreMLReferenceProgram:
     # --- description -------------------------------------------------------------------------------------------
     @property
     def compute_precision(self) -> str:
-        """"fp16" when any op produces a float16 tensor, else "fp32"."""
+        """ "fp16" when any op produces a float16 tensor, else "fp32"."""
         for op in self.ops:
             for out in op.outputs:
-                if out.type.WhichOneof("type") == "tensorType" and _DTYPE_NAMES.get(out.type.tensorType.dataType) \
-                        == "FLOAT16":
+                if (
+                    out.type.WhichOneof("type") == "tensorType"
+                    and _DTYPE_NAMES.get(out.type.tensorType.dataType) == "FLOAT16"
+                ):
                     return "fp16"
         return "fp32"
 
@@ -224,8 +253,12 @@ class CoreMLReferenceProgram:
 
     def metadata(self) -> dict:
         d = self.spec.description
-        return {"short_description": d.metadata.shortDescription, "version": d.metadata.versionString,
-                "author": d.metadata.author, "user_defined": dict(d.metadata.userDefined)}
+        return {
+            "short_description": d.metadata.shortDescription,
+            "version": d.metadata.versionString,
+            "author": d.metadata.author,
+            "user_defined": dict(d.metadata.userDefined),
+        }
 
     # --- values ------------------------------------------------------------------------------------------------
     def _value(self, value, where: str):
@@ -280,19 +313,24 @@ class CoreMLReferenceProgram:
             raise RuntimeError(f"{self.component}: op {op.type} ({op.outputs[0].name}) failed: {e!r}") from e
         results = list(result) if isinstance(result, (list, tuple)) else [result]
         if len(results) != len(op.outputs):
-            raise RuntimeError(f"{self.component}: op {op.type} produced {len(results)} outputs, "
-                               f"the program declares {len(op.outputs)}")
+            raise RuntimeError(
+                f"{self.component}: op {op.type} produced {len(results)} outputs, "
+                f"the program declares {len(op.outputs)}"
+            )
         for out, value, (dtype_name, shape) in zip(op.outputs, results, declared):
             if dtype_name != "STRING":
                 value = np.asarray(value)
                 if value.shape != shape:
-                    raise RuntimeError(f"{self.component}: op {op.type} ({out.name}) gave shape {value.shape}, "
-                                       f"the program declares {shape}")
+                    raise RuntimeError(
+                        f"{self.component}: op {op.type} ({out.name}) gave shape {value.shape}, "
+                        f"the program declares {shape}"
+                    )
                 value = value.astype(_DTYPES[dtype_name][0], copy=False)
             env[out.name] = value
 
-    def run(self, inputs: dict[str, np.ndarray],
-            observer: Callable[[str, np.ndarray], None] | None = None) -> dict[str, np.ndarray]:
+    def run(
+        self, inputs: dict[str, np.ndarray], observer: Callable[[str, np.ndarray], None] | None = None
+    ) -> dict[str, np.ndarray]:
         """Evaluate `main`. Inputs are cast to the program's declared input dtypes (int64 token ids -> int32).
 
         `observer(name, value)` is called with every non-constant op output (calibration statistics)."""
@@ -382,12 +420,14 @@ def _erf(x: np.ndarray) -> np.ndarray:
 
             _ERF = _scipy_erf
         except ImportError:  # Abramowitz & Stegun 7.1.26 in float64: |error| < 1.5e-7
+
             def _ERF(v):
                 v = np.asarray(v, np.float64)
                 s, a = np.sign(v), np.abs(v)
                 t = 1.0 / (1.0 + 0.3275911 * a)
                 poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
                 return s * (1.0 - poly * np.exp(-a * a))
+
     return np.asarray(_ERF(x), dtype=x.dtype)
 
 
@@ -397,7 +437,7 @@ def _gelu(p, d):
     if mode == "EXACT":
         return 0.5 * x * (1.0 + _erf(x / np.float32(math.sqrt(2.0))))
     if mode == "TANH_APPROXIMATION":
-        return 0.5 * x * (1.0 + np.tanh(np.float32(math.sqrt(2.0 / math.pi)) * (x + 0.044715 * x ** 3)))
+        return 0.5 * x * (1.0 + np.tanh(np.float32(math.sqrt(2.0 / math.pi)) * (x + 0.044715 * x**3)))
     if mode == "SIGMOID_APPROXIMATION":
         return x / (1.0 + np.exp(-1.702 * x))
     raise UserError(f"gelu mode {mode!r} is not implemented by the reference executor")
@@ -414,6 +454,7 @@ def _reduce(fn):
         axes = p.get("axes")
         axes = None if axes is None else tuple(_axis(a, x.ndim) for a in _ints(axes))
         return fn(x, axis=axes, keepdims=bool(_scalar(p.get("keep_dims"), False)))
+
     return op
 
 
@@ -423,6 +464,7 @@ def _arg_reduce(fn):
         axis = _axis(int(_scalar(p.get("axis"), -1)), x.ndim)
         out = fn(x, axis=axis)
         return np.expand_dims(out, axis) if _scalar(p.get("keep_dims"), False) else out
+
     return op
 
 
@@ -476,14 +518,20 @@ def _conv(p, d):
     # Sliding windows over the dilated kernel extent, then strided: (B, C, *out, *kernel)
     extent = [(k - 1) * dl + 1 for k, dl in zip(kernel, dilations)]
     win = np.lib.stride_tricks.sliding_window_view(x, extent, axis=tuple(range(2, 2 + n)))
-    win = win[(slice(None), slice(None), *[slice(None, None, s) for s in strides],
-               *[slice(None, None, dl) for dl in dilations])]
-    out_sizes = win.shape[2:2 + n]
+    win = win[
+        (
+            slice(None),
+            slice(None),
+            *[slice(None, None, s) for s in strides],
+            *[slice(None, None, dl) for dl in dilations],
+        )
+    ]
+    out_sizes = win.shape[2 : 2 + n]
     cg, og = c_in // groups, c_out // groups
     outs = []
     for g in range(groups):
-        wg = w[g * og:(g + 1) * og].reshape(og, -1)  # (og, cg * prod(k))
-        xg = win[:, g * cg:(g + 1) * cg]  # (B, cg, *out, *k)
+        wg = w[g * og : (g + 1) * og].reshape(og, -1)  # (og, cg * prod(k))
+        xg = win[:, g * cg : (g + 1) * cg]  # (B, cg, *out, *k)
         xg = np.moveaxis(xg, 1, 1 + n)  # (B, *out, cg, *k)
         cols = xg.reshape(b, int(np.prod(out_sizes)), -1)
         outs.append(np.matmul(cols, wg.T))  # (B, P, og)
@@ -589,8 +637,11 @@ def _slice_index(p, r: int) -> tuple:
     stride = _ints(p["stride"]) if p.get("stride") is not None else [1] * r
     bm = [bool(v) for v in np.asarray(p["begin_mask"]).reshape(-1)] if p.get("begin_mask") is not None else [False] * r
     em = [bool(v) for v in np.asarray(p["end_mask"]).reshape(-1)] if p.get("end_mask") is not None else [False] * r
-    sm = [bool(v) for v in np.asarray(p["squeeze_mask"]).reshape(-1)] \
-        if p.get("squeeze_mask") is not None else [False] * r
+    sm = (
+        [bool(v) for v in np.asarray(p["squeeze_mask"]).reshape(-1)]
+        if p.get("squeeze_mask") is not None
+        else [False] * r
+    )
     index = []
     for i in range(r):
         if sm[i]:
@@ -665,8 +716,14 @@ def _gather_along_axis(p, d):
     return np.take_along_axis(x, _positive(p["indices"], x.shape[axis]), axis=axis)
 
 
-_SCATTER_MODES = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide, "max": np.maximum,
-                  "min": np.minimum}
+_SCATTER_MODES = {
+    "add": np.add,
+    "sub": np.subtract,
+    "mul": np.multiply,
+    "div": np.divide,
+    "max": np.maximum,
+    "min": np.minimum,
+}
 
 
 def _scatter(p, d):
@@ -844,55 +901,101 @@ OPS: dict[str, Callable] = {
     "identity": lambda p, d: np.asarray(p["x"]),
     "cast": _cast,
     # elementwise binary (numpy broadcasting = MIL broadcasting)
-    "add": _binary(np.add), "sub": _binary(np.subtract), "mul": _binary(np.multiply),
-    "real_div": _binary(np.divide), "floor_div": _binary(np.floor_divide), "mod": _binary(np.mod),
-    "pow": _binary(np.power), "maximum": _binary(np.maximum), "minimum": _binary(np.minimum),
-    "equal": _binary(np.equal), "not_equal": _binary(np.not_equal), "greater": _binary(np.greater),
-    "greater_equal": _binary(np.greater_equal), "less": _binary(np.less), "less_equal": _binary(np.less_equal),
-    "logical_and": _binary(np.logical_and), "logical_or": _binary(np.logical_or),
-    "logical_xor": _binary(np.logical_xor), "logical_not": _unary(np.logical_not),
+    "add": _binary(np.add),
+    "sub": _binary(np.subtract),
+    "mul": _binary(np.multiply),
+    "real_div": _binary(np.divide),
+    "floor_div": _binary(np.floor_divide),
+    "mod": _binary(np.mod),
+    "pow": _binary(np.power),
+    "maximum": _binary(np.maximum),
+    "minimum": _binary(np.minimum),
+    "equal": _binary(np.equal),
+    "not_equal": _binary(np.not_equal),
+    "greater": _binary(np.greater),
+    "greater_equal": _binary(np.greater_equal),
+    "less": _binary(np.less),
+    "less_equal": _binary(np.less_equal),
+    "logical_and": _binary(np.logical_and),
+    "logical_or": _binary(np.logical_or),
+    "logical_xor": _binary(np.logical_xor),
+    "logical_not": _unary(np.logical_not),
     # elementwise unary
-    "abs": _unary(np.abs), "ceil": _unary(np.ceil), "floor": _unary(np.floor), "round": _unary(np.round),
-    "sign": _unary(np.sign), "exp": _unary(np.exp), "exp2": _unary(np.exp2), "log": _unary(np.log),
-    "sqrt": _unary(np.sqrt), "square": _unary(np.square), "sin": _unary(np.sin), "cos": _unary(np.cos),
-    "tan": _unary(np.tan), "tanh": _unary(np.tanh), "erf": _unary(_erf),
+    "abs": _unary(np.abs),
+    "ceil": _unary(np.ceil),
+    "floor": _unary(np.floor),
+    "round": _unary(np.round),
+    "sign": _unary(np.sign),
+    "exp": _unary(np.exp),
+    "exp2": _unary(np.exp2),
+    "log": _unary(np.log),
+    "sqrt": _unary(np.sqrt),
+    "square": _unary(np.square),
+    "sin": _unary(np.sin),
+    "cos": _unary(np.cos),
+    "tan": _unary(np.tan),
+    "tanh": _unary(np.tanh),
+    "erf": _unary(_erf),
     "rsqrt": lambda p, d: 1.0 / np.sqrt(_f(p["x"]) + np.float32(_scalar(p.get("epsilon"), 1e-12))),
     "inverse": lambda p, d: 1.0 / (_f(p["x"]) + np.float32(_scalar(p.get("epsilon"), 1e-4))),
     "clip": _clip,
     # activations
-    "relu": _unary(lambda x: np.maximum(x, 0)), "relu6": _band(0, 6),
+    "relu": _unary(lambda x: np.maximum(x, 0)),
+    "relu6": _band(0, 6),
     "sigmoid": _unary(lambda x: 1.0 / (1.0 + np.exp(-x))),
     "silu": _unary(lambda x: x / (1.0 + np.exp(-x))),
     "gelu": _gelu,
-    "leaky_relu": lambda p, d: (lambda x, a: np.where(x >= 0, x, a * x))(_f(p["x"]),
-                                                                         np.float32(_scalar(p.get("alpha"), 0.01))),
+    "leaky_relu": lambda p, d: (lambda x, a: np.where(x >= 0, x, a * x))(
+        _f(p["x"]), np.float32(_scalar(p.get("alpha"), 0.01))
+    ),
     "softplus": _unary(lambda x: np.logaddexp(0, x)),
     "softmax": lambda p, d: _softmax(_f(p["x"]), int(_scalar(p.get("axis"), -1))),
     # linear algebra
-    "linear": _linear, "matmul": _matmul, "conv": _conv,
+    "linear": _linear,
+    "matmul": _matmul,
+    "conv": _conv,
     "scaled_dot_product_attention": _sdpa,
     # normalisation
-    "layer_norm": _layer_norm, "instance_norm": _instance_norm, "batch_norm": _batch_norm,
+    "layer_norm": _layer_norm,
+    "instance_norm": _instance_norm,
+    "batch_norm": _batch_norm,
     # reductions
-    "reduce_mean": _reduce(np.mean), "reduce_sum": _reduce(np.sum), "reduce_max": _reduce(np.max),
-    "reduce_min": _reduce(np.min), "reduce_prod": _reduce(np.prod),
+    "reduce_mean": _reduce(np.mean),
+    "reduce_sum": _reduce(np.sum),
+    "reduce_max": _reduce(np.max),
+    "reduce_min": _reduce(np.min),
+    "reduce_prod": _reduce(np.prod),
     "reduce_sum_square": _reduce(lambda x, **k: np.sum(np.square(x), **k)),
     "reduce_l2_norm": _reduce(lambda x, **k: np.sqrt(np.sum(np.square(x), **k))),
     "reduce_log_sum_exp": _reduce(lambda x, **k: np.log(np.sum(np.exp(x), **k))),
-    "reduce_argmax": _arg_reduce(np.argmax), "reduce_argmin": _arg_reduce(np.argmin),
+    "reduce_argmax": _arg_reduce(np.argmax),
+    "reduce_argmin": _arg_reduce(np.argmin),
     # shapes and data movement
-    "reshape": _reshape, "transpose": lambda p, d: np.transpose(np.asarray(p["x"]), _ints(p["perm"])),
-    "expand_dims": _expand_dims, "squeeze": _squeeze, "concat": _concat, "stack": _stack, "split": _split,
-    "slice_by_index": _slice_by_index, "slice_by_size": _slice_by_size, "slice_update": _slice_update,
+    "reshape": _reshape,
+    "transpose": lambda p, d: np.transpose(np.asarray(p["x"]), _ints(p["perm"])),
+    "expand_dims": _expand_dims,
+    "squeeze": _squeeze,
+    "concat": _concat,
+    "stack": _stack,
+    "split": _split,
+    "slice_by_index": _slice_by_index,
+    "slice_by_size": _slice_by_size,
+    "slice_update": _slice_update,
     "tile": lambda p, d: np.tile(np.asarray(p["x"]), _ints(p["reps"])),
-    "pad": _pad, "upsample_nearest_neighbor": _upsample_nearest,
-    "gather": _gather, "gather_nd": _gather_nd, "gather_along_axis": _gather_along_axis,
-    "scatter": _scatter, "scatter_along_axis": _scatter_along_axis,
+    "pad": _pad,
+    "upsample_nearest_neighbor": _upsample_nearest,
+    "gather": _gather,
+    "gather_nd": _gather_nd,
+    "gather_along_axis": _gather_along_axis,
+    "scatter": _scatter,
+    "scatter_along_axis": _scatter_along_axis,
     "select": lambda p, d: np.where(np.asarray(p["cond"]).astype(bool), _f(p["a"]), _f(p["b"])),
-    "fill": _fill, "fill_like": _fill_like,
+    "fill": _fill,
+    "fill_like": _fill_like,
     "shape": lambda p, d: np.array(np.asarray(p["x"]).shape, dtype=np.int32),
     # quantisation and compressed weights
-    "quantize": _quantize, "dequantize": _dequantize,
+    "quantize": _quantize,
+    "dequantize": _dequantize,
     "constexpr_affine_dequantize": _constexpr_affine_dequantize,
     "constexpr_blockwise_shift_scale": _constexpr_blockwise_shift_scale,
     "constexpr_lut_to_dense": _constexpr_lut_to_dense,
@@ -903,10 +1006,13 @@ OPS: dict[str, Callable] = {
 # ------------------------------------------------------------------------------------------------------------------
 # Backends (runtime/backends.py's interface: run(inputs) -> outputs, inputs checked against the manifest)
 
+
 def _check_mlpackage(model_path: Path) -> None:
     if model_path.suffix != ".mlpackage":
-        raise UserError(f"{model_path} is not a Core ML model (.mlpackage): Core ML backends need a package "
-                        f"exported with --target coreml")
+        raise UserError(
+            f"{model_path} is not a Core ML model (.mlpackage): Core ML backends need a package "
+            f"exported with --target coreml"
+        )
 
 
 class CoreMLReferenceBackend:
@@ -919,10 +1025,13 @@ class CoreMLReferenceBackend:
         self.input_specs = as_specs(input_specs)
         self.output_names = list(output_names)
         self.program = CoreMLReferenceProgram(self.model_path, component=self.model_path.parent.name)
-        if set(self.program.inputs) != {s.name for s in self.input_specs} or \
-                not set(self.output_names) <= set(self.program.output_names):
-            raise UserError(f"{self.model_path}: the program's inputs {sorted(self.program.inputs)} / outputs "
-                            f"{self.program.output_names} do not match the manifest")
+        if set(self.program.inputs) != {s.name for s in self.input_specs} or not set(self.output_names) <= set(
+            self.program.output_names
+        ):
+            raise UserError(
+                f"{self.model_path}: the program's inputs {sorted(self.program.inputs)} / outputs "
+                f"{self.program.output_names} do not match the manifest"
+            )
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_inputs(inputs, self.input_specs, where=str(self.model_path))
@@ -937,8 +1046,10 @@ class CoreMLBackend:
         self.model_path = Path(model_path)
         _check_mlpackage(self.model_path)
         if sys.platform != "darwin":
-            raise UserError("Core ML prediction needs macOS; use --backend coreml-reference to execute the program "
-                            "with the numpy reference executor")
+            raise UserError(
+                "Core ML prediction needs macOS; use --backend coreml-reference to execute the program "
+                "with the numpy reference executor"
+            )
         import coremltools as ct  # imports torch too; only here, on macOS
 
         self.input_specs = as_specs(input_specs)
@@ -946,12 +1057,16 @@ class CoreMLBackend:
         try:
             units = ct.ComputeUnit[compute_units]
         except KeyError:
-            raise UserError(f"unknown Core ML compute units {compute_units!r} "
-                            f"(choose from {', '.join(u.name for u in ct.ComputeUnit)})") from None
+            raise UserError(
+                f"unknown Core ML compute units {compute_units!r} "
+                f"(choose from {', '.join(u.name for u in ct.ComputeUnit)})"
+            ) from None
         self.model = ct.models.MLModel(str(self.model_path), compute_units=units)
         codes = {65568: np.float32, 65552: np.float16, 131104: np.int32}  # ArrayFeatureType.ArrayDataType
-        self._dtypes = {i.name: codes.get(i.type.multiArrayType.dataType, np.float32)
-                        for i in self.model.get_spec().description.input}
+        self._dtypes = {
+            i.name: codes.get(i.type.multiArrayType.dataType, np.float32)
+            for i in self.model.get_spec().description.input
+        }
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_inputs(inputs, self.input_specs, where=str(self.model_path))

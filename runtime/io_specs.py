@@ -7,8 +7,8 @@ share it without importing each other.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 
@@ -22,17 +22,32 @@ class TensorSpec:
     dtype: str
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TensorSpec":
+    def from_dict(cls, d: dict) -> TensorSpec:
         return cls(name=str(d["name"]), shape=tuple(d["shape"]), dtype=str(d["dtype"]))
+
 
 # Manifest dtype names (numpy names, the short forms used in docs/package.md, ONNX type strings) -> numpy dtype.
 _DTYPES = {
-    "f32": np.float32, "float": np.float32, "float32": np.float32, "tensor(float)": np.float32,
-    "f16": np.float16, "half": np.float16, "float16": np.float16, "tensor(float16)": np.float16,
-    "f64": np.float64, "double": np.float64, "float64": np.float64, "tensor(double)": np.float64,
-    "i64": np.int64, "int64": np.int64, "tensor(int64)": np.int64,
-    "i32": np.int32, "int32": np.int32, "tensor(int32)": np.int32,
-    "bool": np.bool_, "tensor(bool)": np.bool_,
+    "f32": np.float32,
+    "float": np.float32,
+    "float32": np.float32,
+    "tensor(float)": np.float32,
+    "f16": np.float16,
+    "half": np.float16,
+    "float16": np.float16,
+    "tensor(float16)": np.float16,
+    "f64": np.float64,
+    "double": np.float64,
+    "float64": np.float64,
+    "tensor(double)": np.float64,
+    "i64": np.int64,
+    "int64": np.int64,
+    "tensor(int64)": np.int64,
+    "i32": np.int32,
+    "int32": np.int32,
+    "tensor(int32)": np.int32,
+    "bool": np.bool_,
+    "tensor(bool)": np.bool_,
 }
 DTYPE_NAMES = frozenset(_DTYPES)
 
@@ -70,6 +85,7 @@ def check_inputs(inputs: dict[str, np.ndarray], specs: Iterable[TensorSpec | dic
         if a.dtype != want:
             raise ValueError(f"{where}: input {s.name!r} has dtype {a.dtype}, expected {want}")
         shape_ok = len(a.shape) == len(s.shape) and all(
-            not isinstance(d, int) or d == n for d, n in zip(s.shape, a.shape))
+            not isinstance(d, int) or d == n for d, n in zip(s.shape, a.shape)
+        )
         if not shape_ok:
             raise ValueError(f"{where}: input {s.name!r} has shape {tuple(a.shape)}, expected {tuple(s.shape)}")

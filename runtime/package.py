@@ -21,8 +21,18 @@ SCHEMA_VERSION = 1
 FAMILIES = ("pixart", "sd3")
 TARGETS = ("onnx", "ort-mobile", "coreml")
 MANIFEST = "manifest.json"
-_REQUIRED = ("schema_version", "family", "resolution", "batch", "latent_shape", "vae", "transformer_out_channels",
-             "text", "scheduler", "components")
+_REQUIRED = (
+    "schema_version",
+    "family",
+    "resolution",
+    "batch",
+    "latent_shape",
+    "vae",
+    "transformer_out_channels",
+    "text",
+    "scheduler",
+    "components",
+)
 # Bounds on every size a manifest states: far above any real model (a 4096² image has a 512² latent grid), low
 # enough that a corrupted number is refused before the runtime allocates from it.
 _MAX_DIM = 1 << 16
@@ -229,9 +239,13 @@ class _Fields:
         specs = []
         for i, s in enumerate(value):
             s = self.obj(s, f"{field}[{i}]")
-            specs.append(TensorSpec(name=self.string(s.get("name"), f"{field}[{i}].name"),
-                                    shape=self.shape(s.get("shape"), f"{field}[{i}].shape"),
-                                    dtype=self.choice(s.get("dtype"), f"{field}[{i}].dtype", DTYPE_NAMES)))
+            specs.append(
+                TensorSpec(
+                    name=self.string(s.get("name"), f"{field}[{i}].name"),
+                    shape=self.shape(s.get("shape"), f"{field}[{i}].shape"),
+                    dtype=self.choice(s.get("dtype"), f"{field}[{i}].dtype", DTYPE_NAMES),
+                )
+            )
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise self.fail(field, "distinct names", names)
@@ -251,8 +265,11 @@ def _component(root: Path, name: str, c: Any, f: _Fields) -> Component:
         if not isinstance(digest, str) or len(digest) != 64 or any(ch not in "0123456789abcdefABCDEF" for ch in digest):
             raise f.fail(f"{where}.files[{frel!r}]", "a sha256 hex digest", digest)
     # A Core ML model is a folder (.mlpackage); its files are listed (and hashed) one by one in `files`.
-    if not any(resolve_inside(root, frel, f"{where}.files") == path or
-               resolve_inside(root, frel, f"{where}.files").is_relative_to(path) for frel in files):
+    if not any(
+        resolve_inside(root, frel, f"{where}.files") == path
+        or resolve_inside(root, frel, f"{where}.files").is_relative_to(path)
+        for frel in files
+    ):
         raise f.fail(f"{where}.files", f"a hash for the model file {rel}", sorted(files))
     if not (path.is_file() or (path.suffix == ".mlpackage" and path.is_dir())):
         raise UserError(f"package {root} is incomplete: {rel} is missing")
@@ -264,11 +281,18 @@ def _component(root: Path, name: str, c: Any, f: _Fields) -> Component:
             f.obj(c[key], f"{where}.{key}")
     if c.get("gate_psnr_db") is not None:
         f.number(c["gate_psnr_db"], f"{where}.gate_psnr_db")
-    return Component(name=name, path=path, relpath=rel, files=dict(files),
-                     precision=f.string(c.get("precision"), f"{where}.precision", optional=True), opset=opset,
-                     inputs=f.tensors(c.get("inputs"), f"{where}.inputs"),
-                     outputs=f.tensors(c.get("outputs"), f"{where}.outputs"),
-                     tolerance=dict(c.get("tolerance") or {}), raw=c)
+    return Component(
+        name=name,
+        path=path,
+        relpath=rel,
+        files=dict(files),
+        precision=f.string(c.get("precision"), f"{where}.precision", optional=True),
+        opset=opset,
+        inputs=f.tensors(c.get("inputs"), f"{where}.inputs"),
+        outputs=f.tensors(c.get("outputs"), f"{where}.outputs"),
+        tolerance=dict(c.get("tolerance") or {}),
+        raw=c,
+    )
 
 
 def _text(root: Path, m: dict, components: dict[str, Component], f: _Fields) -> dict[str, TextSpec]:
@@ -282,18 +306,22 @@ def _text(root: Path, m: dict, components: dict[str, Component], f: _Fields) -> 
         where = f"text.{tname}"
         t = f.obj(t, where)
         rel = f.string(t.get("path"), f"{where}.path")
-        spec = TextSpec(name=str(tname), path=resolve_inside(root, rel, f"{where}.path"),
-                        max_length=f.integer(t.get("max_length"), f"{where}.max_length"),
-                        pad_id=f.integer(t.get("pad_id"), f"{where}.pad_id", 0, 1 << 24),
-                        component=f.choice(t.get("component"), f"{where}.component", components))
+        spec = TextSpec(
+            name=str(tname),
+            path=resolve_inside(root, rel, f"{where}.path"),
+            max_length=f.integer(t.get("max_length"), f"{where}.max_length"),
+            pad_id=f.integer(t.get("pad_id"), f"{where}.pad_id", 0, 1 << 24),
+            component=f.choice(t.get("component"), f"{where}.component", components),
+        )
         if not (spec.path / "tokenizer.json").is_file():
             raise UserError(f"package {root} is incomplete: {rel}/tokenizer.json is missing")
         text[spec.name] = spec
     return text
 
 
-def _check_consistent(pkg: "Package", f: _Fields) -> None:
+def _check_consistent(pkg: Package, f: _Fields) -> None:
     """The top-level sizes agree with the graphs' static shapes (the runtime allocates from the former)."""
+
     def spec(component: str, name: str, outputs: bool = False) -> TensorSpec | None:
         comp = pkg.components.get(component)
         specs = (comp.outputs if outputs else comp.inputs) if comp else ()
@@ -301,11 +329,15 @@ def _check_consistent(pkg: "Package", f: _Fields) -> None:
 
     sample, out = spec("transformer", "sample"), spec("transformer", "out_sample", outputs=True)
     if sample is not None and (sample.shape[0] != pkg.batch or sample.shape[1:] != pkg.latent_shape):
-        raise f.fail("batch / latent_shape", f"the transformer's sample shape {list(sample.shape)}",
-                     [pkg.batch, *pkg.latent_shape])
+        raise f.fail(
+            "batch / latent_shape",
+            f"the transformer's sample shape {list(sample.shape)}",
+            [pkg.batch, *pkg.latent_shape],
+        )
     if out is not None and out.shape[1] != pkg.transformer_out_channels:
-        raise f.fail("transformer_out_channels", f"{out.shape[1]} (the transformer's out_sample)",
-                     pkg.transformer_out_channels)
+        raise f.fail(
+            "transformer_out_channels", f"{out.shape[1]} (the transformer's out_sample)", pkg.transformer_out_channels
+        )
     image = spec("vae_decoder", "sample", outputs=True)
     if image is not None and tuple(image.shape[2:]) != pkg.resolution:
         raise f.fail("resolution", f"the VAE decoder's image size {list(image.shape[2:])}", list(pkg.resolution))
@@ -322,8 +354,10 @@ def load_package(root: str | Path, verify: bool = True) -> Package:
     f = _Fields(root / MANIFEST)
     version = m.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise UserError(f"package schema_version {version!r} is not supported (this edit-mobile reads version "
-                        f"{SCHEMA_VERSION}); re-export the package with this version")
+        raise UserError(
+            f"package schema_version {version!r} is not supported (this edit-mobile reads version "
+            f"{SCHEMA_VERSION}); re-export the package with this version"
+        )
     missing = [k for k in _REQUIRED if k not in m]
     if missing:
         raise UserError(f"{root / MANIFEST}: missing field(s) {', '.join(missing)}")
@@ -344,14 +378,23 @@ def load_package(root: str | Path, verify: bool = True) -> Package:
             f.obj(m[key], key)
 
     pkg = Package(
-        root=root.resolve(), manifest=m, schema_version=version,
-        source=f.string(m.get("source"), "source", optional=True), family=family,
+        root=root.resolve(),
+        manifest=m,
+        schema_version=version,
+        source=f.string(m.get("source"), "source", optional=True),
+        family=family,
         architecture=f.string(m.get("architecture"), "architecture", optional=True),
         target=f.choice(m.get("target"), "target", TARGETS, optional=True),
-        resolution=f.shape(m["resolution"], "resolution", rank=2), batch=f.integer(m["batch"], "batch", 1, 64),
-        latent_shape=f.shape(m["latent_shape"], "latent_shape", rank=3), vae=dict(vae),
-        transformer_out_channels=f.integer(m["transformer_out_channels"], "transformer_out_channels"), text=text,
-        scheduler_path=sched, components=components, tools=dict(m.get("tools") or {}), validation=m.get("validation"),
+        resolution=f.shape(m["resolution"], "resolution", rank=2),
+        batch=f.integer(m["batch"], "batch", 1, 64),
+        latent_shape=f.shape(m["latent_shape"], "latent_shape", rank=3),
+        vae=dict(vae),
+        transformer_out_channels=f.integer(m["transformer_out_channels"], "transformer_out_channels"),
+        text=text,
+        scheduler_path=sched,
+        components=components,
+        tools=dict(m.get("tools") or {}),
+        validation=m.get("validation"),
     )
     _check_consistent(pkg, f)
     if verify:

@@ -9,16 +9,16 @@ diffusers as `latents`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from .backends import BACKENDS, component_backend
-from .io_specs import to_numpy_dtype
 from .errors import UserError
+from .io_specs import to_numpy_dtype
 from .package import Package, load_package
 from .schedulers import scheduler_from_config
 from .tokenizer import PromptTokenizer
@@ -51,9 +51,16 @@ class GenerationResult:
 class Text2ImagePipeline:
     """`Text2ImagePipeline(package)("a cat")` -> GenerationResult with a uint8 image."""
 
-    def __init__(self, package: Package | str | Path, backend: str = "ort", threads: int | None = None,
-                 optimization: str = "all", providers: list[str] | None = None, progress: bool = True,
-                 backends: dict | None = None):
+    def __init__(
+        self,
+        package: Package | str | Path,
+        backend: str = "ort",
+        threads: int | None = None,
+        optimization: str = "all",
+        providers: list[str] | None = None,
+        progress: bool = True,
+        backends: dict | None = None,
+    ):
         """`backends`: already created backends by component name (e.g. `edit-mobile bench` passes instrumented
         ones, after timing their creation); the components not in it are created here."""
         if backend not in BACKENDS:
@@ -73,19 +80,24 @@ class Text2ImagePipeline:
             spec = self.package.text_for(name)
             self.tokenizers[name] = PromptTokenizer(spec.path, spec.max_length, spec.pad_id)
         given = backends or {}
-        self.models = {name: given[name] if name in given else component_backend(self.package, name, backend, **kw)
-                       for name in [*encoders, "transformer", "vae_decoder"]}
+        self.models = {
+            name: given[name] if name in given else component_backend(self.package, name, backend, **kw)
+            for name in [*encoders, "transformer", "vae_decoder"]
+        }
         self._specs = {name: {s.name: s for s in self.package.input_specs(name)} for name in self.models}
 
     # --- components ----------------------------------------------------------------------------------------------
     def _run(self, name: str, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         """Run one component, casting inputs to the manifest dtypes (fp16 packages) and outputs to float32."""
         specs = self._specs[name]
-        cast = {k: np.ascontiguousarray(v, dtype=to_numpy_dtype(specs[k].dtype)) if k in specs else v
-                for k, v in inputs.items()}
+        cast = {
+            k: np.ascontiguousarray(v, dtype=to_numpy_dtype(specs[k].dtype)) if k in specs else v
+            for k, v in inputs.items()
+        }
         out = self.models[name].run(cast)
-        return {k: v.astype(np.float32, copy=False) if np.issubdtype(v.dtype, np.floating) else v
-                for k, v in out.items()}
+        return {
+            k: v.astype(np.float32, copy=False) if np.issubdtype(v.dtype, np.floating) else v for k, v in out.items()
+        }
 
     def _preprocess(self, text: str) -> str:
         # PixArtSigmaPipeline._text_preprocessing with clean_caption off (its bs4 / ftfy cleaning is not reproduced).
@@ -100,22 +112,26 @@ class Text2ImagePipeline:
         prompt = self._preprocess(prompt)
         if self.family == "pixart":
             enc = self.tokenizers["text_encoder"].encode(prompt)
-            hidden = self._run("text_encoder", input_ids=enc.input_ids,
-                               attention_mask=enc.attention_mask)["last_hidden_state"]
+            hidden = self._run("text_encoder", input_ids=enc.input_ids, attention_mask=enc.attention_mask)[
+                "last_hidden_state"
+            ]
             return {"encoder_hidden_states": hidden, "encoder_attention_mask": enc.attention_mask.astype(np.float32)}
         clip_hidden, pooled = [], []
         for name in ("text_encoder", "text_encoder_2"):
             out = self._run(name, input_ids=self.tokenizers[name].encode(prompt).input_ids)
             clip_hidden.append(out["hidden_states"])
             pooled.append(out["text_embeds"])
-        t5 = self._run("text_encoder_3",
-                       input_ids=self.tokenizers["text_encoder_3"].encode(prompt).input_ids)["last_hidden_state"]
+        t5 = self._run("text_encoder_3", input_ids=self.tokenizers["text_encoder_3"].encode(prompt).input_ids)[
+            "last_hidden_state"
+        ]
         clip = np.concatenate(clip_hidden, axis=-1)
         if clip.shape[-1] > t5.shape[-1]:
             raise UserError(f"package: CLIP width {clip.shape[-1]} exceeds the T5 width {t5.shape[-1]}")
         clip = np.pad(clip, ((0, 0), (0, 0), (0, t5.shape[-1] - clip.shape[-1])))
-        return {"encoder_hidden_states": np.concatenate([clip, t5], axis=1),
-                "pooled_projections": np.concatenate(pooled, axis=-1)}
+        return {
+            "encoder_hidden_states": np.concatenate([clip, t5], axis=1),
+            "pooled_projections": np.concatenate(pooled, axis=-1),
+        }
 
     def _denoise(self, latent_input: np.ndarray, t, cond: dict[str, np.ndarray], record: list | None) -> np.ndarray:
         """Transformer on the (CFG-)batched input; a batch-1 package gets one call per batch row."""
@@ -124,8 +140,11 @@ class Text2ImagePipeline:
         batch = self.package.batch
         outs = []
         for start in range(0, rows, batch):
-            inputs = {"sample": latent_input[start:start + batch], "timestep": timestep[start:start + batch],
-                      **{k: v[start:start + batch] for k, v in cond.items()}}
+            inputs = {
+                "sample": latent_input[start : start + batch],
+                "timestep": timestep[start : start + batch],
+                **{k: v[start : start + batch] for k, v in cond.items()},
+            }
             if inputs["sample"].shape[0] < batch:  # no CFG on a batch-2 package: repeat the row, keep the first
                 inputs = {k: np.concatenate([v] * batch) for k, v in inputs.items()}
             if record is not None:
@@ -143,10 +162,17 @@ class Text2ImagePipeline:
         return to_uint8(decoded), decoded
 
     # --- the loop ------------------------------------------------------------------------------------------------
-    def __call__(self, prompt: str, negative_prompt: str = "", steps: int = 20, guidance: float | None = None,
-                 seed: int = 0, latents: np.ndarray | None = None,
-                 callback: Callable[[int, object, np.ndarray], None] | None = None,
-                 record: bool = False) -> GenerationResult:
+    def __call__(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        steps: int = 20,
+        guidance: float | None = None,
+        seed: int = 0,
+        latents: np.ndarray | None = None,
+        callback: Callable[[int, object, np.ndarray], None] | None = None,
+        record: bool = False,
+    ) -> GenerationResult:
         """Generate one image. `latents` (unscaled noise, (1,C,h,w)) overrides `seed`; `record` keeps the text
         embeddings, every transformer input and every guided noise prediction (memory: steps x inputs)."""
         if steps < 1:

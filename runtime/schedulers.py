@@ -153,8 +153,7 @@ class Scheduler:
             elif key in cls._fixed:
                 if value != cls._fixed[key]:
                     raise ValueError(
-                        f"{cls.__name__}: config field {key}={value!r} is not supported "
-                        f"(only {cls._fixed[key]!r})"
+                        f"{cls.__name__}: config field {key}={value!r} is not supported (only {cls._fixed[key]!r})"
                     )
             elif key not in cls._harmless:
                 logger.warning("%s: ignoring unknown config field %s=%r", cls.__name__, key, value)

@@ -50,8 +50,7 @@ class PromptTokenizer:
         self._full.no_padding()
         # transformers' defaults for truncation=True / padding="max_length": longest_first, right side, stride 0.
         self._fixed.enable_truncation(self.max_length, stride=0, strategy="longest_first", direction="right")
-        self._fixed.enable_padding(direction="right", pad_id=self.pad_id, pad_token=pad_token,
-                                   length=self.max_length)
+        self._fixed.enable_padding(direction="right", pad_id=self.pad_id, pad_token=pad_token, length=self.max_length)
 
     def encode(self, prompt: str) -> Encoding:
         enc = self._fixed.encode(prompt, add_special_tokens=True)
@@ -61,12 +60,16 @@ class PromptTokenizer:
         full = self._full.encode(prompt, add_special_tokens=True).ids
         if len(full) > self.max_length:
             # As diffusers: decode the untruncated ids from max_length - 1 up to (not including) the last token.
-            removed = self._full.decode(full[self.max_length - 1:-1], skip_special_tokens=False)
+            removed = self._full.decode(full[self.max_length - 1 : -1], skip_special_tokens=False)
             suffix = getattr(self._full.model, "end_of_word_suffix", None)  # CLIP's "</w>": a space, as transformers
             if suffix:
                 removed = " ".join(removed.replace(suffix, " ").split())
-            logger.warning("The following part of your input was truncated because the text encoder can only "
-                           "handle sequences up to %d tokens: %s", self.max_length, removed)
+            logger.warning(
+                "The following part of your input was truncated because the text encoder can only "
+                "handle sequences up to %d tokens: %s",
+                self.max_length,
+                removed,
+            )
         return Encoding(ids, mask, removed)
 
     __call__ = encode

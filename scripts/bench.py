@@ -19,13 +19,21 @@ def build_parser(parser):
     parser.add_argument("--backend", default="ort", help="ort (default), coreml (macOS) or coreml-reference")
     parser.add_argument("--runs", type=int, default=5, help="timed runs per component and end to end (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs before them (default 1)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="ONNX Runtime intra-op threads (default: ONNX Runtime's, one per physical core)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="ONNX Runtime intra-op threads (default: ONNX Runtime's, one per physical core)",
+    )
     parser.add_argument("--steps", type=int, default=20, help="denoising steps of the end-to-end runs (default 20)")
     parser.add_argument("--e2e-runs", type=int, default=None, help="timed end-to-end runs (default: --runs)")
     parser.add_argument("--prompt", default=None, help="prompt of the end-to-end runs")
-    parser.add_argument("--guidance", type=float, default=None,
-                        help="classifier-free guidance scale (default: the family's diffusers default)")
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale (default: the family's diffusers default)",
+    )
     parser.add_argument("--json", metavar="OUT", default=None, help="also write the full report as JSON")
     return parser
 
@@ -38,14 +46,22 @@ def main(args) -> int:
     from ..runtime.bench import DEFAULT_PROMPT, BenchOptions, bench_package, format_report
     from ..runtime.errors import UserError
 
-    options = BenchOptions(backend=args.backend, runs=args.runs, warmup=args.warmup, threads=args.threads,
-                           steps=args.steps, e2e_runs=args.e2e_runs, prompt=args.prompt or DEFAULT_PROMPT,
-                           guidance=args.guidance)
+    options = BenchOptions(
+        backend=args.backend,
+        runs=args.runs,
+        warmup=args.warmup,
+        threads=args.threads,
+        steps=args.steps,
+        e2e_runs=args.e2e_runs,
+        prompt=args.prompt or DEFAULT_PROMPT,
+        guidance=args.guidance,
+    )
     options.check()
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise UserError(f"cannot write {args.json}: folder {Path(args.json).parent} does not exist")
-    report = bench_package(args.package, options, progress=lambda msg: print(f"bench: {msg}", file=sys.stderr,
-                                                                             flush=True))
+    report = bench_package(
+        args.package, options, progress=lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True)
+    )
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 from diffusers import PixArtTransformer2DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
-
 from edit_mobile.models.edit_attention import EDiTAttnProcessor, EDiTConfig, add_edit_layers
 from edit_mobile.models.edit_pixart import EDiTPixArtTransformer2DModel
 
@@ -62,12 +61,22 @@ def softmax_attention_macs(n: int, dim: int = DIM) -> int:
     return 4 * n * dim * dim + 2 * n * n * dim
 
 
-def edit_attention_macs(grid: tuple[int, int], dim: int = DIM, heads: int = HEADS,
-                        config: EDiTConfig = EDiTConfig()) -> int:
+def edit_attention_macs(
+    grid: tuple[int, int],
+    dim: int = DIM,
+    heads: int = HEADS,
+    config: EDiTConfig = EDiTConfig(),  # noqa: B008 (frozen dataclass: immutable)
+) -> int:
     n, m, d = grid[0] * grid[1], compressed_tokens(grid, config.kv_stride), dim // heads
     hidden = max(dim // config.convfusion_reduction, 1)
-    return (4 * n * dim * dim + 9 * n * dim * hidden + n * hidden * dim + 2 * 9 * m * dim
-            + m * dim * (d + 1) + n * dim * (d + 1))
+    return (
+        4 * n * dim * dim
+        + 9 * n * dim * hidden
+        + n * hidden * dim
+        + 2 * 9 * m * dim
+        + m * dim * (d + 1)
+        + n * dim * (d + 1)
+    )
 
 
 def transformer_macs(grid: tuple[int, int], depth: int, self_attention_macs: int, dim: int = DIM) -> int:
@@ -84,6 +93,7 @@ def transformer_macs(grid: tuple[int, int], depth: int, self_attention_macs: int
 
 # --- Timing ---------------------------------------------------------------------------------------------------
 
+
 def time_pair(softmax_fn, edit_fn, repeats: int) -> tuple[list[float], list[float]]:
     """Milliseconds per call of both sides, interleaved (order alternating) after one warm-up call each."""
     times = {"softmax": [], "edit": []}
@@ -92,23 +102,44 @@ def time_pair(softmax_fn, edit_fn, repeats: int) -> tuple[list[float], list[floa
         for _, fn in fns:
             fn()
         for i in range(repeats):
-            for name, fn in (fns if i % 2 == 0 else fns[::-1]):
+            for name, fn in fns if i % 2 == 0 else fns[::-1]:
                 t0 = time.perf_counter()
                 fn()
                 times[name].append((time.perf_counter() - t0) * 1e3)
     return times["softmax"], times["edit"]
 
 
-def row(level: str, resolution: int, grid: tuple[int, int], softmax_ms: list[float], edit_ms: list[float],
-        softmax_macs: int, edit_macs: int, threads: int, **extra) -> dict:
+def row(
+    level: str,
+    resolution: int,
+    grid: tuple[int, int],
+    softmax_ms: list[float],
+    edit_ms: list[float],
+    softmax_macs: int,
+    edit_macs: int,
+    threads: int,
+    **extra,
+) -> dict:
     soft, edit = statistics.median(softmax_ms), statistics.median(edit_ms)
     return {
-        "level": level, "resolution": resolution, "grid": list(grid), "tokens": grid[0] * grid[1], **extra,
-        "softmax_ms": round(soft, 1), "edit_ms": round(edit, 1), "speedup": round(soft / edit, 2),
+        "level": level,
+        "resolution": resolution,
+        "grid": list(grid),
+        "tokens": grid[0] * grid[1],
+        **extra,
+        "softmax_ms": round(soft, 1),
+        "edit_ms": round(edit, 1),
+        "speedup": round(soft / edit, 2),
         "flop_ratio": round(softmax_macs / edit_macs, 2),
-        "softmax_gmacs": round(softmax_macs / 1e9, 2), "edit_gmacs": round(edit_macs / 1e9, 2),
-        "softmax_ms_min": round(min(softmax_ms), 1), "edit_ms_min": round(min(edit_ms), 1),
-        "repeats": len(edit_ms), "threads": threads, "dtype": "float32", "batch": 1, "device": "cpu",
+        "softmax_gmacs": round(softmax_macs / 1e9, 2),
+        "edit_gmacs": round(edit_macs / 1e9, 2),
+        "softmax_ms_min": round(min(softmax_ms), 1),
+        "edit_ms_min": round(min(edit_ms), 1),
+        "repeats": len(edit_ms),
+        "threads": threads,
+        "dtype": "float32",
+        "batch": 1,
+        "device": "cpu",
         "torch": torch.__version__,
     }
 
@@ -129,18 +160,37 @@ def bench_layer(resolution: int, repeats: int, threads: int, config: EDiTConfig)
     student.set_processor(EDiTAttnProcessor(config))
     x = torch.randn(1, grid[0] * grid[1], DIM)
     soft, edit = time_pair(lambda: teacher(x), lambda: student(x, grid_size=grid), repeats)
-    return row("layer", resolution, grid, soft, edit, softmax_attention_macs(grid[0] * grid[1]),
-               edit_attention_macs(grid, config=config), threads, depth=1)
+    return row(
+        "layer",
+        resolution,
+        grid,
+        soft,
+        edit,
+        softmax_attention_macs(grid[0] * grid[1]),
+        edit_attention_macs(grid, config=config),
+        threads,
+        depth=1,
+    )
 
 
 def pixart_xl(resolution: int, depth: int) -> PixArtTransformer2DModel:
     """PixArt-Σ-XL-2's transformer (the `pixart-sigma-xl` preset's config) with `depth` blocks, random weights."""
     sample_size = resolution // VAE_FACTOR
     return PixArtTransformer2DModel(
-        num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, in_channels=LATENT_CHANNELS,
-        out_channels=OUT_CHANNELS, num_layers=depth, cross_attention_dim=DIM, caption_channels=CAPTION_CHANNELS,
-        sample_size=sample_size, attention_bias=True, norm_type="ada_norm_single", norm_elementwise_affine=False,
-        norm_eps=1e-6, use_additional_conditions=False, interpolation_scale=max(sample_size // 64, 1),
+        num_attention_heads=HEADS,
+        attention_head_dim=HEAD_DIM,
+        in_channels=LATENT_CHANNELS,
+        out_channels=OUT_CHANNELS,
+        num_layers=depth,
+        cross_attention_dim=DIM,
+        caption_channels=CAPTION_CHANNELS,
+        sample_size=sample_size,
+        attention_bias=True,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        use_additional_conditions=False,
+        interpolation_scale=max(sample_size // 64, 1),
     ).eval()
 
 
@@ -160,20 +210,30 @@ def bench_transformer(resolution: int, repeats: int, threads: int, config: EDiTC
     )
     soft, edit = time_pair(lambda: teacher(**inputs), lambda: student(**inputs), repeats)
     n = grid[0] * grid[1]
-    return row("transformer", resolution, grid, soft, edit,
-               transformer_macs(grid, depth, softmax_attention_macs(n)),
-               transformer_macs(grid, depth, edit_attention_macs(grid, config=config)), threads, depth=depth)
+    return row(
+        "transformer",
+        resolution,
+        grid,
+        soft,
+        edit,
+        transformer_macs(grid, depth, softmax_attention_macs(n)),
+        transformer_macs(grid, depth, edit_attention_macs(grid, config=config)),
+        threads,
+        depth=depth,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true",
-                   help="layer only, 512 and 1024, 3 repeats (a smoke run: < 1 minute on 2 cores)")
+    p.add_argument(
+        "--quick", action="store_true", help="layer only, 512 and 1024, 3 repeats (a smoke run: < 1 minute on 2 cores)"
+    )
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per side after a warm-up (default 5)")
     p.add_argument("--levels", nargs="+", choices=("layer", "transformer"), default=("layer", "transformer"))
-    p.add_argument("--resolutions", nargs="+", type=int, default=RESOLUTIONS,
-                   help="image sizes (default 512 1024 2048)")
+    p.add_argument(
+        "--resolutions", nargs="+", type=int, default=RESOLUTIONS, help="image sizes (default 512 1024 2048)"
+    )
     p.add_argument("--depth", type=int, default=2, help="transformer blocks at the transformer level (default 2)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows to this file as a JSON list")
     return p

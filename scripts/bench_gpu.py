@@ -13,19 +13,16 @@ recorded as "oom". Rows (one per resolution and mode) are printed as JSON lines 
 
 from __future__ import annotations
 
-from pathlib import Path
-
-
 import argparse
 import contextlib
 import json
 import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from diffusers import PixArtTransformer2DModel
-
 from edit_mobile.models.edit_pixart import EDiTPixArtTransformer2DModel
 
 HEADS, HEAD_DIM, CAPTION_CHANNELS, PROMPT_TOKENS = 16, 72, 4096, 300  # PixArt-Σ-XL-2 with T5-XXL prompts
@@ -36,11 +33,21 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 def pixart_xl(resolution: int, depth: int, heads: int = HEADS) -> PixArtTransformer2DModel:
     sample = resolution // VAE_FACTOR
     return PixArtTransformer2DModel(
-        num_attention_heads=heads, attention_head_dim=HEAD_DIM, in_channels=LATENT_CHANNELS,
-        out_channels=OUT_CHANNELS, num_layers=depth, cross_attention_dim=heads * HEAD_DIM,
-        caption_channels=CAPTION_CHANNELS, sample_size=sample, attention_bias=True, norm_type="ada_norm_single",
-        norm_elementwise_affine=False, norm_eps=1e-6, use_additional_conditions=False,
-        interpolation_scale=max(sample // 64, 1)).eval()
+        num_attention_heads=heads,
+        attention_head_dim=HEAD_DIM,
+        in_channels=LATENT_CHANNELS,
+        out_channels=OUT_CHANNELS,
+        num_layers=depth,
+        cross_attention_dim=heads * HEAD_DIM,
+        caption_channels=CAPTION_CHANNELS,
+        sample_size=sample,
+        attention_bias=True,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        use_additional_conditions=False,
+        interpolation_scale=max(sample // 64, 1),
+    ).eval()
 
 
 def make_inputs(resolution: int, batch: int, device, dtype) -> dict:
@@ -79,8 +86,11 @@ class Timer:
 
 
 def is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower() \
+    return (
+        isinstance(e, torch.cuda.OutOfMemoryError)
+        or "out of memory" in str(e).lower()
         or "can't allocate memory" in str(e).lower()
+    )
 
 
 def sdpa_context(backend: str):
@@ -89,8 +99,11 @@ def sdpa_context(backend: str):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                        "math": SDPBackend.MATH}[backend])
+    return sdpa_kernel(
+        {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[
+            backend
+        ]
+    )
 
 
 def bench_resolution(resolution: int, args, device, dtype) -> list[dict]:
@@ -106,9 +119,16 @@ def bench_resolution(resolution: int, args, device, dtype) -> list[dict]:
         sides = {"softmax": teacher, "edit": student}
         if mode == "compile":
             sides = {k: torch.compile(m, mode=args.compile_mode, dynamic=False) for k, m in sides.items()}
-        row = {"resolution": resolution, "tokens": (resolution // VAE_FACTOR // PATCH) ** 2, "mode": mode,
-               "depth": args.depth, "batch": args.batch, "dtype": args.dtype, "device": str(device),
-               "sdpa": args.sdpa}
+        row = {
+            "resolution": resolution,
+            "tokens": (resolution // VAE_FACTOR // PATCH) ** 2,
+            "mode": mode,
+            "depth": args.depth,
+            "batch": args.batch,
+            "dtype": args.dtype,
+            "device": str(device),
+            "sdpa": args.sdpa,
+        }
         times, status, peak = {k: [] for k in sides}, {k: "ok" for k in sides}, {}
         with torch.inference_mode(), sdpa_context(args.sdpa):
             for name, fn in sides.items():  # warm-up (and compilation) per side, with its own memory peak
@@ -131,7 +151,7 @@ def bench_resolution(resolution: int, args, device, dtype) -> list[dict]:
                     if status[name] != "ok":
                         continue
                     try:
-                        times[name].append(timer(lambda: fn(**inputs)))
+                        times[name].append(timer(lambda fn=fn: fn(**inputs)))
                     except Exception as e:  # noqa: BLE001
                         status[name] = "oom" if is_oom(e) else f"failed: {type(e).__name__}: {str(e)[:200]}"
         for name in sides:
@@ -152,16 +172,23 @@ def bench_resolution(resolution: int, args, device, dtype) -> list[dict]:
 
 
 def markdown(rows: list[dict], info: dict) -> str:
-    lines = [f"GPU: {info['device_name']}, torch {info['torch']}, CUDA {info['cuda']}; {info['dtype']}, batch "
-             f"{info['batch']}, depth {info['depth']}, SDPA backend {info['sdpa']}.", "",
-             "| resolution | tokens | mode | softmax ms | EDiT ms | speed-up | softmax peak GB | EDiT peak GB |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"GPU: {info['device_name']}, torch {info['torch']}, CUDA {info['cuda']}; {info['dtype']}, batch "
+        f"{info['batch']}, depth {info['depth']}, SDPA backend {info['sdpa']}.",
+        "",
+        "| resolution | tokens | mode | softmax ms | EDiT ms | speed-up | softmax peak GB | EDiT peak GB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        def cell(side):
+
+        def cell(side, r=r):
             return str(r.get(f"{side}_ms")) if r.get(f"{side}_status") == "ok" else r.get(f"{side}_status")
-        lines.append(f"| {r['resolution']}² | {r['tokens']} | {r['mode']} | {cell('softmax')} | {cell('edit')} | "
-                     f"{str(r['speedup']) + '×' if r.get('speedup') else ''} | {r.get('softmax_peak_gb', '')} | "
-                     f"{r.get('edit_peak_gb', '')} |")
+
+        lines.append(
+            f"| {r['resolution']}² | {r['tokens']} | {r['mode']} | {cell('softmax')} | {cell('edit')} | "
+            f"{str(r['speedup']) + '×' if r.get('speedup') else ''} | {r.get('softmax_peak_gb', '')} | "
+            f"{r.get('edit_peak_gb', '')} |"
+        )
     return "\n".join(lines)
 
 
@@ -174,15 +201,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=None, help="attention heads of 72 channels (default 16: XL)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--modes", nargs="+", choices=("eager", "compile"), default=["eager", "compile"])
-    p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs",
-                   help="torch.compile mode (default max-autotune-no-cudagraphs)")
-    p.add_argument("--sdpa", choices=("auto", "flash", "efficient", "math"), default="auto",
-                   help="restrict the softmax side's SDPA backend (default: PyTorch's choice)")
-    p.add_argument("--warmup", type=int, default=None,
-                   help="calls per side before timing, compilation included (default 3)")
+    p.add_argument(
+        "--compile-mode",
+        default="max-autotune-no-cudagraphs",
+        help="torch.compile mode (default max-autotune-no-cudagraphs)",
+    )
+    p.add_argument(
+        "--sdpa",
+        choices=("auto", "flash", "efficient", "math"),
+        default="auto",
+        help="restrict the softmax side's SDPA backend (default: PyTorch's choice)",
+    )
+    p.add_argument(
+        "--warmup", type=int, default=None, help="calls per side before timing, compilation included (default 3)"
+    )
     p.add_argument("--repeats", type=int, default=None, help="timed calls per side (default 10)")
-    p.add_argument("--quick", action="store_true",
-                   help="a smoke test: defaults of 2 heads (width 144), 1 block, 128² and 256², 2 repeats")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke test: defaults of 2 heads (width 144), 1 block, 128² and 256², 2 repeats",
+    )
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--markdown", action="store_true", help="print a Markdown table at the end")
     return p
@@ -194,8 +232,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_gpu: no CUDA device here (use --device cpu for a smoke test)")
     # --quick changes the defaults only: explicit values win
-    defaults = dict(heads=2, depth=1, resolutions=[128, 256], repeats=2, warmup=1) if args.quick else \
-        dict(heads=HEADS, depth=28, resolutions=[1024, 2048, 4096], repeats=10, warmup=3)
+    defaults = (
+        dict(heads=2, depth=1, resolutions=[128, 256], repeats=2, warmup=1)
+        if args.quick
+        else dict(heads=HEADS, depth=28, resolutions=[1024, 2048, 4096], repeats=10, warmup=3)
+    )
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -203,10 +244,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.compile_mode = "default"
     args.dtype = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     dtype = DTYPES[args.dtype]
-    info = {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "cuda": torch.version.cuda, "dtype": args.dtype, "batch": args.batch,
-            "depth": args.depth, "heads": args.heads, "sdpa": args.sdpa, "threads": torch.get_num_threads(),
-            "loadavg": list(os.getloadavg())}
+    info = {
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "dtype": args.dtype,
+        "batch": args.batch,
+        "depth": args.depth,
+        "heads": args.heads,
+        "sdpa": args.sdpa,
+        "threads": torch.get_num_threads(),
+        "loadavg": list(os.getloadavg()),
+    }
     print(json.dumps(info), flush=True)
     rows = []
     for resolution in args.resolutions:

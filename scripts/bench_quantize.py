@@ -19,22 +19,24 @@ One JSON object per model is printed; --json writes them all.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-
 import argparse
 import json
 import logging
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
 PRECISIONS = ("fp16", "int8-dynamic", "int8-static", "int8-weights")
 # name -> (teacher preset or "mid", converter arch)
-MODELS = {"tiny-pixart": ("tiny-pixart", "edit"), "tiny-sd3": ("tiny-sd3", "mm-edit"),
-          "mid-pixart": ("mid", "edit"), "pixart-sigma-xl": ("pixart-sigma-xl", "edit")}
+MODELS = {
+    "tiny-pixart": ("tiny-pixart", "edit"),
+    "tiny-sd3": ("tiny-sd3", "mm-edit"),
+    "mid-pixart": ("mid", "edit"),
+    "pixart-sigma-xl": ("pixart-sigma-xl", "edit"),
+}
 TARGETS = {"int8-dynamic": {"size": 0.27, "latency": 0.5}, "fp16": {"size": 0.55}}
 
 
@@ -43,17 +45,28 @@ def mid_pixart():
     at width 512 (2 layers), a small SDXL-style VAE; random weights from a fixed seed."""
     from edit_mobile.models.presets import pixart_pipeline
 
-    return pixart_pipeline(width=384, heads=6, head_dim=64, layers=12, sample_size=64, t5_width=512, t5_layers=2,
-                           t5_heads=8, t5_ff=1024, vae_blocks=(32, 64, 128, 128), vae_layers=1, vae_groups=32,
-                           seed=0)
+    return pixart_pipeline(
+        width=384,
+        heads=6,
+        head_dim=64,
+        layers=12,
+        sample_size=64,
+        t5_width=512,
+        t5_layers=2,
+        t5_heads=8,
+        t5_ff=1024,
+        vae_blocks=(32, 64, 128, 128),
+        vae_layers=1,
+        vae_groups=32,
+        seed=0,
+    )
 
 
 def build_source(model: str, root: Path) -> Path:
     """Teacher -> EDiT / MM-EDiT folder with randomised new layers (ConvFusion, compressors), as after training."""
+    import edit_mobile.models  # noqa: F401  (registers the EDiT classes for from_pretrained)
     import torch
     from diffusers import DiffusionPipeline
-
-    import edit_mobile.models  # noqa: F401  (registers the EDiT classes for from_pretrained)
     from edit_mobile.models.convert import convert
 
     teacher, arch = MODELS[model]
@@ -81,7 +94,7 @@ def time_interleaved(sessions: dict, feed: dict, repeats: int) -> dict[str, list
         s.run(None, feed)
     times = {n: [] for n in names}
     for r in range(repeats):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             start = time.perf_counter()
             sessions[n].run(None, feed)
@@ -91,9 +104,8 @@ def time_interleaved(sessions: dict, feed: dict, repeats: int) -> dict[str, list
 
 def fp16_study(package, calib, samples: int = 3) -> dict:
     """True-fp16 PSNR (ONNX reference evaluator, numpy fp16) of the fp16 graph with each block-list variant."""
-    from onnx.reference import ReferenceEvaluator
-
     from edit_mobile.export import quantize_onnx as qo
+    from onnx.reference import ReferenceEvaluator
 
     out = {}
     for name in [n for n in package.components if n == "transformer" or n.startswith("text_encoder")]:
@@ -132,8 +144,18 @@ def fp16_study(package, calib, samples: int = 3) -> dict:
     return out
 
 
-def bench_model(model: str, resolution: int, repeats: int, threads: int, validate: bool, study: bool,
-                steps: int, root: Path, study_samples: int = 2, precisions=PRECISIONS) -> dict:
+def bench_model(
+    model: str,
+    resolution: int,
+    repeats: int,
+    threads: int,
+    validate: bool,
+    study: bool,
+    steps: int,
+    root: Path,
+    study_samples: int = 2,
+    precisions=PRECISIONS,
+) -> dict:
     from edit_mobile.export.calibration import default_prompts, record_calibration
     from edit_mobile.export.package import export_package
     from edit_mobile.export.quantize import quantize_package
@@ -163,25 +185,46 @@ def bench_model(model: str, resolution: int, repeats: int, threads: int, validat
     median = {p: statistics.median(t) for p, t in times.items()}
     transformer_bytes = {p: folder_bytes(d / "transformer") for p, d in packages.items()}
     package_bytes = {p: folder_bytes(d) for p, d in packages.items()}
-    params = sum(int(np.prod(t.dims)) for t in __import__("onnx").load(
-        str(package.component_path("transformer")), load_external_data=False).graph.initializer)
+    params = sum(
+        int(np.prod(t.dims))
+        for t in __import__("onnx")
+        .load(str(package.component_path("transformer")), load_external_data=False)
+        .graph.initializer
+    )
     row = {
-        "model": model, "resolution": resolution, "threads": threads, "repeats": repeats,
+        "model": model,
+        "resolution": resolution,
+        "threads": threads,
+        "repeats": repeats,
         "transformer_parameters": params,
-        "transformer_bytes": transformer_bytes, "package_bytes": package_bytes,
+        "transformer_bytes": transformer_bytes,
+        "package_bytes": package_bytes,
         "transformer_ms_median": {p: round(1000 * m, 2) for p, m in median.items()},
         "size_vs_fp32": {p: round(transformer_bytes[p] / transformer_bytes["fp32"], 3) for p in packages},
         "package_size_vs_fp32": {p: round(package_bytes[p] / package_bytes["fp32"], 3) for p in packages},
         "latency_vs_fp32": {p: round(median[p] / median["fp32"], 3) for p in packages},
         "quantize_seconds": quantize_seconds,
-        "quantized_components": {p: json.loads((d / "manifest.json").read_text())["quantization"]["components"]
-                                 for p, d in packages.items() if p != "fp32"},
+        "quantized_components": {
+            p: json.loads((d / "manifest.json").read_text())["quantization"]["components"]
+            for p, d in packages.items()
+            if p != "fp32"
+        },
     }
-    row["targets"] = {p: {k: {"target": v, "measured": row["size_vs_fp32" if k == "size" else "latency_vs_fp32"][p],
-                              "met": row["size_vs_fp32" if k == "size" else "latency_vs_fp32"][p] <= v}
-                          for k, v in t.items()} for p, t in TARGETS.items() if p in packages}
+    row["targets"] = {
+        p: {
+            k: {
+                "target": v,
+                "measured": row["size_vs_fp32" if k == "size" else "latency_vs_fp32"][p],
+                "met": row["size_vs_fp32" if k == "size" else "latency_vs_fp32"][p] <= v,
+            }
+            for k, v in t.items()
+        }
+        for p, t in TARGETS.items()
+        if p in packages
+    }
     if validate:
-        from edit_mobile.export.validate import ValidationOptions, validate as run_validation
+        from edit_mobile.export.validate import ValidationOptions
+        from edit_mobile.export.validate import validate as run_validation
 
         row["validation"] = {}
         for p, d in packages.items():
@@ -202,8 +245,13 @@ def bench_model(model: str, resolution: int, repeats: int, threads: int, validat
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny-pixart and tiny-sd3 at 256² (a couple of minutes)")
-    p.add_argument("--models", nargs="+", choices=list(MODELS), default=None,
-                   help="default: tiny-pixart tiny-sd3 mid-pixart (--quick: the tiny ones)")
+    p.add_argument(
+        "--models",
+        nargs="+",
+        choices=list(MODELS),
+        default=None,
+        help="default: tiny-pixart tiny-sd3 mid-pixart (--quick: the tiny ones)",
+    )
     p.add_argument("--resolution", type=int, default=256, help="image size in pixels (default 256)")
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default 2)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 20, --quick 10)")
@@ -211,8 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validate", action="store_true", help="also run edit-mobile validate on every package")
     p.add_argument("--fp16-study", action="store_true", help="also evaluate fp16 block-list variants in true fp16")
     p.add_argument("--study-samples", type=int, default=2, help="recorded inputs per component in the study")
-    p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=PRECISIONS,
-                   help="precisions to quantize to (default: all four)")
+    p.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=PRECISIONS,
+        default=PRECISIONS,
+        help="precisions to quantize to (default: all four)",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the rows to this file as a JSON list")
     return p
 
@@ -225,8 +278,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for model in models:
         with tempfile.TemporaryDirectory(prefix=f"bench-quantize-{model}-") as tmp:
-            row = bench_model(model, args.resolution, repeats, args.threads, args.validate, args.fp16_study,
-                              args.steps, Path(tmp), args.study_samples, args.precisions)
+            row = bench_model(
+                model,
+                args.resolution,
+                repeats,
+                args.threads,
+                args.validate,
+                args.fp16_study,
+                args.steps,
+                Path(tmp),
+                args.study_samples,
+                args.precisions,
+            )
         rows.append(row)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

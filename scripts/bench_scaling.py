@@ -1,4 +1,5 @@
-"""Scaling study: transformer step latency and peak memory vs resolution, EDiT / MM-EDiT vs softmax DiTs on ONNX Runtime.
+"""Scaling study: transformer step latency and peak memory vs resolution, EDiT / MM-EDiT vs softmax DiTs on ONNX
+Runtime.
 
 For each architecture (PixArt-Σ-XL, SD3.5-Medium: true width, random weights, depth reduced where stated) and
 resolution, these variants of the transformer run one denoising call each (batch 1 = one CFG half):
@@ -31,17 +32,15 @@ peak and each variant's achieved GFLOP/s (multiply-adds counted on the fp32 grap
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-
 import argparse
 import json
 import os
 import platform
 import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -51,12 +50,32 @@ MARK_BEGIN, MARK_END = "<!-- bench_scaling:begin -->", "<!-- bench_scaling:end -
 
 # True-width architectures (the `pixart-sigma-xl` and `sd35-medium` presets' transformers).
 ARCHS = {
-    "pixart": {"title": "PixArt-Σ-XL", "heads": 16, "head_dim": 72, "latent_channels": 4, "out_channels": 8,
-               "caption_channels": 4096, "text_tokens": 300, "full_depth": 28, "timestep": 999.0,
-               "student": "edit"},
-    "sd3": {"title": "SD3.5-Medium", "heads": 24, "head_dim": 64, "latent_channels": 16, "out_channels": 16,
-            "joint_dim": 4096, "text_tokens": 77 + 256, "pooled": 2048, "full_depth": 24, "full_dual": 13,
-            "timestep": 500.0, "student": "mm-edit"},
+    "pixart": {
+        "title": "PixArt-Σ-XL",
+        "heads": 16,
+        "head_dim": 72,
+        "latent_channels": 4,
+        "out_channels": 8,
+        "caption_channels": 4096,
+        "text_tokens": 300,
+        "full_depth": 28,
+        "timestep": 999.0,
+        "student": "edit",
+    },
+    "sd3": {
+        "title": "SD3.5-Medium",
+        "heads": 24,
+        "head_dim": 64,
+        "latent_channels": 16,
+        "out_channels": 16,
+        "joint_dim": 4096,
+        "text_tokens": 77 + 256,
+        "pooled": 2048,
+        "full_depth": 24,
+        "full_dual": 13,
+        "timestep": 500.0,
+        "student": "mm-edit",
+    },
 }
 VAE_FACTOR, PATCH = 8, 2
 GROUPS = {
@@ -92,22 +111,41 @@ def build_model(arch: str, family: str, res: int, depth: int, seed: int = 0):
     sample = res // VAE_FACTOR
     if arch == "pixart":
         teacher = PixArtTransformer2DModel(
-            num_attention_heads=a["heads"], attention_head_dim=a["head_dim"], in_channels=a["latent_channels"],
-            out_channels=a["out_channels"], num_layers=depth, cross_attention_dim=a["heads"] * a["head_dim"],
-            caption_channels=a["caption_channels"], sample_size=sample, attention_bias=True,
-            norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
-            use_additional_conditions=False, interpolation_scale=max(sample // 64, 1)).eval()
+            num_attention_heads=a["heads"],
+            attention_head_dim=a["head_dim"],
+            in_channels=a["latent_channels"],
+            out_channels=a["out_channels"],
+            num_layers=depth,
+            cross_attention_dim=a["heads"] * a["head_dim"],
+            caption_channels=a["caption_channels"],
+            sample_size=sample,
+            attention_bias=True,
+            norm_type="ada_norm_single",
+            norm_elementwise_affine=False,
+            norm_eps=1e-6,
+            use_additional_conditions=False,
+            interpolation_scale=max(sample // 64, 1),
+        ).eval()
         if family == "edit":
             from edit_mobile.models.edit_pixart import EDiTPixArtTransformer2DModel
 
             return EDiTPixArtTransformer2DModel.from_teacher(teacher).eval()
         return teacher
     teacher = SD3Transformer2DModel(
-        sample_size=sample, patch_size=PATCH, in_channels=a["latent_channels"], out_channels=a["out_channels"],
-        num_layers=depth, attention_head_dim=a["head_dim"], num_attention_heads=a["heads"],
-        joint_attention_dim=a["joint_dim"], caption_projection_dim=a["heads"] * a["head_dim"],
-        pooled_projection_dim=a["pooled"], pos_embed_max_size=384, dual_attention_layers=sd3_dual_layers(depth),
-        qk_norm="rms_norm").eval()
+        sample_size=sample,
+        patch_size=PATCH,
+        in_channels=a["latent_channels"],
+        out_channels=a["out_channels"],
+        num_layers=depth,
+        attention_head_dim=a["head_dim"],
+        num_attention_heads=a["heads"],
+        joint_attention_dim=a["joint_dim"],
+        caption_projection_dim=a["heads"] * a["head_dim"],
+        pooled_projection_dim=a["pooled"],
+        pos_embed_max_size=384,
+        dual_attention_layers=sd3_dual_layers(depth),
+        qk_norm="rms_norm",
+    ).eval()
     if family == "mm-edit":
         from edit_mobile.models.mm_edit_sd3 import MMEDiTSD3Transformer2DModel
 
@@ -125,16 +163,28 @@ def transformer_spec(arch: str, model, res: int, batch: int):
         return TensorSpec(name, tuple(shape), "float32")
 
     if arch == "pixart":
-        return ComponentSpec("transformer", PixArtTransformer(model),
-                             [f32("sample", batch, a["latent_channels"], h, h), f32("timestep", batch),
-                              f32("encoder_hidden_states", batch, a["text_tokens"], a["caption_channels"]),
-                              f32("encoder_attention_mask", batch, a["text_tokens"])],
-                             [f32("out_sample", batch, a["out_channels"], h, h)])
-    return ComponentSpec("transformer", SD3Transformer(model),
-                         [f32("sample", batch, a["latent_channels"], h, h), f32("timestep", batch),
-                          f32("encoder_hidden_states", batch, a["text_tokens"], a["joint_dim"]),
-                          f32("pooled_projections", batch, a["pooled"])],
-                         [f32("out_sample", batch, a["out_channels"], h, h)])
+        return ComponentSpec(
+            "transformer",
+            PixArtTransformer(model),
+            [
+                f32("sample", batch, a["latent_channels"], h, h),
+                f32("timestep", batch),
+                f32("encoder_hidden_states", batch, a["text_tokens"], a["caption_channels"]),
+                f32("encoder_attention_mask", batch, a["text_tokens"]),
+            ],
+            [f32("out_sample", batch, a["out_channels"], h, h)],
+        )
+    return ComponentSpec(
+        "transformer",
+        SD3Transformer(model),
+        [
+            f32("sample", batch, a["latent_channels"], h, h),
+            f32("timestep", batch),
+            f32("encoder_hidden_states", batch, a["text_tokens"], a["joint_dim"]),
+            f32("pooled_projections", batch, a["pooled"]),
+        ],
+        [f32("out_sample", batch, a["out_channels"], h, h)],
+    )
 
 
 def timing_inputs(arch: str, res: int, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -142,17 +192,19 @@ def timing_inputs(arch: str, res: int, batch: int, seed: int = 0) -> dict[str, n
     of a 24-token prompt, as the pipeline passes it)."""
     a, h = ARCHS[arch], res // VAE_FACTOR
     rng = np.random.default_rng(seed)
-    out = {"sample": rng.standard_normal((batch, a["latent_channels"], h, h), dtype=np.float32),
-           "timestep": np.full((batch,), a["timestep"], dtype=np.float32)}
+    out = {
+        "sample": rng.standard_normal((batch, a["latent_channels"], h, h), dtype=np.float32),
+        "timestep": np.full((batch,), a["timestep"], dtype=np.float32),
+    }
     if arch == "pixart":
-        out["encoder_hidden_states"] = rng.standard_normal((batch, a["text_tokens"], a["caption_channels"]),
-                                                           dtype=np.float32)
+        out["encoder_hidden_states"] = rng.standard_normal(
+            (batch, a["text_tokens"], a["caption_channels"]), dtype=np.float32
+        )
         mask = np.zeros((batch, a["text_tokens"]), dtype=np.float32)
         mask[:, :24] = 1.0
         out["encoder_attention_mask"] = mask
     else:
-        out["encoder_hidden_states"] = rng.standard_normal((batch, a["text_tokens"], a["joint_dim"]),
-                                                           dtype=np.float32)
+        out["encoder_hidden_states"] = rng.standard_normal((batch, a["text_tokens"], a["joint_dim"]), dtype=np.float32)
         out["pooled_projections"] = rng.standard_normal((batch, a["pooled"]), dtype=np.float32)
     return out
 
@@ -203,8 +255,9 @@ class MHAExportProcessor:
     def __init__(self):
         self.mha = _mha_function()
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
-                 grid_size=None):  # grid_size: what EDiT blocks pass to every attention; unused here
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, grid_size=None
+    ):  # grid_size: what EDiT blocks pass to every attention; unused here
         b, n, _ = hidden_states.shape
         heads = attn.heads
 
@@ -269,9 +322,17 @@ def export_mha(arch: str, family: str, res: int, depth: int, batch: int, out_dir
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = spec.module(*example).numpy()
-        torch.onnx.export(spec.module.eval(), example, str(raw), input_names=[s.name for s in spec.inputs],
-                          output_names=[s.name for s in spec.outputs], opset_version=17, dynamo=False,
-                          do_constant_folding=True, custom_opsets={"com.microsoft": 1})
+        torch.onnx.export(
+            spec.module.eval(),
+            example,
+            str(raw),
+            input_names=[s.name for s in spec.inputs],
+            output_names=[s.name for s in spec.outputs],
+            opset_version=17,
+            dynamo=False,
+            do_constant_folding=True,
+            custom_opsets={"com.microsoft": 1},
+        )
     # As our exporter does: the tracer turns equal constants (a fresh EDiT's GroupNorm weights in every block)
     # into Identity nodes that ONNX Runtime's optimizer then drops while later nodes still read them.
     from edit_mobile.export.onnx_export import inline_initializer_identities
@@ -289,8 +350,14 @@ def export_mha(arch: str, family: str, res: int, depth: int, batch: int, out_dir
     # done by ONNX Runtime's session optimizer anyway. Kept off for every graph, teacher or student.
     fusion.enable_layer_norm = False
     a = ARCHS[arch]
-    optimized = optimize_model(str(folded), model_type="bert", num_heads=a["heads"],
-                               hidden_size=a["heads"] * a["head_dim"], optimization_options=fusion, opt_level=0)
+    optimized = optimize_model(
+        str(folded),
+        model_type="bert",
+        num_heads=a["heads"],
+        hidden_size=a["heads"] * a["head_dim"],
+        optimization_options=fusion,
+        opt_level=0,
+    )
     optimized.save_model_to_file(str(final))
     raw.unlink()
     folded.unlink()
@@ -298,7 +365,11 @@ def export_mha(arch: str, family: str, res: int, depth: int, batch: int, out_dir
     session = ort.InferenceSession(str(final), providers=["CPUExecutionProvider"])
     got = session.run(None, timing_inputs(arch, res, batch, seed=1))[0]
     mha = sum(n.op_type == "MultiHeadAttention" for n in onnx.load(str(final), load_external_data=False).graph.node)
-    return {"fusions": stats, "multi_head_attention_nodes": mha, "onnx_vs_torch_max_abs": float(np.abs(got - ref).max())}
+    return {
+        "fusions": stats,
+        "multi_head_attention_nodes": mha,
+        "onnx_vs_torch_max_abs": float(np.abs(got - ref).max()),
+    }
 
 
 def optimize_ortopt(src: Path, arch: str, out_dir: Path) -> dict:
@@ -311,12 +382,21 @@ def optimize_ortopt(src: Path, arch: str, out_dir: Path) -> dict:
     mode = "mmdit" if arch == "sd3" else "bert"
     fusion = FusionOptions(mode)
     fusion.enable_layer_norm = False
-    optimized = optimize_model(str(src), model_type=mode, num_heads=a["heads"], hidden_size=a["heads"] * a["head_dim"],
-                               optimization_options=fusion, opt_level=0)
+    optimized = optimize_model(
+        str(src),
+        model_type=mode,
+        num_heads=a["heads"],
+        hidden_size=a["heads"] * a["head_dim"],
+        optimization_options=fusion,
+        opt_level=0,
+    )
     optimized.save_model_to_file(str(out_dir / "model.onnx"))
     ops = [n.op_type for n in onnx.load(str(out_dir / "model.onnx"), load_external_data=False).graph.node]
-    return {"mode": mode, "fusions": {k: v for k, v in optimized.get_fused_operator_statistics().items() if v},
-            "multi_head_attention_nodes": ops.count("MultiHeadAttention")}
+    return {
+        "mode": mode,
+        "fusions": {k: v for k, v in optimized.get_fused_operator_statistics().items() if v},
+        "multi_head_attention_nodes": ops.count("MultiHeadAttention"),
+    }
 
 
 def child_export(args) -> None:
@@ -335,7 +415,7 @@ def child_export(args) -> None:
         info = {"parameters": sum(p.numel() for p in model.parameters())}
         export_onnx(transformer_spec(args.arch, model, args.res, args.batch), out)
     elif kind in ("softmax-mha", "edit-mha"):
-        info = export_mha(args.arch, kind[:-len("-mha")], args.res, args.depth, args.batch, out)
+        info = export_mha(args.arch, kind[: -len("-mha")], args.res, args.depth, args.batch, out)
     elif kind == "softmax-ortopt":
         info = optimize_ortopt(Path(args.src), args.arch, out)
     elif kind == "int8":
@@ -397,8 +477,9 @@ def _peak_rss_mb() -> float:
 
 def _is_oom(e: BaseException) -> bool:
     text = f"{type(e).__name__} {e}".lower()
-    return isinstance(e, MemoryError) or any(s in text for s in ("bad_alloc", "failed to allocate", "can't allocate",
-                                                                 "out of memory", "cannot allocate"))
+    return isinstance(e, MemoryError) or any(
+        s in text for s in ("bad_alloc", "failed to allocate", "can't allocate", "out of memory", "cannot allocate")
+    )
 
 
 def child_worker(args) -> None:
@@ -450,6 +531,7 @@ def child_worker(args) -> None:
             def call():
                 with torch.inference_mode():
                     spec_.module(*tensors)
+
         reply(event="ready", load_s=round(time.perf_counter() - start, 3), rss_mb=_peak_rss_mb())
     except BaseException as e:  # noqa: BLE001 - every failure is a recorded result
         reply(event="error", status="oom" if _is_oom(e) else "failed", message=f"{type(e).__name__}: {e}"[:500])
@@ -464,8 +546,7 @@ def child_worker(args) -> None:
                 runs += 1
                 reply(event="done", ms=(time.perf_counter() - t0) * 1e3)
             except BaseException as e:  # noqa: BLE001
-                reply(event="error", status="oom" if _is_oom(e) else "failed",
-                      message=f"{type(e).__name__}: {e}"[:500])
+                reply(event="error", status="oom" if _is_oom(e) else "failed", message=f"{type(e).__name__}: {e}"[:500])
                 return
         elif cmd == "quit":
             result = {"peak_rss_mb": _peak_rss_mb()}
@@ -489,22 +570,36 @@ def summarize_profile(path: str, runs: int) -> dict:
         by_region[region] = by_region.get(region, 0.0) + dur
     total = sum(by_op.values())
     top = dict(sorted(((k, round(v, 1)) for k, v in by_op.items()), key=lambda kv: -kv[1])[:12])
-    return {"kernel_ms_per_call": round(total, 1), "by_op_ms": top,
-            "by_region_ms": dict(sorted(((k, round(v, 1)) for k, v in by_region.items()), key=lambda kv: -kv[1]))}
+    return {
+        "kernel_ms_per_call": round(total, 1),
+        "by_op_ms": top,
+        "by_region_ms": dict(sorted(((k, round(v, 1)) for k, v in by_region.items()), key=lambda kv: -kv[1])),
+    }
 
 
 def node_region(name: str) -> str:
     """Which part of a DiT block a profiled node belongs to (from the exporter's module-path node names)."""
-    for key, region in (("conv_fusion", "self-attn: ConvFusion"), ("compressor", "self-attn: K/V compressors"),
-                        ("/attn1/to_", "self-attn: projections"), ("/attn/to_", "joint attn: projections"),
-                        ("/attn/add_", "joint attn: projections"), ("/attn2/to_", "attn2: projections"),
-                        ("/attn1/", "self-attn: attention core"), ("/attn/", "joint attn: attention core"),
-                        ("/attn2/", "attn2: attention core"), ("/ff", "MLP"),
-                        ("caption_projection", "caption projection"), ("context_embedder", "caption projection"),
-                        ("adaln_single", "timestep embedding"), ("time_text_embed", "timestep embedding"),
-                        ("pos_embed", "patchify / unpatchify"), ("proj_out", "patchify / unpatchify"),
-                        ("norm_out", "patchify / unpatchify"), ("transformer_blocks", "norms, modulation, residuals"),
-                        ("norm", "norms, modulation, residuals")):
+    for key, region in (
+        ("conv_fusion", "self-attn: ConvFusion"),
+        ("compressor", "self-attn: K/V compressors"),
+        ("/attn1/to_", "self-attn: projections"),
+        ("/attn/to_", "joint attn: projections"),
+        ("/attn/add_", "joint attn: projections"),
+        ("/attn2/to_", "attn2: projections"),
+        ("/attn1/", "self-attn: attention core"),
+        ("/attn/", "joint attn: attention core"),
+        ("/attn2/", "attn2: attention core"),
+        ("/ff", "MLP"),
+        ("caption_projection", "caption projection"),
+        ("context_embedder", "caption projection"),
+        ("adaln_single", "timestep embedding"),
+        ("time_text_embed", "timestep embedding"),
+        ("pos_embed", "patchify / unpatchify"),
+        ("proj_out", "patchify / unpatchify"),
+        ("norm_out", "patchify / unpatchify"),
+        ("transformer_blocks", "norms, modulation, residuals"),
+        ("norm", "norms, modulation, residuals"),
+    ):
         if key in name:
             return region
     return "other (fused / renamed nodes)"
@@ -519,9 +614,14 @@ class Worker:
         self.variant, self.timeout_s, self.limit = variant, timeout_s, mem_limit_gb * 2**30
         self.status, self.message, self.times, self.result = "ok", "", [], {}
         self.killed_for_memory = False
-        self.proc = subprocess.Popen([sys.executable, str(SCRIPT), "_worker", "--spec", json.dumps(spec)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True, cwd=REPO)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(SCRIPT), "_worker", "--spec", json.dumps(spec)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            cwd=REPO,
+        )
         self._ps = psutil.Process(self.proc.pid)
         self.max_rss = 0.0
         self._watch = threading.Thread(target=self._watchdog, daemon=True)
@@ -559,8 +659,10 @@ class Worker:
             if self.killed_for_memory:
                 self._fail("oom", f"RSS above the {self.limit / 2**30:.0f} GB limit: killed by the watchdog")
             else:
-                self._fail("oom" if self.proc.returncode in (-9, 137) else "failed",
-                           f"worker exited with code {self.proc.returncode}")
+                self._fail(
+                    "oom" if self.proc.returncode in (-9, 137) else "failed",
+                    f"worker exited with code {self.proc.returncode}",
+                )
             return None
         msg = json.loads(line)
         if msg.get("event") == "error":
@@ -630,8 +732,21 @@ class Study:
             return folder / "model.onnx", json.loads((folder / "info.json").read_text())
         if (folder / "error.json").is_file() and not self.args.retry_failed:
             return None, json.loads((folder / "error.json").read_text())
-        cmd = [sys.executable, str(SCRIPT), "_export", "--arch", arch, "--res", str(res), "--depth", str(depth),
-               "--batch", str(batch), "--out", str(folder)]
+        cmd = [
+            sys.executable,
+            str(SCRIPT),
+            "_export",
+            "--arch",
+            arch,
+            "--res",
+            str(res),
+            "--depth",
+            str(depth),
+            "--batch",
+            str(batch),
+            "--out",
+            str(folder),
+        ]
         if variant in ("softmax", student, "softmax-mha", "edit-mha"):
             cmd += ["--variant", variant]
         elif variant == "softmax-ortopt":
@@ -640,7 +755,7 @@ class Study:
                 return None, info
             cmd += ["--variant", "softmax-ortopt", "--src", str(src)]
         elif variant.endswith("-int8"):
-            src, info = self.graph(arch, variant[:-len("-int8")], res, depth)
+            src, info = self.graph(arch, variant[: -len("-int8")], res, depth)
             if src is None:
                 return None, info
             cmd += ["--variant", "int8", "--src", str(src)]
@@ -679,13 +794,32 @@ class Study:
         return model, info
 
     # --- measurement --------------------------------------------------------------------------------------------
-    def measure_group(self, arch: str, group: str, variants: list[str], res: int, depth: int, warmup: int,
-                      runs: int, profile: bool = False, call_timeout: float | None = None) -> list[dict]:
+    def measure_group(
+        self,
+        arch: str,
+        group: str,
+        variants: list[str],
+        res: int,
+        depth: int,
+        warmup: int,
+        runs: int,
+        profile: bool = False,
+        call_timeout: float | None = None,
+    ) -> list[dict]:
         """Interleaved rounds over the group's variants, each in its own worker process."""
         rows, workers = {}, {}
         for v in variants:
-            row = {"arch": arch, "group": group, "variant": v, "resolution": res, "tokens": tokens(res),
-                   "depth": depth, "batch": self.args.batch, "threads": self.args.threads, "warmup": warmup}
+            row = {
+                "arch": arch,
+                "group": group,
+                "variant": v,
+                "resolution": res,
+                "tokens": tokens(res),
+                "depth": depth,
+                "batch": self.args.batch,
+                "threads": self.args.threads,
+                "warmup": warmup,
+            }
             rows[v] = row
             skip = self.predicted_failure(arch, v, res, depth)
             if skip:
@@ -707,11 +841,19 @@ class Study:
                 row["size_mb"] = round(sum(f.stat().st_size for f in path.parent.glob("model.onnx*")) / 2**20, 1)
                 base_variant = "softmax" if v.startswith("softmax") or v == "optimum" else ARCHS[arch]["student"]
                 # multiply-adds of the plain fp32 graph of the same math (MHA / int8 graphs count alike)
-                base = (path if graph_variant in ("softmax", "edit", "mm-edit")
-                        else self.graph(arch, base_variant, res, depth)[0])
+                base = (
+                    path
+                    if graph_variant in ("softmax", "edit", "mm-edit")
+                    else self.graph(arch, base_variant, res, depth)[0]
+                )
                 row["macs"] = graph_macs(base)["macs"] if base else None
-                spec = {"kind": "ort", "path": str(path), "profile": profile,
-                        "profile_dir": str(self.work / "profiles"), "arena": option != "noarena"}
+                spec = {
+                    "kind": "ort",
+                    "path": str(path),
+                    "profile": profile,
+                    "profile_dir": str(self.work / "profiles"),
+                    "arena": option != "noarena",
+                }
                 if graph_variant.endswith("-int8"):
                     # the session options `edit-mobile quantize` records for int8-dynamic components (the package
                     # manifest's `ort_session_config`, applied by runtime/backends.py)
@@ -720,8 +862,14 @@ class Study:
                     spec["session_config"] = dict(WEIGHT_DQ_SESSION_CONFIG)
                     row["session_config"] = spec["session_config"]
                 (self.work / "profiles").mkdir(exist_ok=True)
-            spec.update(arch=arch, res=res, depth=depth, batch=self.args.batch, threads=self.args.threads,
-                        mem_limit_gb=self.args.mem_limit_gb)
+            spec.update(
+                arch=arch,
+                res=res,
+                depth=depth,
+                batch=self.args.batch,
+                threads=self.args.threads,
+                mem_limit_gb=self.args.mem_limit_gb,
+            )
             self.log(f"load {arch} {v} {res}² depth {depth}")
             w = Worker(v, spec, self.args.mem_limit_gb, call_timeout or self.args.call_timeout)
             w.ready()
@@ -775,8 +923,11 @@ class Study:
         """Skip a variant that already ran out of memory / time at a lower resolution, or whose call time,
         extrapolated from the largest lower resolution (quadratic in tokens for softmax attention, linear
         otherwise), exceeds the call timeout: recorded as that status, with the reason."""
-        earlier = [r for r in self.results if (r["arch"], r["variant"], r["depth"]) == (arch, variant, depth)
-                   and r["resolution"] < res]
+        earlier = [
+            r
+            for r in self.results
+            if (r["arch"], r["variant"], r["depth"]) == (arch, variant, depth) and r["resolution"] < res
+        ]
         if not earlier:
             return None
         last = max(earlier, key=lambda r: r["resolution"])
@@ -788,51 +939,76 @@ class Study:
                 growth **= 2
             estimate = last["median_ms"] / 1e3 * growth
             if estimate > self.args.call_timeout:
-                return "timeout", (f"predicted: ~{estimate:.0f} s per call extrapolated from "
-                                   f"{last['resolution']}² exceeds the {self.args.call_timeout:.0f} s call timeout")
+                return "timeout", (
+                    f"predicted: ~{estimate:.0f} s per call extrapolated from "
+                    f"{last['resolution']}² exceeds the {self.args.call_timeout:.0f} s call timeout"
+                )
             # An export runs the model too (the fused-MHA export three times: trace, PyTorch reference, check).
             graph_variant = variant.partition("+")[0]
             key = f"{arch}-{graph_variant}-d{depth}-r{res}-b{self.args.batch}"
             passes = 3 if graph_variant.endswith("-mha") else 1
-            if not variant.startswith("torch-") and not (self.work / "graphs" / key / "info.json").is_file() \
-                    and estimate * (1 + passes) > self.args.call_timeout:
-                return "timeout", (f"predicted: exporting and running it ~{estimate * (1 + passes):.0f} s "
-                                   f"(~{estimate:.0f} s per model pass, extrapolated from {last['resolution']}²) "
-                                   f"exceeds the {self.args.call_timeout:.0f} s call timeout")
+            if (
+                not variant.startswith("torch-")
+                and not (self.work / "graphs" / key / "info.json").is_file()
+                and estimate * (1 + passes) > self.args.call_timeout
+            ):
+                return "timeout", (
+                    f"predicted: exporting and running it ~{estimate * (1 + passes):.0f} s "
+                    f"(~{estimate:.0f} s per model pass, extrapolated from {last['resolution']}²) "
+                    f"exceeds the {self.args.call_timeout:.0f} s call timeout"
+                )
         return None
 
     def save(self) -> None:
         (self.work / "results.json").write_text(json.dumps(self.report(), indent=1))
 
     def report(self) -> dict:
-        run = {"command": " ".join(["python", "scripts/bench_scaling.py", *sys.argv[1:]]),
-               "machine": self.machine, "matmul_peak": getattr(self, "peak", None), "args": vars(self.args),
-               "started": self.started}
+        run = {
+            "command": " ".join(["python", "scripts/bench_scaling.py", *sys.argv[1:]]),
+            "machine": self.machine,
+            "matmul_peak": getattr(self, "peak", None),
+            "args": vars(self.args),
+            "started": self.started,
+        }
         results = [dict(r, run=run["started"]) for r in self.results]
-        return {"machine": self.machine, "matmul_peak": run["matmul_peak"], "args": run["args"],
-                "command": run["command"], "runs": [run], "results": results, "ratios": ratios(results)}
+        return {
+            "machine": self.machine,
+            "matmul_peak": run["matmul_peak"],
+            "args": run["args"],
+            "command": run["command"],
+            "runs": [run],
+            "results": results,
+            "ratios": ratios(results),
+        }
 
 
 def summarize(samples: list[float]) -> dict:
     a = np.asarray(samples)
     p10, med, p90 = np.percentile(a, [10, 50, 90])
-    return {"median_ms": round(float(med), 1), "p10_ms": round(float(p10), 1), "p90_ms": round(float(p90), 1),
-            "min_ms": round(float(a.min()), 1), "runs": len(samples)}
+    return {
+        "median_ms": round(float(med), 1),
+        "p10_ms": round(float(p10), 1),
+        "p90_ms": round(float(p90), 1),
+        "min_ms": round(float(a.min()), 1),
+        "runs": len(samples),
+    }
 
 
 def ratios(results: list[dict]) -> list[dict]:
     """Speed and memory ratios between variants measured in the same group (same rounds, same run)."""
     out = []
-    pairs = [("softmax", "@s", "EDiT vs softmax teacher (our export)"),
-             ("softmax-mha", "@s", "EDiT vs fused-MHA teacher (peer form)"),
-             ("softmax-ortopt", "@s", "EDiT vs ORT-optimizer teacher"),
-             ("softmax-mha", "@s-mha", "EDiT vs teacher, both in peer form (fused MHA + ORT optimizer)"),
-             ("@s", "@s-int8", "int8 vs fp32 EDiT"),
-             ("softmax-int8", "@s-int8", "int8 EDiT vs int8 teacher"),
-             ("torch-@s", "@s", "ONNX Runtime vs PyTorch eager (EDiT): eager time / ORT time"),
-             ("torch-softmax", "torch-@s", "EDiT vs softmax in PyTorch eager"),
-             ("optimum", "@s", "EDiT vs optimum-onnx teacher"),
-             ("@s", "@s+noarena", "ONNX Runtime CPU arena on vs off (EDiT): time on / time off, memory on / off")]
+    pairs = [
+        ("softmax", "@s", "EDiT vs softmax teacher (our export)"),
+        ("softmax-mha", "@s", "EDiT vs fused-MHA teacher (peer form)"),
+        ("softmax-ortopt", "@s", "EDiT vs ORT-optimizer teacher"),
+        ("softmax-mha", "@s-mha", "EDiT vs teacher, both in peer form (fused MHA + ORT optimizer)"),
+        ("@s", "@s-int8", "int8 vs fp32 EDiT"),
+        ("softmax-int8", "@s-int8", "int8 EDiT vs int8 teacher"),
+        ("torch-@s", "@s", "ONNX Runtime vs PyTorch eager (EDiT): eager time / ORT time"),
+        ("torch-softmax", "torch-@s", "EDiT vs softmax in PyTorch eager"),
+        ("optimum", "@s", "EDiT vs optimum-onnx teacher"),
+        ("@s", "@s+noarena", "ONNX Runtime CPU arena on vs off (EDiT): time on / time off, memory on / off"),
+    ]
     keyed = {}
     for r in results:
         keyed.setdefault((r["arch"], r["resolution"], r["depth"], r["group"], r.get("run")), {})[r["variant"]] = r
@@ -843,8 +1019,15 @@ def ratios(results: list[dict]) -> list[dict]:
             if slow not in rows or fast not in rows:
                 continue
             a, b = rows[slow], rows[fast]
-            entry = {"arch": arch, "resolution": res, "depth": depth, "group": group, "what": what,
-                     "slow": slow, "fast": fast}
+            entry = {
+                "arch": arch,
+                "resolution": res,
+                "depth": depth,
+                "group": group,
+                "what": what,
+                "slow": slow,
+                "fast": fast,
+            }
             if a.get("median_ms") and b.get("median_ms"):
                 entry["speedup"] = round(a["median_ms"] / b["median_ms"], 2)
                 entry["speedup_min"] = round(a["min_ms"] / b["min_ms"], 2)
@@ -863,11 +1046,22 @@ def ratios(results: list[dict]) -> list[dict]:
         for teacher, form in (("softmax", "our export"), ("softmax-mha", "fused-MHA peer form")):
             if not all(rows.get(v, {}).get("median_ms") for v in (teacher, s)):
                 continue
-            chained = (rows[teacher]["median_ms"] / rows[s]["median_ms"]) * \
-                (int8[s]["median_ms"] / int8[f"{s}-int8"]["median_ms"])
-            out.append({"arch": arch, "resolution": res, "depth": depth, "group": "attention × int8",
-                        "what": f"int8 EDiT vs fp32 teacher ({form}), chained through the fp32 EDiT measured in "
-                                "both groups", "slow": teacher, "fast": f"{s}-int8", "speedup": round(chained, 2)})
+            chained = (rows[teacher]["median_ms"] / rows[s]["median_ms"]) * (
+                int8[s]["median_ms"] / int8[f"{s}-int8"]["median_ms"]
+            )
+            out.append(
+                {
+                    "arch": arch,
+                    "resolution": res,
+                    "depth": depth,
+                    "group": "attention × int8",
+                    "what": f"int8 EDiT vs fp32 teacher ({form}), chained through the fp32 EDiT measured in "
+                    "both groups",
+                    "slow": teacher,
+                    "fast": f"{s}-int8",
+                    "speedup": round(chained, 2),
+                }
+            )
     return out
 
 
@@ -885,11 +1079,17 @@ def machine_description(threads: int) -> dict:
         mem = round(psutil.virtual_memory().total / 2**30, 1)
     except ImportError:
         pass
-    return {"cpu": cpu_model(), "logical_cores": os.cpu_count(), "physical_cores": physical_cores(),
-            "memory_gb": mem, "threads": threads, "platform": platform.platform(),
-            "python": platform.python_version(),
-            "versions": {n: installed_version(n) for n in ("onnxruntime", "torch", "numpy", "diffusers", "onnx")},
-            "loadavg_start": list(os.getloadavg())}
+    return {
+        "cpu": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "physical_cores": physical_cores(),
+        "memory_gb": mem,
+        "threads": threads,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {n: installed_version(n) for n in ("onnxruntime", "torch", "numpy", "diffusers", "onnx")},
+        "loadavg_start": list(os.getloadavg()),
+    }
 
 
 def child_peak(args) -> None:
@@ -904,18 +1104,24 @@ def child_peak(args) -> None:
     rng = np.random.default_rng(0)
     a = rng.standard_normal((m, k), dtype=np.float32)
     b = rng.standard_normal((k, n), dtype=np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["C"])], "mm",
-                              [helper.make_tensor_value_info("A", TensorProto.FLOAT, [m, k])],
-                              [helper.make_tensor_value_info("C", TensorProto.FLOAT, [m, n])],
-                              [numpy_helper.from_array(b, "B")])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["A", "B"], ["C"])],
+        "mm",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [m, k])],
+        [helper.make_tensor_value_info("C", TensorProto.FLOAT, [m, n])],
+        [numpy_helper.from_array(b, "B")],
+    )
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads
-    session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-                                   .SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(),
+        opts,
+        providers=["CPUExecutionProvider"],
+    )
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     fns = {"onnxruntime": lambda: session.run(None, {"A": a}), "torch": lambda: ta @ tb, "numpy": lambda: a @ b}
     best = {name: float("inf") for name in fns}
-    for name, fn in fns.items():
+    for fn in fns.values():
         fn()
     for _ in range(args.repeats):
         for name, fn in fns.items():
@@ -924,14 +1130,28 @@ def child_peak(args) -> None:
             best[name] = min(best[name], time.perf_counter() - t0)
     flop = 2 * m * k * n
     gflops = {name: round(flop / t / 1e9, 1) for name, t in best.items()}
-    print(json.dumps({"shape": [m, k, n], "threads": args.threads, "gflops_best": gflops,
-                      "peak_gflops": max(gflops.values()), "loadavg": list(os.getloadavg())}))
+    print(
+        json.dumps(
+            {
+                "shape": [m, k, n],
+                "threads": args.threads,
+                "gflops_best": gflops,
+                "peak_gflops": max(gflops.values()),
+                "loadavg": list(os.getloadavg()),
+            }
+        )
+    )
 
 
 def measure_peak(study: Study) -> dict:
     study.log("matmul peak (fp32, best of 8)")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "_peak", "--threads", str(study.args.threads),
-                           "--repeats", "8"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "_peak", "--threads", str(study.args.threads), "--repeats", "8"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
     try:
         peak = json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
@@ -956,24 +1176,53 @@ def run_optimum_export(study: Study, arch: str, res: int, depth: int, out: Path)
             subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=600)
             # torch first (the local 2.13.0 CPU build, not a CUDA download); optimum-onnx pins transformers < 4.58,
             # which needs huggingface-hub < 1.0, hence diffusers < 0.40 (newer diffusers pull hub 1.x)
-            for pkgs in (["torch==2.13.0"], ["optimum-onnx", "onnxruntime==1.32.0", "diffusers<0.40",
-                                             "huggingface-hub>=0.34,<1.0", "sentencepiece", "protobuf"]):
-                proc = subprocess.run([str(py), "-m", "pip", "install", "-q", *pkgs], capture_output=True,
-                                      text=True, timeout=1800)
+            for pkgs in (
+                ["torch==2.13.0"],
+                [
+                    "optimum-onnx",
+                    "onnxruntime==1.32.0",
+                    "diffusers<0.40",
+                    "huggingface-hub>=0.34,<1.0",
+                    "sentencepiece",
+                    "protobuf",
+                ],
+            ):
+                proc = subprocess.run(
+                    [str(py), "-m", "pip", "install", "-q", *pkgs], capture_output=True, text=True, timeout=1800
+                )
                 if proc.returncode:
                     return {"error": f"pip install {' '.join(pkgs)} failed: {proc.stderr.strip()[-400:]}"}
         pipe_dir = out / "pipeline"
         if not (pipe_dir / "model_index.json").is_file():
             # the teacher pipeline at reduced depth, saved by our diffusers; the venv's diffusers reads it
-            proc = subprocess.run([sys.executable, str(SCRIPT), "_save_sd3", "--depth", str(depth), "--out",
-                                   str(pipe_dir)], capture_output=True, text=True, cwd=REPO, timeout=1800)
+            proc = subprocess.run(
+                [sys.executable, str(SCRIPT), "_save_sd3", "--depth", str(depth), "--out", str(pipe_dir)],
+                capture_output=True,
+                text=True,
+                cwd=REPO,
+                timeout=1800,
+            )
             if proc.returncode:
                 return {"error": f"saving the SD3 pipeline failed: {proc.stderr.strip()[-400:]}"}
-        proc = subprocess.run([str(venv / "bin" / "optimum-cli"), "export", "onnx", "--model", str(pipe_dir),
-                               "--task", "text-to-image", "--no-post-process", str(out / "onnx")],
-                              capture_output=True, text=True, timeout=study.args.export_timeout)
-        versions = subprocess.run([str(py), "-m", "pip", "list", "--format", "json"], capture_output=True,
-                                  text=True, timeout=120).stdout
+        proc = subprocess.run(
+            [
+                str(venv / "bin" / "optimum-cli"),
+                "export",
+                "onnx",
+                "--model",
+                str(pipe_dir),
+                "--task",
+                "text-to-image",
+                "--no-post-process",
+                str(out / "onnx"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=study.args.export_timeout,
+        )
+        versions = subprocess.run(
+            [str(py), "-m", "pip", "list", "--format", "json"], capture_output=True, text=True, timeout=120
+        ).stdout
         try:
             wanted = {"optimum-onnx", "optimum", "transformers", "diffusers", "torch", "onnx", "onnxruntime"}
             versions = {p["name"]: p["version"] for p in json.loads(versions) if p["name"].lower() in wanted}
@@ -981,10 +1230,15 @@ def run_optimum_export(study: Study, arch: str, res: int, depth: int, out: Path)
             versions = {}
         if proc.returncode or not (out / "onnx" / "transformer" / "model.onnx").is_file():
             tail = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()][-4:]
-            return {"error": f"optimum-cli export failed (exit {proc.returncode}): {' | '.join(tail)[-700:]}",
-                    "versions": versions}
-        return {"export_s": round(time.perf_counter() - start, 1), "versions": versions,
-                "command": f"optimum-cli export onnx --model PIPELINE --task text-to-image --no-post-process OUT"}
+            return {
+                "error": f"optimum-cli export failed (exit {proc.returncode}): {' | '.join(tail)[-700:]}",
+                "versions": versions,
+            }
+        return {
+            "export_s": round(time.perf_counter() - start, 1),
+            "versions": versions,
+            "command": "optimum-cli export onnx --model PIPELINE --task text-to-image --no-post-process OUT",
+        }
     except subprocess.TimeoutExpired as e:
         return {"error": f"timed out: {e.cmd[0] if e.cmd else ''}"}
     except (OSError, subprocess.CalledProcessError) as e:
@@ -995,10 +1249,25 @@ def child_save_sd3(args) -> None:
     """`_save_sd3`: the sd35-medium preset pipeline with `depth` transformer blocks, saved as a diffusers folder."""
     from edit_mobile.models.presets import sd3_pipeline
 
-    pipe = sd3_pipeline(heads=24, head_dim=64, layers=args.depth, dual_layers=sd3_dual_layers(args.depth),
-                        sample_size=128, pos_embed_max_size=384, clip_widths=(768, 1280), clip_layers=2,
-                        clip_heads=(12, 20), t5_width=4096, t5_layers=1, t5_heads=64, t5_ff=10240,
-                        vae_blocks=(128, 256, 512, 512), vae_layers=2, vae_groups=32, seed=0)
+    pipe = sd3_pipeline(
+        heads=24,
+        head_dim=64,
+        layers=args.depth,
+        dual_layers=sd3_dual_layers(args.depth),
+        sample_size=128,
+        pos_embed_max_size=384,
+        clip_widths=(768, 1280),
+        clip_layers=2,
+        clip_heads=(12, 20),
+        t5_width=4096,
+        t5_layers=1,
+        t5_heads=64,
+        t5_ff=10240,
+        vae_blocks=(128, 256, 512, 512),
+        vae_layers=2,
+        vae_groups=32,
+        seed=0,
+    )
     pipe.save_pretrained(args.out)
     # transformers 5 saves tokenizers as tokenizer.json with the class names T5Tokenizer / CLIPTokenizer; the
     # venv's transformers 4.x maps those names to the sentencepiece / vocab-file classes, whose files are absent.
@@ -1041,9 +1310,18 @@ def plan(args) -> list[dict]:
             warmup, runs = 0, 1
             if group == "int8":
                 variants = [v for v in variants if v != student]
-        steps.append({"arch": arch, "res": res, "depth": depth, "group": group, "variants": variants,
-                      "warmup": args.warmup if warmup is None else warmup, "runs": args.runs if runs is None else runs,
-                      "call_timeout": args.call_timeout})
+        steps.append(
+            {
+                "arch": arch,
+                "res": res,
+                "depth": depth,
+                "group": group,
+                "variants": variants,
+                "warmup": args.warmup if warmup is None else warmup,
+                "runs": args.runs if runs is None else runs,
+                "call_timeout": args.call_timeout,
+            }
+        )
 
     if args.quick:
         for res in (256, 512):
@@ -1053,7 +1331,7 @@ def plan(args) -> list[dict]:
         return steps
     depth = args.depth or 2
     for arch in args.archs:
-        for res in (args.resolutions if arch == "pixart" else args.sd3_resolutions):
+        for res in args.resolutions if arch == "pixart" else args.sd3_resolutions:
             for group in student_groups:
                 add(arch, res, depth, group)
             if "torch" in args.groups and args.torch and res in args.torch_resolutions and arch in args.torch_archs:
@@ -1069,8 +1347,18 @@ def plan(args) -> list[dict]:
         for group, variant in (("full-depth", "edit"), ("full-depth-noarena", "edit+noarena")):
             if group not in args.groups:
                 continue
-            steps.append({"arch": "pixart", "res": 2048, "depth": ARCHS["pixart"]["full_depth"], "group": group,
-                          "variants": [variant], "warmup": 0, "runs": 1, "call_timeout": 3 * args.call_timeout})
+            steps.append(
+                {
+                    "arch": "pixart",
+                    "res": 2048,
+                    "depth": ARCHS["pixart"]["full_depth"],
+                    "group": group,
+                    "variants": [variant],
+                    "warmup": 0,
+                    "runs": 1,
+                    "call_timeout": 3 * args.call_timeout,
+                }
+            )
     return steps
 
 
@@ -1078,8 +1366,15 @@ def merge_reports(old: dict, new: dict) -> dict:
     """`new` plus the rows of `old` whose (arch, resolution, depth, group) `new` did not measure."""
     measured = {(r["arch"], r["resolution"], r["depth"], r["group"]) for r in new["results"]}
     kept = [r for r in old["results"] if (r["arch"], r["resolution"], r["depth"], r["group"]) not in measured]
-    runs = old.get("runs") or [{"command": old.get("command"), "machine": old.get("machine"),
-                                "matmul_peak": old.get("matmul_peak"), "args": old.get("args"), "started": None}]
+    runs = old.get("runs") or [
+        {
+            "command": old.get("command"),
+            "machine": old.get("machine"),
+            "matmul_peak": old.get("matmul_peak"),
+            "args": old.get("args"),
+            "started": None,
+        }
+    ]
     used = {r.get("run") for r in kept}
     runs = [r for r in runs if r.get("started") in used] + new["runs"]
     results = kept + new["results"]
@@ -1096,8 +1391,9 @@ def markdown(report: dict, plot_name: str | None) -> str:
     """The generated section of docs/benchmarks.md."""
     m = report["machine"]
     res_rows = [r for r in report["results"]]
-    runs = report.get("runs") or [{"command": report["command"], "machine": m,
-                                   "matmul_peak": report.get("matmul_peak"), "started": None}]
+    runs = report.get("runs") or [
+        {"command": report["command"], "machine": m, "matmul_peak": report.get("matmul_peak"), "started": None}
+    ]
     peaks = {run.get("started"): (run.get("matmul_peak") or {}).get("peak_gflops") for run in runs}
     lines = [
         MARK_BEGIN,
@@ -1112,20 +1408,29 @@ def markdown(report: dict, plot_name: str | None) -> str:
     ]
     for run in runs:
         mm, peak = run.get("machine") or {}, run.get("matmul_peak") or {}
-        text = f"- Run{' ' + run['started'] if run.get('started') else ''}: `{run['command']}`; load average at start " + \
-            " / ".join(f"{x:.1f}" for x in mm.get("loadavg_start", [])) + " (1 / 5 / 15 min)"
+        text = (
+            f"- Run{' ' + run['started'] if run.get('started') else ''}: `{run['command']}`; load average at start "
+            + " / ".join(f"{x:.1f}" for x in mm.get("loadavg_start", []))
+            + " (1 / 5 / 15 min)"
+        )
         if mm.get("loadavg_end"):
             text += ", at end " + " / ".join(f"{x:.1f}" for x in mm["loadavg_end"])
         if peak.get("gflops_best"):
-            text += (f"; fp32 matmul peak ({peak['shape'][0]}x{peak['shape'][1]} @ {peak['shape'][1]}x"
-                     f"{peak['shape'][2]}, best of 8, {peak['threads']} threads): "
-                     + ", ".join(f"{k} {v:.0f}" for k, v in peak["gflops_best"].items())
-                     + f" GFLOP/s (GFLOP/s percentages are against {peak['peak_gflops']:.0f})")
+            text += (
+                f"; fp32 matmul peak ({peak['shape'][0]}x{peak['shape'][1]} @ {peak['shape'][1]}x"
+                f"{peak['shape'][2]}, best of 8, {peak['threads']} threads): "
+                + ", ".join(f"{k} {v:.0f}" for k, v in peak["gflops_best"].items())
+                + f" GFLOP/s (GFLOP/s percentages are against {peak['peak_gflops']:.0f})"
+            )
         lines.append(text + ".")
-    lines += ["", "### Transformer call latency and peak memory (batch 1, fp32 unless int8)", "",
-              "| arch | res | tokens | depth | group | variant | median s | p10–p90 s | peak RSS MB | GFLOP/s "
-              "(% of peak) | graph MB | status |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "### Transformer call latency and peak memory (batch 1, fp32 unless int8)",
+        "",
+        "| arch | res | tokens | depth | group | variant | median s | p10–p90 s | peak RSS MB | GFLOP/s "
+        "(% of peak) | graph MB | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in res_rows:
         ok = r.get("status") == "ok"
         pk = peaks.get(r.get("run")) or (report.get("matmul_peak") or {}).get("peak_gflops")
@@ -1135,17 +1440,25 @@ def markdown(report: dict, plot_name: str | None) -> str:
             gf = f"{r['gflops']:.0f}" + (f" ({100 * r['gflops'] / pk:.0f} %)" if pk else "")
         status = "ok" if ok else f"**{r.get('status')}**: {r.get('message', '')[:140]}"
         mem = r.get("peak_rss_mb")
-        lines.append(f"| {ARCHS[r['arch']]['title']} | {r['resolution']}² | {r['tokens']} | {r['depth']} | "
-                     f"{r['group']} | {r['variant']} | {row_label(r) if ok else ''} | {spread} | "
-                     f"{mem if mem else ''} | {gf} | {r.get('size_mb', '')} | {status} |")
-    lines += ["", "### Ratios (same group, same rounds)", "",
-              "| arch | res | depth | comparison | speed-up (median) | speed-up (min) | memory ratio |",
-              "|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {ARCHS[r['arch']]['title']} | {r['resolution']}² | {r['tokens']} | {r['depth']} | "
+            f"{r['group']} | {r['variant']} | {row_label(r) if ok else ''} | {spread} | "
+            f"{mem if mem else ''} | {gf} | {r.get('size_mb', '')} | {status} |"
+        )
+    lines += [
+        "",
+        "### Ratios (same group, same rounds)",
+        "",
+        "| arch | res | depth | comparison | speed-up (median) | speed-up (min) | memory ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for q in report["ratios"]:
         sp = f"{q['speedup']:.2f}×" if q.get("speedup") else (q.get("note") or "")
-        lines.append(f"| {ARCHS[q['arch']]['title']} | {q['resolution']}² | {q['depth']} | {q['what']} | {sp} | "
-                     f"{str(q.get('speedup_min', '')) + ('×' if q.get('speedup_min') else '')} | "
-                     f"{str(q.get('memory_ratio', '')) + ('×' if q.get('memory_ratio') else '')} |")
+        lines.append(
+            f"| {ARCHS[q['arch']]['title']} | {q['resolution']}² | {q['depth']} | {q['what']} | {sp} | "
+            f"{str(q.get('speedup_min', '')) + ('×' if q.get('speedup_min') else '')} | "
+            f"{str(q.get('memory_ratio', '')) + ('×' if q.get('memory_ratio') else '')} |"
+        )
     profiled = [r for r in res_rows if r.get("profile")]
     if profiled:
         lines += ["", "### Where the time goes (ONNX Runtime profile, kernel ms per call, by block region)", ""]
@@ -1153,8 +1466,10 @@ def markdown(report: dict, plot_name: str | None) -> str:
             p = r["profile"]
             regions = ", ".join(f"{k} {v:.0f}" for k, v in p["by_region_ms"].items())
             ops = ", ".join(f"{k} {v:.0f}" for k, v in list(p["by_op_ms"].items())[:6])
-            lines.append(f"- {ARCHS[r['arch']]['title']} {r['resolution']}² d{r['depth']} **{r['variant']}** "
-                         f"({p['kernel_ms_per_call']:.0f} ms): {regions}. Top ops: {ops}.")
+            lines.append(
+                f"- {ARCHS[r['arch']]['title']} {r['resolution']}² d{r['depth']} **{r['variant']}** "
+                f"({p['kernel_ms_per_call']:.0f} ms): {regions}. Top ops: {ops}."
+            )
     if plot_name:
         lines += ["", f"![latency and memory vs tokens]({plot_name})"]
     lines += ["", MARK_END]
@@ -1197,19 +1512,32 @@ def plot(report: dict, path: Path) -> None:
             label = f"{variant} (depth {depth})"
             style = "-" if not variant.startswith("torch") else ":"
             marker = "o" if "int8" not in variant else "s"
-            line = axes[i][0].plot(ok, [pts[x]["median_ms"] / 1e3 for x in ok], style, marker=marker,
-                                   label=label)[0]
+            line = axes[i][0].plot(ok, [pts[x]["median_ms"] / 1e3 for x in ok], style, marker=marker, label=label)[0]
             # a failed call's memory is where it stopped, not a peak: only completed calls are plotted
             with_rss = [x for x in ok if pts[x].get("peak_rss_mb")]
-            axes[i][1].plot(with_rss, [pts[x]["peak_rss_mb"] / 1024 for x in with_rss], style,
-                            marker=marker, color=line.get_color(), label=label)
+            axes[i][1].plot(
+                with_rss,
+                [pts[x]["peak_rss_mb"] / 1024 for x in with_rss],
+                style,
+                marker=marker,
+                color=line.get_color(),
+                label=label,
+            )
             for x in xs:
                 if pts[x].get("status") not in ("ok", None):
                     failed.setdefault(pts[x]["resolution"], set()).add(f"{variant} {pts[x]['status']}")
         if failed:  # one box listing the calls that did not complete, per resolution
             text = "\n".join(f"{res}²: " + ", ".join(sorted(v)) for res, v in sorted(failed.items()))
-            axes[i][0].text(0.98, 0.02, text, transform=axes[i][0].transAxes, fontsize=7, ha="right",
-                            va="bottom", bbox={"boxstyle": "round", "fc": "white", "alpha": 0.8})
+            axes[i][0].text(
+                0.98,
+                0.02,
+                text,
+                transform=axes[i][0].transAxes,
+                fontsize=7,
+                ha="right",
+                va="bottom",
+                bbox={"boxstyle": "round", "fc": "white", "alpha": 0.8},
+            )
         for r in report["results"]:  # the full-depth call(s): one star each
             if r["arch"] == arch and r["group"].startswith("full-depth") and r.get("status") == "ok":
                 label = f"{r['variant']} (depth {r['depth']}, cold call)"
@@ -1217,10 +1545,20 @@ def plot(report: dict, path: Path) -> None:
                 axes[i][0].plot([r["tokens"]], [r["median_ms"] / 1e3], marker, ms=11, color="black", label=label)
                 axes[i][1].plot([r["tokens"]], [r["peak_rss_mb"] / 1024], marker, ms=11, color="black", label=label)
         title = ARCHS[arch]["title"]
-        axes[i][0].set(xscale="log", yscale="log", xlabel="image tokens", ylabel="seconds per transformer call",
-                       title=f"{title}: latency (ONNX Runtime CPU, {report['machine']['threads']} threads)")
-        axes[i][1].set(xscale="log", yscale="log", xlabel="image tokens", ylabel="peak RSS (GB)",
-                       title=f"{title}: peak memory of the process")
+        axes[i][0].set(
+            xscale="log",
+            yscale="log",
+            xlabel="image tokens",
+            ylabel="seconds per transformer call",
+            title=f"{title}: latency (ONNX Runtime CPU, {report['machine']['threads']} threads)",
+        )
+        axes[i][1].set(
+            xscale="log",
+            yscale="log",
+            xlabel="image tokens",
+            ylabel="peak RSS (GB)",
+            title=f"{title}: peak memory of the process",
+        )
         limit = report["args"]["mem_limit_gb"]
         axes[i][1].axhline(limit, color="grey", ls="--", lw=0.8)
         axes[i][1].text(axes[i][1].get_xlim()[0], limit, f" limit {limit:.0f} GB", va="bottom", fontsize=8)
@@ -1233,15 +1571,25 @@ def plot(report: dict, path: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="PixArt-XL width, 1 layer, 256² and 512², softmax / fused-MHA teacher / EDiT (minutes)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="PixArt-XL width, 1 layer, 256² and 512², softmax / fused-MHA teacher / EDiT (minutes)",
+    )
     p.add_argument("--archs", nargs="+", choices=list(ARCHS), default=list(ARCHS))
-    p.add_argument("--resolutions", nargs="+", type=int, default=[256, 512, 1024, 2048, 4096],
-                   help="PixArt resolutions (default 256 512 1024 2048 4096)")
-    p.add_argument("--sd3-resolutions", nargs="+", type=int, default=[512, 1024],
-                   help="SD3.5-M resolutions (default 512 1024)")
+    p.add_argument(
+        "--resolutions",
+        nargs="+",
+        type=int,
+        default=[256, 512, 1024, 2048, 4096],
+        help="PixArt resolutions (default 256 512 1024 2048 4096)",
+    )
+    p.add_argument(
+        "--sd3-resolutions", nargs="+", type=int, default=[512, 1024], help="SD3.5-M resolutions (default 512 1024)"
+    )
     p.add_argument("--depth", type=int, default=None, help="transformer blocks (default 2; --quick: 1)")
     p.add_argument("--batch", type=int, default=1, help="transformer batch (default 1: one CFG half)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads (default: all cores)")
@@ -1252,33 +1600,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-torch", dest="torch", action="store_false", help="skip the PyTorch eager group")
     p.add_argument("--torch-resolutions", nargs="+", type=int, default=[512, 1024])
     p.add_argument("--torch-archs", nargs="+", choices=list(ARCHS), default=["pixart"])
-    p.add_argument("--arena-resolutions", nargs="+", type=int, default=[2048],
-                   help="PixArt resolutions of the arena group (default 2048)")
-    p.add_argument("--groups", nargs="+", choices=ALL_GROUPS, default=ALL_GROUPS,
-                   help="which groups to run (default all)")
-    p.add_argument("--merge", action="store_true",
-                   help="merge into the existing output JSON: rows of the groups measured now replace the same "
-                   "(arch, resolution, depth, group) rows of earlier runs, the others are kept (each row names "
-                   "its run; ratios stay within one group of one run)")
-    p.add_argument("--no-full-depth", dest="full_depth_2048", action="store_false",
-                   help="skip the 28-layer PixArt-Σ-XL EDiT call at 2048²")
-    p.add_argument("--profile", action="store_true", help="ONNX Runtime per-op profile of every ONNX variant "
-                   "(default: on for the attention group up to 1024²)")
-    p.add_argument("--with-optimum", action="store_true",
-                   help="also export the SD3 teacher with optimum-onnx in its own venv and time it")
+    p.add_argument(
+        "--arena-resolutions",
+        nargs="+",
+        type=int,
+        default=[2048],
+        help="PixArt resolutions of the arena group (default 2048)",
+    )
+    p.add_argument(
+        "--groups", nargs="+", choices=ALL_GROUPS, default=ALL_GROUPS, help="which groups to run (default all)"
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge into the existing output JSON: rows of the groups measured now replace the same "
+        "(arch, resolution, depth, group) rows of earlier runs, the others are kept (each row names "
+        "its run; ratios stay within one group of one run)",
+    )
+    p.add_argument(
+        "--no-full-depth",
+        dest="full_depth_2048",
+        action="store_false",
+        help="skip the 28-layer PixArt-Σ-XL EDiT call at 2048²",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="ONNX Runtime per-op profile of every ONNX variant (default: on for the attention group up to 1024²)",
+    )
+    p.add_argument(
+        "--with-optimum",
+        action="store_true",
+        help="also export the SD3 teacher with optimum-onnx in its own venv and time it",
+    )
     p.add_argument("--optimum-resolution", type=int, default=1024)
     p.add_argument("--optimum-venv", default="out/optimum-venv")
-    p.add_argument("--mem-limit-gb", type=float, default=16.0,
-                   help="per-worker memory limit: address space and RSS watchdog (default 16)")
+    p.add_argument(
+        "--mem-limit-gb",
+        type=float,
+        default=16.0,
+        help="per-worker memory limit: address space and RSS watchdog (default 16)",
+    )
     p.add_argument("--call-timeout", type=float, default=900.0, help="seconds per call before 'timeout'")
     p.add_argument("--export-timeout", type=float, default=3600.0)
     p.add_argument("--work-dir", default="out/bench_scaling", help="exported graphs, results, profiles")
     p.add_argument("--retry-failed", action="store_true", help="retry exports that failed in an earlier run")
-    p.add_argument("--render-only", action="store_true",
-                   help="measure nothing: re-render the plot and Markdown from the output JSON")
-    p.add_argument("--docs", action="store_true",
-                   help="write docs/bench_scaling.json, docs/bench_scaling.png and the section of docs/benchmarks.md"
-                   " (default: only into the work folder)")
+    p.add_argument(
+        "--render-only",
+        action="store_true",
+        help="measure nothing: re-render the plot and Markdown from the output JSON",
+    )
+    p.add_argument(
+        "--docs",
+        action="store_true",
+        help="write docs/bench_scaling.json, docs/bench_scaling.png and the section of docs/benchmarks.md"
+        " (default: only into the work folder)",
+    )
     return p
 
 
@@ -1312,23 +1689,37 @@ def main(argv: list[str] | None = None) -> dict:
     study.log(f"machine: {study.machine}")
     study.peak = measure_peak(study)
     steps = plan(args)
-    study.log(f"plan: {len(steps)} groups: " + "; ".join(f"{s['arch']} {s['res']}² d{s['depth']} {s['group']}"
-                                                           for s in steps))
+    study.log(
+        f"plan: {len(steps)} groups: " + "; ".join(f"{s['arch']} {s['res']}² d{s['depth']} {s['group']}" for s in steps)
+    )
     for s in steps:
         profile = args.profile or (s["group"] == "attention" and s["res"] <= 1024)
-        study.measure_group(s["arch"], s["group"], s["variants"], s["res"], s["depth"], s["warmup"], s["runs"],
-                            profile=profile, call_timeout=s["call_timeout"])
+        study.measure_group(
+            s["arch"],
+            s["group"],
+            s["variants"],
+            s["res"],
+            s["depth"],
+            s["warmup"],
+            s["runs"],
+            profile=profile,
+            call_timeout=s["call_timeout"],
+        )
     study.machine["loadavg_end"] = list(os.getloadavg())
     report = study.report()
     out_dir = REPO / "docs" if args.docs else study.work
     if args.merge and (out_dir / "bench_scaling.json").is_file():
         report = merge_reports(json.loads((out_dir / "bench_scaling.json").read_text()), report)
     write_report(report, out_dir, args.docs)
-    study.log(f"wrote {out_dir / 'bench_scaling.json'}, {out_dir / 'bench_scaling.png'}"
-              + (", docs/benchmarks.md" if args.docs else f", {study.work / 'benchmarks_section.md'}"))
+    study.log(
+        f"wrote {out_dir / 'bench_scaling.json'}, {out_dir / 'bench_scaling.png'}"
+        + (", docs/benchmarks.md" if args.docs else f", {study.work / 'benchmarks_section.md'}")
+    )
     for q in report["ratios"]:
-        study.log(f"{q['arch']} {q['resolution']}² d{q['depth']} {q['what']}: {q.get('speedup')}× "
-                  f"(memory {q.get('memory_ratio')}×)")
+        study.log(
+            f"{q['arch']} {q['resolution']}² d{q['depth']} {q['what']}: {q.get('speedup')}× "
+            f"(memory {q.get('memory_ratio')}×)"
+        )
     return report
 
 

@@ -16,8 +16,16 @@ from ..runtime.errors import UserError
 # command name -> module under edit_mobile.scripts; each has HELP, build_parser(parser) and main(args).
 # (inspect lives in inspect_package.py: a scripts/inspect.py would shadow the standard library's `inspect`
 # whenever a script in scripts/ is run as `python scripts/X.py`.)
-SUBCOMMANDS = {"convert": "convert", "distill": "distill", "export": "export", "quantize": "quantize",
-               "inspect": "inspect_package", "generate": "generate", "validate": "validate", "bench": "bench"}
+SUBCOMMANDS = {
+    "convert": "convert",
+    "distill": "distill",
+    "export": "export",
+    "quantize": "quantize",
+    "inspect": "inspect_package",
+    "generate": "generate",
+    "validate": "validate",
+    "bench": "bench",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,11 +38,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in SUBCOMMANDS.items():
         module = importlib.import_module(f"edit_mobile.scripts.{module_name}")
-        sub_parser = sub.add_parser(name, help=module.HELP, description=module.__doc__,
-                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub_parser = sub.add_parser(
+            name, help=module.HELP, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         module.build_parser(sub_parser)
         sub_parser.set_defaults(_main=module.main)
     return parser
+
+
+# Top-level packages of the optional extras: in the base install (the on-device runtime), a command that needs one
+# names the extra to install instead of ending in a ModuleNotFoundError traceback.
+_EXTRA_OF = {
+    name: "torch"
+    for name in (
+        "torch",
+        "diffusers",
+        "transformers",
+        "accelerate",
+        "safetensors",
+        "onnx",
+        "onnxscript",
+        "sentencepiece",
+        "matplotlib",
+        "psutil",
+    )
+}
+_EXTRA_OF.update(coremltools="coreml", sklearn="coreml")
 
 
 def _hide_torchvision_notice(record: logging.LogRecord) -> bool:
@@ -51,6 +80,16 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._main(args) or 0)
     except UserError as e:
         print(f"edit-mobile {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        extra = _EXTRA_OF.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(
+            f"edit-mobile {args.command}: error: this command needs {e.name}, which the base install leaves out: "
+            f"pip install 'edit-mobile[{extra}]'",
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -16,13 +16,18 @@ HELP = "convert a PixArt-Σ / SD3 pipeline (preset or folder) to EDiT / MM-EDiT"
 
 def build_parser(parser):
     parser.add_argument("src", metavar="SRC", help="preset name or local diffusers pipeline folder")
-    parser.add_argument("--arch", required=True, choices=["edit", "mm-edit"],
-                        help="edit: PixArt-Σ -> EDiT; mm-edit: SD3 -> MM-EDiT")
+    parser.add_argument(
+        "--arch", required=True, choices=["edit", "mm-edit"], help="edit: PixArt-Σ -> EDiT; mm-edit: SD3 -> MM-EDiT"
+    )
     parser.add_argument("--out", required=True, help="output pipeline folder (written atomically)")
     parser.add_argument("--convfusion-reduction", type=int, default=4, help="ConvFusion channel reduction r")
     parser.add_argument("--kv-stride", type=int, default=2, help="Spatial Compressor stride (M ~ N / stride^2)")
-    parser.add_argument("--eta-mode", choices=["token_count", "exact"], default="token_count",
-                        help="MM-EDiT mixing weight: token-count approximation (linear) or exact (quadratic)")
+    parser.add_argument(
+        "--eta-mode",
+        choices=["token_count", "exact"],
+        default="token_count",
+        help="MM-EDiT mixing weight: token-count approximation (linear) or exact (quadratic)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     return parser
 
@@ -31,8 +36,7 @@ def main(args) -> int:
     from ..models.convert import convert
     from ..models.edit_attention import EDiTConfig
 
-    edit = EDiTConfig(convfusion_reduction=args.convfusion_reduction, kv_stride=args.kv_stride,
-                      eta_mode=args.eta_mode)
+    edit = EDiTConfig(convfusion_reduction=args.convfusion_reduction, kv_stride=args.kv_stride, eta_mode=args.eta_mode)
     out = convert(args.src, args.arch, args.out, edit, overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0

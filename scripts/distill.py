@@ -21,33 +21,61 @@ HELP = "distil an EDiT / MM-EDiT student from its teacher (Accelerate: one or ma
 
 def build_parser(parser):
     parser.add_argument("--teacher", required=True, metavar="SRC", help="teacher: preset or diffusers pipeline folder")
-    parser.add_argument("--student", required=True, metavar="DIR",
-                        help="converted pipeline folder (edit-mobile convert)")
+    parser.add_argument(
+        "--student", required=True, metavar="DIR", help="converted pipeline folder (edit-mobile convert)"
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="run and output folder")
-    parser.add_argument("--data", default="synthetic", metavar="FOLDER|synthetic[:N]",
-                        help="images with same-stem .txt captions, or 'synthetic' (default; 1024 items, or N)")
-    parser.add_argument("--resolution", nargs="+", default=[], metavar="R",
-                        help="image size(s) in pixels, one per progressive stage (default: the teacher's native)")
-    parser.add_argument("--stage-steps", nargs="+", type=int, default=[], metavar="N",
-                        help="optimizer steps per stage (default: --steps split evenly)")
+    parser.add_argument(
+        "--data",
+        default="synthetic",
+        metavar="FOLDER|synthetic[:N]",
+        help="images with same-stem .txt captions, or 'synthetic' (default; 1024 items, or N)",
+    )
+    parser.add_argument(
+        "--resolution",
+        nargs="+",
+        default=[],
+        metavar="R",
+        help="image size(s) in pixels, one per progressive stage (default: the teacher's native)",
+    )
+    parser.add_argument(
+        "--stage-steps",
+        nargs="+",
+        type=int,
+        default=[],
+        metavar="N",
+        help="optimizer steps per stage (default: --steps split evenly)",
+    )
     parser.add_argument("--steps", type=int, default=1000, help="optimizer steps in total (default 1000)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per process per micro-step (default 4)")
     parser.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation micro-steps (default 1)")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     parser.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up steps")
-    parser.add_argument("--loss-weights", default="task=1,output=1,feature=1", metavar="task=W,output=W,feature=W",
-                        help="loss weights (names left out stay 1)")
-    parser.add_argument("--feature-prompt", action="store_true",
-                        help="SD3: also distil the prompt rows of each joint attention")
+    parser.add_argument(
+        "--loss-weights",
+        default="task=1,output=1,feature=1",
+        metavar="task=W,output=W,feature=W",
+        help="loss weights (names left out stay 1)",
+    )
+    parser.add_argument(
+        "--feature-prompt", action="store_true", help="SD3: also distil the prompt rows of each joint attention"
+    )
     parser.add_argument("--caption-dropout", type=float, default=0.1, help="fraction of empty captions (default 0.1)")
-    parser.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
-                        help="auto: bf16 (or fp16) on GPUs, no on CPU")
+    parser.add_argument(
+        "--mixed-precision",
+        default="auto",
+        choices=["auto", "no", "fp16", "bf16"],
+        help="auto: bf16 (or fp16) on GPUs, no on CPU",
+    )
     parser.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
     parser.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
     parser.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (default 2)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in OUT from its newest checkpoint (starts it if OUT does not exist)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in OUT from its newest checkpoint (starts it if OUT does not exist)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="delete an existing OUT and start over")
     return parser
 
@@ -62,19 +90,33 @@ def main(args) -> int:
         return str(Path(p).resolve()) if Path(p).exists() else p
 
     config = DistillConfig(
-        teacher=absolute(args.teacher), student=absolute(args.student), out=args.out, data=absolute(args.data),
-        resolutions=parse_resolutions(args.resolution), stage_steps=args.stage_steps, steps=args.steps,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup_steps,
-        loss_weights=parse_loss_weights(args.loss_weights), feature_prompt=args.feature_prompt,
-        caption_dropout=args.caption_dropout, mixed_precision=args.mixed_precision,
-        gradient_checkpointing=args.gradient_checkpointing, checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=args.keep_checkpoints, seed=args.seed,
+        teacher=absolute(args.teacher),
+        student=absolute(args.student),
+        out=args.out,
+        data=absolute(args.data),
+        resolutions=parse_resolutions(args.resolution),
+        stage_steps=args.stage_steps,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        loss_weights=parse_loss_weights(args.loss_weights),
+        feature_prompt=args.feature_prompt,
+        caption_dropout=args.caption_dropout,
+        mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+        checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints,
+        seed=args.seed,
     )
     try:
         summary = distill(config, resume=args.resume, overwrite=args.overwrite)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: continue from the newest checkpoint in {args.out} by re-running with --resume",
-              file=sys.stderr)
+        print(
+            f"\ninterrupted: continue from the newest checkpoint in {args.out} by re-running with --resume",
+            file=sys.stderr,
+        )
         return 130
     if summary:  # the main process
         start, end = summary["eval_start"], summary["eval_end"]

@@ -19,18 +19,34 @@ HELP = "export a pipeline to an ONNX / ORT-mobile package with static shapes"
 
 def build_parser(parser):
     parser.add_argument("src", metavar="SRC", help="preset name or local diffusers pipeline folder")
-    parser.add_argument("--target", default="onnx", choices=["onnx", "ort-mobile", "coreml"],
-                        help="output format")
+    parser.add_argument("--target", default="onnx", choices=["onnx", "ort-mobile", "coreml"], help="output format")
     parser.add_argument("--resolution", default="512", help="image size in pixels: N or HxW (default 512)")
-    parser.add_argument("--batch", type=int, default=2, choices=[1, 2],
-                        help="transformer batch: 2 = classifier-free guidance in one call (default), 1 = two calls")
-    parser.add_argument("--max-text-tokens", type=int, default=None,
-                        help="static T5 prompt length (default: the pipeline's, 300 PixArt-Σ / 256 SD3)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=2,
+        choices=[1, 2],
+        help="transformer batch: 2 = classifier-free guidance in one call (default), 1 = two calls",
+    )
+    parser.add_argument(
+        "--max-text-tokens",
+        type=int,
+        default=None,
+        help="static T5 prompt length (default: the pipeline's, 300 PixArt-Σ / 256 SD3)",
+    )
     # No argparse `choices` for the Core ML flags: a bad value is reported on one line by export_package.
-    parser.add_argument("--compute-precision", default=None, metavar="fp16|fp32",
-                        help="Core ML only: compute precision of the ML programs (default fp16)")
-    parser.add_argument("--deployment-target", default=None, metavar="iOS17|iOS18|macOS14|macOS15",
-                        help="Core ML only: minimum deployment target (default iOS17)")
+    parser.add_argument(
+        "--compute-precision",
+        default=None,
+        metavar="fp16|fp32",
+        help="Core ML only: compute precision of the ML programs (default fp16)",
+    )
+    parser.add_argument(
+        "--deployment-target",
+        default=None,
+        metavar="iOS17|iOS18|macOS14|macOS15",
+        help="Core ML only: minimum deployment target (default iOS17)",
+    )
     parser.add_argument("--out", required=True, help="package folder to write (atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing package folder")
     return parser
@@ -39,16 +55,30 @@ def build_parser(parser):
 def main(args) -> int:
     from ..export.package import export_package
 
-    manifest = export_package(args.src, args.out, target=args.target, resolution=args.resolution,
-                              batch=args.batch, max_text_tokens=args.max_text_tokens, overwrite=args.overwrite,
-                              compute_precision=args.compute_precision, deployment_target=args.deployment_target)
+    manifest = export_package(
+        args.src,
+        args.out,
+        target=args.target,
+        resolution=args.resolution,
+        batch=args.batch,
+        max_text_tokens=args.max_text_tokens,
+        overwrite=args.overwrite,
+        compute_precision=args.compute_precision,
+        deployment_target=args.deployment_target,
+    )
     if manifest["target"] == "coreml":
-        worst = min(o["psnr_db"] for e in manifest["export"].values()
-                    for o in e["coreml_reference_vs_torch"]["outputs"].values())
-        print(f"wrote {args.out}: {len(manifest['components'])} Core ML components, worst PSNR of the reference "
-              f"executor against PyTorch on random inputs {worst:.1f} dB")
+        worst = min(
+            o["psnr_db"]
+            for e in manifest["export"].values()
+            for o in e["coreml_reference_vs_torch"]["outputs"].values()
+        )
+        print(
+            f"wrote {args.out}: {len(manifest['components'])} Core ML components, worst PSNR of the reference "
+            f"executor against PyTorch on random inputs {worst:.1f} dB"
+        )
         return 0
     worst = max(v for e in manifest["export"].values() for v in e["onnx_vs_torch_max_abs"].values())
-    print(f"wrote {args.out}: {len(manifest['components'])} components, "
-          f"max |ONNX - PyTorch| on random inputs {worst:.2e}")
+    print(
+        f"wrote {args.out}: {len(manifest['components'])} components, max |ONNX - PyTorch| on random inputs {worst:.2e}"
+    )
     return 0

@@ -21,13 +21,18 @@ def build_parser(parser):
     parser.add_argument("--prompt", required=True, help="text prompt")
     parser.add_argument("--negative-prompt", default="", help="negative prompt (default: empty)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
-    parser.add_argument("--guidance", type=float, default=None,
-                        help="classifier-free guidance scale; <= 1 disables it (default: 4.5 PixArt-Σ, 7.0 SD3)")
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale; <= 1 disables it (default: 4.5 PixArt-Σ, 7.0 SD3)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the numpy initial noise (default 0)")
     parser.add_argument("--backend", default="ort", help="inference backend (default ort)")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the backend's)")
-    parser.add_argument("--resolution", default=None,
-                        help="N or HxW; only checked: a package has one static resolution")
+    parser.add_argument(
+        "--resolution", default=None, help="N or HxW; only checked: a package has one static resolution"
+    )
     parser.add_argument("--out", required=True, help="PNG file to write (atomically)")
     return parser
 
@@ -44,11 +49,14 @@ def main(args) -> int:
     package = load_package(args.package)
     if wanted is not None and tuple(wanted) != tuple(package.resolution):
         h, w = package.resolution
-        raise UserError(f"package was exported for {h}x{w}, not {wanted[0]}x{wanted[1]} "
-                        f"(export another package with --resolution {wanted[0]}x{wanted[1]})")
+        raise UserError(
+            f"package was exported for {h}x{w}, not {wanted[0]}x{wanted[1]} "
+            f"(export another package with --resolution {wanted[0]}x{wanted[1]})"
+        )
     pipe = Text2ImagePipeline(package, backend=args.backend, threads=args.threads)
-    result = pipe(args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
-                  seed=args.seed)
+    result = pipe(
+        args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance, seed=args.seed
+    )
     out = save_png(result.image, args.out)
     print(f"wrote {out}")
     return 0

@@ -4,7 +4,8 @@ restores each one byte for byte afterwards, so run it on a clean work tree of an
 
 For every mutation (and first for none, which must pass everywhere): the suite runs with `pytest -x` (stop at the
 first failure), then the tiny PixArt-Σ EDiT and SD3 MM-EDiT pipelines (or --models) are converted and exported with
-the mutated code (once, for bugs in runtime/, which leave the graphs alone) and validated. Validation uses a prompt longer than every tokenizer's limit, so that truncation is exercised.
+the mutated code (once, for bugs in runtime/, which leave the graphs alone) and validated. Validation uses a prompt
+longer than every tokenizer's limit, so that truncation is exercised.
 
 usage:
   python scripts/mutation_check.py [--only NAME ...] [--tests tests/] [--skip-suite] [--json OUT]
@@ -26,8 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # Longer than the tiny tokenizers' limits (T5 exported at 32 tokens below, CLIP 77): truncation happens.
-LONG_PROMPT = ("a red circle and a blue square on a white background, next to a green triangle, under a yellow "
-               "sun, above a purple ring, " * 6).strip()
+LONG_PROMPT = (
+    "a red circle and a blue square on a white background, next to a green triangle, under a yellow "
+    "sun, above a purple ring, " * 6
+).strip()
 
 
 @dataclass(frozen=True)
@@ -40,48 +43,90 @@ class Mutation:
 
 
 MUTATIONS = [
-    Mutation("guidance-g-minus-1", "runtime/pipeline.py",
-             "noise = noise_uncond + guidance * (noise_text - noise_uncond)",
-             "noise = noise_uncond + (guidance - 1) * (noise_text - noise_uncond)",
-             "classifier-free guidance applied with g - 1"),
-    Mutation("guidance-cond-base", "runtime/pipeline.py",
-             "noise = noise_uncond + guidance * (noise_text - noise_uncond)",
-             "noise = noise_text + guidance * (noise_text - noise_uncond)",
-             "guidance added to the conditional prediction: cond + g (cond - uncond)"),
-    Mutation("cfg-order", "runtime/pipeline.py",
-             "cond = {k: np.concatenate([uncond[k], cond[k]]) for k in cond}",
-             "cond = {k: np.concatenate([cond[k], uncond[k]]) for k in cond}",
-             "CFG batch built cond-first while the guidance line reads uncond-first"),
-    Mutation("linear-attention-eps", "models/edit_attention.py",
-             "y = out[..., :-1].div_(out[..., -1:] + eps)", "y = out[..., :-1].div_(out[..., -1:])",
-             "`+ eps` dropped from the linear-attention denominator"),
-    Mutation("linear-attention-sum", "models/edit_attention.py",
-             "kv = torch.matmul(k.transpose(-1, -2) * (1.0 / m), v1)", "kv = torch.matmul(k.transpose(-1, -2), v1)",
-             "sums over the M key tokens instead of means (fp16 overflow)"),
-    Mutation("mm-edit-eta-swapped", "models/mm_edit_attention.py",
-             "y_img = eta * y_lin + (1.0 - eta) * y_cross", "y_img = (1.0 - eta) * y_lin + eta * y_cross",
-             "MM-EDiT's eta weights the softmax term instead of the linear one"),
-    Mutation("dpm-lower-order-final-15", "runtime/schedulers.py",
-             "(self.lower_order_final and n < 15)", "(self.lower_order_final and n <= 15)",
-             "DPM-Solver's lower-order-final rule off by one at 15 steps"),
-    Mutation("dpm-second-order-first-step", "runtime/schedulers.py",
-             "self._lower_order_nums < 1 or lower_order_final", "self._lower_order_nums < 0 or lower_order_final",
-             "DPM-Solver takes a second-order step before it has two model outputs"),
-    Mutation("flow-match-shift", "runtime/schedulers.py",
-             "sigmas = self.shift * sigmas / (1 + (self.shift - 1) * sigmas)\n        sigmas = sigmas.astype(_F32)",
-             "sigmas = sigmas.astype(_F32)",
-             "SD3's flow-match timestep shift left out of set_timesteps"),
-    Mutation("vae-scale", "runtime/pipeline.py",
-             'latents = latents / np.float32(vae["scaling_factor"])',
-             'latents = latents * np.float32(vae["scaling_factor"])',
-             "VAE latents multiplied by the scaling factor instead of divided"),
-    Mutation("vae-shift", "runtime/pipeline.py",
-             'latents = latents + np.float32(vae["shift_factor"])',
-             'latents = latents - np.float32(vae["shift_factor"])',
-             "SD3's VAE shift factor subtracted instead of added"),
-    Mutation("tokenizer-truncation-side", "runtime/tokenizer.py",
-             'strategy="longest_first", direction="right")', 'strategy="longest_first", direction="left")',
-             "long prompts truncated at the start instead of the end"),
+    Mutation(
+        "guidance-g-minus-1",
+        "runtime/pipeline.py",
+        "noise = noise_uncond + guidance * (noise_text - noise_uncond)",
+        "noise = noise_uncond + (guidance - 1) * (noise_text - noise_uncond)",
+        "classifier-free guidance applied with g - 1",
+    ),
+    Mutation(
+        "guidance-cond-base",
+        "runtime/pipeline.py",
+        "noise = noise_uncond + guidance * (noise_text - noise_uncond)",
+        "noise = noise_text + guidance * (noise_text - noise_uncond)",
+        "guidance added to the conditional prediction: cond + g (cond - uncond)",
+    ),
+    Mutation(
+        "cfg-order",
+        "runtime/pipeline.py",
+        "cond = {k: np.concatenate([uncond[k], cond[k]]) for k in cond}",
+        "cond = {k: np.concatenate([cond[k], uncond[k]]) for k in cond}",
+        "CFG batch built cond-first while the guidance line reads uncond-first",
+    ),
+    Mutation(
+        "linear-attention-eps",
+        "models/edit_attention.py",
+        "y = out[..., :-1].div_(out[..., -1:] + eps)",
+        "y = out[..., :-1].div_(out[..., -1:])",
+        "`+ eps` dropped from the linear-attention denominator",
+    ),
+    Mutation(
+        "linear-attention-sum",
+        "models/edit_attention.py",
+        "kv = torch.matmul(k.transpose(-1, -2) * (1.0 / m), v1)",
+        "kv = torch.matmul(k.transpose(-1, -2), v1)",
+        "sums over the M key tokens instead of means (fp16 overflow)",
+    ),
+    Mutation(
+        "mm-edit-eta-swapped",
+        "models/mm_edit_attention.py",
+        "y_img = eta * y_lin + (1.0 - eta) * y_cross",
+        "y_img = (1.0 - eta) * y_lin + eta * y_cross",
+        "MM-EDiT's eta weights the softmax term instead of the linear one",
+    ),
+    Mutation(
+        "dpm-lower-order-final-15",
+        "runtime/schedulers.py",
+        "(self.lower_order_final and n < 15)",
+        "(self.lower_order_final and n <= 15)",
+        "DPM-Solver's lower-order-final rule off by one at 15 steps",
+    ),
+    Mutation(
+        "dpm-second-order-first-step",
+        "runtime/schedulers.py",
+        "self._lower_order_nums < 1 or lower_order_final",
+        "self._lower_order_nums < 0 or lower_order_final",
+        "DPM-Solver takes a second-order step before it has two model outputs",
+    ),
+    Mutation(
+        "flow-match-shift",
+        "runtime/schedulers.py",
+        "sigmas = self.shift * sigmas / (1 + (self.shift - 1) * sigmas)\n        sigmas = sigmas.astype(_F32)",
+        "sigmas = sigmas.astype(_F32)",
+        "SD3's flow-match timestep shift left out of set_timesteps",
+    ),
+    Mutation(
+        "vae-scale",
+        "runtime/pipeline.py",
+        'latents = latents / np.float32(vae["scaling_factor"])',
+        'latents = latents * np.float32(vae["scaling_factor"])',
+        "VAE latents multiplied by the scaling factor instead of divided",
+    ),
+    Mutation(
+        "vae-shift",
+        "runtime/pipeline.py",
+        'latents = latents + np.float32(vae["shift_factor"])',
+        'latents = latents - np.float32(vae["shift_factor"])',
+        "SD3's VAE shift factor subtracted instead of added",
+    ),
+    Mutation(
+        "tokenizer-truncation-side",
+        "runtime/tokenizer.py",
+        'strategy="longest_first", direction="right")',
+        'strategy="longest_first", direction="left")',
+        "long prompts truncated at the start instead of the end",
+    ),
 ]
 
 
@@ -103,8 +148,11 @@ def check_suite(tests: list[str]) -> dict:
     start = time.monotonic()
     proc = run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests], 3600, ROOT)
     failed = [line.split(" ")[1] for line in proc.stdout.splitlines() if line.startswith("FAILED ")]
-    return {"result": outcome(proc), "first_failure": failed[0] if failed else None,
-            "seconds": round(time.monotonic() - start, 1)}
+    return {
+        "result": outcome(proc),
+        "first_failure": failed[0] if failed else None,
+        "seconds": round(time.monotonic() - start, 1),
+    }
 
 
 # Models validated: name -> (resolution). The tiny ones are the presets; mid-pixart and pixart-sigma-xl (28 blocks
@@ -126,8 +174,23 @@ def export_package(model: str, work: Path) -> tuple[Path | None, str | None]:
 
         (work / model).mkdir(parents=True, exist_ok=True)
         folder = build_source(model, work / model)
-    proc = run([*cli, "export", str(folder), "--target", "onnx", "--resolution", MODELS[model],
-                "--max-text-tokens", "32", "--out", str(package)], 3600, ROOT)
+    proc = run(
+        [
+            *cli,
+            "export",
+            str(folder),
+            "--target",
+            "onnx",
+            "--resolution",
+            MODELS[model],
+            "--max-text-tokens",
+            "32",
+            "--out",
+            str(package),
+        ],
+        3600,
+        ROOT,
+    )
     if proc.returncode != 0:
         return None, f"export error (rc {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"
     return package, None
@@ -142,11 +205,14 @@ def check_validate(package: Path, work: Path) -> dict:
     result = {"result": outcome(proc)}
     if report.exists():
         r = json.loads(report.read_text())
-        result.update(trajectory_min_db=r["trajectory_gate"]["min_psnr_db"], image_db=r["image"]["psnr_db"],
-                      loop_trajectory_min_db=r["loop"]["trajectory_min_psnr_db"],
-                      loop_image_db=r["loop"]["image_psnr_db"],
-                      failed=[k for k, c in r["components"].items() if not c["passed"]] +
-                      [k for k in ("trajectory_gate", "loop", "image") if not r[k]["passed"]])
+        result.update(
+            trajectory_min_db=r["trajectory_gate"]["min_psnr_db"],
+            image_db=r["image"]["psnr_db"],
+            loop_trajectory_min_db=r["loop"]["trajectory_min_psnr_db"],
+            loop_image_db=r["loop"]["image_psnr_db"],
+            failed=[k for k, c in r["components"].items() if not c["passed"]]
+            + [k for k in ("trajectory_gate", "loop", "image") if not r[k]["passed"]],
+        )
     elif proc.returncode != 0:
         result["detail"] = proc.stderr.strip().splitlines()[-1:]
     return result
@@ -162,8 +228,10 @@ def planted(mutation: Mutation | None):
     original = path.read_bytes()
     text = original.decode()
     if text.count(mutation.old) != 1:
-        raise SystemExit(f"mutation {mutation.name}: expected text found {text.count(mutation.old)} times in "
-                         f"{mutation.path}; update the mutation list")
+        raise SystemExit(
+            f"mutation {mutation.name}: expected text found {text.count(mutation.old)} times in "
+            f"{mutation.path}; update the mutation list"
+        )
     try:
         path.write_text(text.replace(mutation.old, mutation.new))
         yield
@@ -177,8 +245,13 @@ def main() -> int:
     parser.add_argument("--tests", nargs="+", default=["tests"], help="pytest selection (default: the suite)")
     parser.add_argument("--skip-suite", action="store_true", help="run validate only")
     parser.add_argument("--skip-validate", action="store_true", help="run the suite only")
-    parser.add_argument("--models", nargs="+", default=["tiny-pixart", "tiny-sd3"], choices=list(MODELS),
-                        help="packages validated (default: the tiny ones)")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["tiny-pixart", "tiny-sd3"],
+        choices=list(MODELS),
+        help="packages validated (default: the tiny ones)",
+    )
     parser.add_argument("--json", metavar="OUT", help="write the results as JSON")
     args = parser.parse_args()
     known = {m.name: m for m in MUTATIONS}
@@ -187,8 +260,10 @@ def main() -> int:
         parser.error(f"unknown mutation(s) {', '.join(unknown)}; known: {', '.join(known)}")
     dirty = run(["git", "status", "--porcelain", "--untracked-files=no"], 60, ROOT).stdout.strip()
     if dirty:
-        print("warning: the work tree has uncommitted changes; they are kept, each file is restored as found",
-              file=sys.stderr)
+        print(
+            "warning: the work tree has uncommitted changes; they are kept, each file is restored as found",
+            file=sys.stderr,
+        )
 
     chosen: list[Mutation | None] = [None] + [known[n] for n in args.only] if args.only else [None, *MUTATIONS]
     rows = []
@@ -224,8 +299,9 @@ def main() -> int:
     for row in rows:
         suite = row.get("suite", {})
         suite_cell = f"{suite.get('result', '-')} {suite.get('first_failure') or ''}".strip()
-        cells = [f"{v['result']} {', '.join(v.get('failed', []))}".strip()
-                 for v in row.get("validate", {}).values()] or ["-"] * len(args.models)
+        cells = [
+            f"{v['result']} {', '.join(v.get('failed', []))}".strip() for v in row.get("validate", {}).values()
+        ] or ["-"] * len(args.models)
         print(f"| {row['mutation']} | {suite_cell} | " + " | ".join(cells) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

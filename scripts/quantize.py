@@ -33,23 +33,44 @@ COREML_PRECISIONS = ("int8-weights", "palettize-4", "palettize-6", "w8a8")
 
 def build_parser(parser):
     parser.add_argument("package", metavar="PKG", help="fp32 package folder (edit-mobile export)")
-    parser.add_argument("--precision", required=True, metavar="PREC",
-                        help=f"one of {', '.join(ONNX_PRECISIONS)} (Core ML: {', '.join(COREML_PRECISIONS)}), "
-                        "or COMPONENT=PREC,... for mixed precisions")
+    parser.add_argument(
+        "--precision",
+        required=True,
+        metavar="PREC",
+        help=f"one of {', '.join(ONNX_PRECISIONS)} (Core ML: {', '.join(COREML_PRECISIONS)}), "
+        "or COMPONENT=PREC,... for mixed precisions",
+    )
     parser.add_argument("--out", required=True, metavar="PKG2", help="package folder to write (atomically)")
-    parser.add_argument("--components", default=None,
-                        help="comma-separated components (default: all for fp16; transformer and text encoders "
-                        "for int8)")
-    parser.add_argument("--calibration-prompts", metavar="FILE", default=None,
-                        help="one prompt per line (default: 4 prompts of the shipped list)")
-    parser.add_argument("--calibration-steps", type=int, default=None,
-                        help="sampling steps per calibration prompt; every step is recorded (default 10)")
-    parser.add_argument("--calibration-method", default="minmax", metavar="METHOD",
-                        help="static int8 activation ranges: minmax (default), entropy, percentile")
+    parser.add_argument(
+        "--components",
+        default=None,
+        help="comma-separated components (default: all for fp16; transformer and text encoders for int8)",
+    )
+    parser.add_argument(
+        "--calibration-prompts",
+        metavar="FILE",
+        default=None,
+        help="one prompt per line (default: 4 prompts of the shipped list)",
+    )
+    parser.add_argument(
+        "--calibration-steps",
+        type=int,
+        default=None,
+        help="sampling steps per calibration prompt; every step is recorded (default 10)",
+    )
+    parser.add_argument(
+        "--calibration-method",
+        default="minmax",
+        metavar="METHOD",
+        help="static int8 activation ranges: minmax (default), entropy, percentile",
+    )
     parser.add_argument("--per-channel", action="store_true", help="int8: one weight scale per output channel")
-    parser.add_argument("--sensitivity", action="store_true",
-                        help="int8: quantize one node group at a time, measure PSNR, keep the worst groups in "
-                        "float until the component reaches its gate + 10 dB; the excluded nodes are reported")
+    parser.add_argument(
+        "--sensitivity",
+        action="store_true",
+        help="int8: quantize one node group at a time, measure PSNR, keep the worst groups in "
+        "float until the component reaches its gate + 10 dB; the excluded nodes are reported",
+    )
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing PKG2 folder")
     return parser
@@ -68,10 +89,19 @@ def main(args) -> int:
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     steps = DEFAULT_STEPS if args.calibration_steps is None else args.calibration_steps
-    new = quantize_package(args.package, args.out, args.precision, components=args.components,
-                           calibration_prompts=args.calibration_prompts, calibration_steps=steps,
-                           calibration_method=args.calibration_method, per_channel=args.per_channel,
-                           sensitivity=args.sensitivity, overwrite=args.overwrite, threads=args.threads)
+    new = quantize_package(
+        args.package,
+        args.out,
+        args.precision,
+        components=args.components,
+        calibration_prompts=args.calibration_prompts,
+        calibration_steps=steps,
+        calibration_method=args.calibration_method,
+        per_channel=args.per_channel,
+        sensitivity=args.sensitivity,
+        overwrite=args.overwrite,
+        threads=args.threads,
+    )
     print(f"wrote {args.out}")
     print(f"{'component':<16}{'precision':<14}{'size':>8}{'PSNR vs fp32':>14}{'excluded':>10}")
     for name, prec in new["quantization"]["components"].items():

@@ -11,18 +11,18 @@ import argparse
 import json
 from pathlib import Path
 
+from edit_mobile.models.presets import bundled_prompts
 from tokenizers import models, trainers
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTokenizer, T5Tokenizer
-
-from edit_mobile.models.presets import bundled_prompts
 
 
 def train_t5(vocab_size: int) -> dict:
     backend = T5Tokenizer(extra_ids=0)._tokenizer  # T5's own normalizer / pre-tokenizer pipeline
     backend.model = models.Unigram()
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
-                                      unk_token="<unk>", shrinking_factor=0.75)
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", shrinking_factor=0.75
+    )
     backend.train_from_iterator(bundled_prompts(), trainer=trainer)
     return {"vocab": json.loads(backend.to_str())["model"]["vocab"]}
 
@@ -30,9 +30,13 @@ def train_t5(vocab_size: int) -> dict:
 def train_clip(vocab_size: int) -> dict:
     backend = CLIPTokenizer()._tokenizer  # CLIP's own normalizer / pre-tokenizer pipeline
     backend.model = models.BPE(end_of_word_suffix="</w>", unk_token="<|endoftext|>")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|startoftext|>", "<|endoftext|>"],
-                                  initial_alphabet=ByteLevel.alphabet(), end_of_word_suffix="</w>",
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|startoftext|>", "<|endoftext|>"],
+        initial_alphabet=ByteLevel.alphabet(),
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
     backend.train_from_iterator(bundled_prompts(), trainer=trainer)
     model = json.loads(backend.to_str())["model"]
     return {"vocab": model["vocab"], "merges": [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]}

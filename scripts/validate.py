@@ -40,9 +40,15 @@ def main(args) -> int:
 
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
-    opts = ValidationOptions(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-                             guidance=args.guidance, seed=args.seed, min_component_psnr=args.min_component_psnr,
-                             min_image_psnr=args.min_image_psnr)
+    opts = ValidationOptions(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        min_component_psnr=args.min_component_psnr,
+        min_image_psnr=args.min_image_psnr,
+    )
     report = validate(args.package, args.reference, opts, threads=args.threads)
     print(format_report(report))
     if args.json:

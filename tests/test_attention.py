@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
-
 from edit_mobile.models.edit_attention import (
     EDiTAttnProcessor,
     EDiTConfig,
@@ -45,7 +44,11 @@ def self_attention(dim=32, heads=2, config=None):
 def test_linear_attention_kernel_matches_naive(grid):
     b, h, d = 3, 2, 16
     n = grid[0] * grid[1]
-    q, k, v = F.relu(torch.randn(b, h, n, d)), F.relu(torch.randn(b, h, n // 4 + 1, d)), torch.randn(b, h, n // 4 + 1, d)
+    q, k, v = (
+        F.relu(torch.randn(b, h, n, d)),
+        F.relu(torch.randn(b, h, n // 4 + 1, d)),
+        torch.randn(b, h, n // 4 + 1, d),
+    )
     y = relu_linear_attention(q, k, v, eps=1e-6)
     assert torch.allclose(y.double(), naive_linear_attention(q, k, v, 1e-6), atol=1e-5)
 
@@ -60,13 +63,18 @@ def test_edit_processor_matches_naive_formula(grid):
         # Reference: DESIGN.md §1 written out with explicit convolutions on the (B, C, h, w) grid.
         g = x.transpose(1, 2).reshape(2, 32, *grid)
         cf = attn.conv_fusion
-        z = F.conv2d(F.leaky_relu(cf.norm(F.conv2d(g, cf.conv_in.weight, cf.conv_in.bias, padding=1))),
-                     cf.conv_out.weight, cf.conv_out.bias)
+        z = F.conv2d(
+            F.leaky_relu(cf.norm(F.conv2d(g, cf.conv_in.weight, cf.conv_in.bias, padding=1))),
+            cf.conv_out.weight,
+            cf.conv_out.bias,
+        )
         q = F.relu(attn.to_q(x + z.flatten(2).transpose(1, 2)))
 
         def compress(t, conv):
             t = t.transpose(1, 2).reshape(2, 32, *grid)
-            return F.conv2d(t, conv.conv.weight, conv.conv.bias, stride=2, padding=1, groups=32).flatten(2).transpose(1, 2)
+            return (
+                F.conv2d(t, conv.conv.weight, conv.conv.bias, stride=2, padding=1, groups=32).flatten(2).transpose(1, 2)
+            )
 
         k = F.relu(compress(attn.to_k(x), attn.k_compressor))
         v = compress(attn.to_v(x), attn.v_compressor)
@@ -148,9 +156,19 @@ def test_true_fp16_kernel_long_sequence_stays_finite_and_accurate():
 
 
 def joint_attention(dim=32, heads=2, context_pre_only=False):
-    attn = Attention(query_dim=dim, cross_attention_dim=None, added_kv_proj_dim=dim, dim_head=dim // heads,
-                     heads=heads, out_dim=dim, context_pre_only=context_pre_only, bias=True, qk_norm="rms_norm",
-                     eps=1e-6, processor=JointAttnProcessor2_0())
+    attn = Attention(
+        query_dim=dim,
+        cross_attention_dim=None,
+        added_kv_proj_dim=dim,
+        dim_head=dim // heads,
+        heads=heads,
+        out_dim=dim,
+        context_pre_only=context_pre_only,
+        bias=True,
+        qk_norm="rms_norm",
+        eps=1e-6,
+        processor=JointAttnProcessor2_0(),
+    )
     return attn.eval()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from edit_mobile.scripts.cli import main
 
 
@@ -22,8 +21,25 @@ def _positive(x) -> bool:
 
 def test_bench_json_fields(tiny_package, tmp_path, capsys):
     out = tmp_path / "b.json"
-    assert main(["bench", str(tiny_package), "--runs", "3", "--warmup", "1", "--steps", "2", "--threads", "1",
-                 "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                str(tiny_package),
+                "--runs",
+                "3",
+                "--warmup",
+                "1",
+                "--steps",
+                "2",
+                "--threads",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "end to end" in printed and "runtime overhead" in printed
     r = json.loads(out.read_text())
@@ -58,12 +74,15 @@ def test_bench_json_fields(tiny_package, tmp_path, capsys):
     assert r["package"]["family"] == "pixart" and r["package"]["resolution"] == [256, 256]
 
 
-@pytest.mark.parametrize("argv_tail, message", [
-    (["--runs", "0"], "--runs must be >= 1"),
-    (["--backend", "tpu"], "unknown backend 'tpu'"),
-    (["--steps", "0"], "--steps must be >= 1"),
-    (["--threads", "0"], "--threads must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "argv_tail, message",
+    [
+        (["--runs", "0"], "--runs must be >= 1"),
+        (["--backend", "tpu"], "unknown backend 'tpu'"),
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--threads", "0"], "--threads must be >= 1"),
+    ],
+)
 def test_bench_bad_options(tiny_package, capsys, argv_tail, message):
     assert main(["bench", str(tiny_package), *argv_tail]) == 2
     err = capsys.readouterr().err.strip()
@@ -80,18 +99,24 @@ def test_bench_missing_package(tmp_path, capsys):
 def test_graph_macs_counts_matmul_gemm_conv(tmp_path):
     import numpy as np
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
     from edit_mobile.scripts.bench_scaling import graph_macs
+    from onnx import TensorProto, helper, numpy_helper
 
     w = numpy_helper.from_array(np.zeros((8, 16), np.float32), "W")
     k = numpy_helper.from_array(np.zeros((4, 2, 3, 3), np.float32), "K")
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("Conv", ["img", "K"], ["z"], pads=[1] * 4)],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, 8]),
-              helper.make_tensor_value_info("img", TensorProto.FLOAT, [1, 2, 6, 6])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 16]),
-         helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4, 6, 6])], [w, k])
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, 8]),
+            helper.make_tensor_value_info("img", TensorProto.FLOAT, [1, 2, 6, 6]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 16]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 4, 6, 6]),
+        ],
+        [w, k],
+    )
     path = tmp_path / "g.onnx"
     onnx.save(helper.make_model(graph), str(path))
     assert graph_macs(path) == {"macs": 5 * 16 * 8 + 4 * 36 * 2 * 9, "uncounted": []}
@@ -101,14 +126,27 @@ def test_study_ratios_stay_inside_a_group():
     from edit_mobile.scripts.bench_scaling import merge_reports, ratios
 
     def row(group, variant, ms, run="r1", status="ok", rss=100.0):
-        r = {"arch": "pixart", "resolution": 1024, "depth": 2, "group": group, "variant": variant, "run": run,
-             "status": status, "peak_rss_mb": rss}
+        r = {
+            "arch": "pixart",
+            "resolution": 1024,
+            "depth": 2,
+            "group": group,
+            "variant": variant,
+            "run": run,
+            "status": status,
+            "peak_rss_mb": rss,
+        }
         if ms:
             r.update(median_ms=ms, min_ms=ms)
         return r
 
-    rows = [row("attention", "softmax", 6000), row("attention", "edit", 4000, rss=50.0),
-            row("int8", "edit", 4400), row("int8", "edit-int8", 2200), row("int8", "softmax-int8", None, status="oom")]
+    rows = [
+        row("attention", "softmax", 6000),
+        row("attention", "edit", 4000, rss=50.0),
+        row("int8", "edit", 4400),
+        row("int8", "edit-int8", 2200),
+        row("int8", "softmax-int8", None, status="oom"),
+    ]
     got = {(q["group"], q["slow"], q["fast"]): q for q in ratios(rows)}
     assert got[("attention", "softmax", "edit")]["speedup"] == 1.5
     assert got[("attention", "softmax", "edit")]["memory_ratio"] == 2.0

@@ -4,25 +4,28 @@ from __future__ import annotations
 
 import copy
 
+import edit_mobile.models  # noqa: F401  (registers the EDiT classes for diffusers' from_pretrained)
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import PixArtSigmaPipeline, PixArtTransformer2DModel, StableDiffusion3Pipeline
-
-import edit_mobile.models  # noqa: F401  (registers the EDiT classes for diffusers' from_pretrained)
 from edit_mobile.models import EDiTPixArtTransformer2DModel, MMEDiTSD3Transformer2DModel
 from edit_mobile.models.edit_attention import EDiTConfig
 from edit_mobile.models.presets import PRESETS
 from edit_mobile.scripts.cli import main as cli
 
 NEW_LAYERS = ("conv_fusion", "k_compressor", "v_compressor")
-CASES = [("tiny-pixart", "edit", PixArtSigmaPipeline, EDiTPixArtTransformer2DModel),
-         ("tiny-sd3", "mm-edit", StableDiffusion3Pipeline, MMEDiTSD3Transformer2DModel)]
+CASES = [
+    ("tiny-pixart", "edit", PixArtSigmaPipeline, EDiTPixArtTransformer2DModel),
+    ("tiny-sd3", "mm-edit", StableDiffusion3Pipeline, MMEDiTSD3Transformer2DModel),
+]
 
 
-@pytest.mark.parametrize("teacher_name,student_cls", [("tiny-pixart", EDiTPixArtTransformer2DModel),
-                                                      ("tiny-sd3", MMEDiTSD3Transformer2DModel)])
+@pytest.mark.parametrize(
+    "teacher_name,student_cls",
+    [("tiny-pixart", EDiTPixArtTransformer2DModel), ("tiny-sd3", MMEDiTSD3Transformer2DModel)],
+)
 def test_every_teacher_weight_is_copied(teacher_name, student_cls):
     teacher = PRESETS[teacher_name].build().transformer
     student = student_cls.from_teacher(teacher)
@@ -37,8 +40,15 @@ def test_every_teacher_weight_is_copied(teacher_name, student_cls):
 
 def _generate(pipe, seed=0):
     kwargs = {"clean_caption": False} if isinstance(pipe, PixArtSigmaPipeline) else {}
-    return pipe("a red circle", num_inference_steps=2, height=256, width=256, output_type="np",
-                generator=torch.Generator().manual_seed(seed), **kwargs).images
+    return pipe(
+        "a red circle",
+        num_inference_steps=2,
+        height=256,
+        width=256,
+        output_type="np",
+        generator=torch.Generator().manual_seed(seed),
+        **kwargs,
+    ).images
 
 
 @pytest.mark.parametrize("name,arch,pipe_cls,student_cls", CASES)
@@ -94,7 +104,7 @@ class _ReferenceEDiTSelfAttention:
         d = c // attn.heads
         heads = []
         for i in range(attn.heads):
-            qh, kh, vh = (t[..., i * d:(i + 1) * d] for t in (q, k, v))
+            qh, kh, vh = (t[..., i * d : (i + 1) * d] for t in (q, k, v))
             s = torch.einsum("bmd,bme->bde", kh, vh) / kh.shape[1]  # mean_j k_j^T v_j
             z = kh.mean(dim=1)  # mean_j k_j
             heads.append((qh @ s) / (torch.einsum("bnd,bd->bn", qh, z)[..., None] + self.eps))
@@ -139,13 +149,16 @@ def test_converted_model_equals_teacher_with_reference_edit_attention(tiny_dirs,
     assert err <= CONVERT_ULPS * ulp, f"max abs diff {err:.3g} = {err / ulp:.1f} float32 ulps"
 
 
-@pytest.mark.parametrize("argv,expected", [
-    (["convert", "no-such-preset", "--arch", "edit"], "neither a preset"),
-    (["convert", "{missing}", "--arch", "edit"], "neither a preset"),
-    (["convert", "{empty}", "--arch", "edit"], "model_index.json is missing"),
-    (["convert", "{notpipe}", "--arch", "edit"], "expected one of PixArtSigmaPipeline"),
-    (["convert", "tiny-sd3", "--arch", "edit"], "converts a PixArtTransformer2DModel"),
-])
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["convert", "no-such-preset", "--arch", "edit"], "neither a preset"),
+        (["convert", "{missing}", "--arch", "edit"], "neither a preset"),
+        (["convert", "{empty}", "--arch", "edit"], "model_index.json is missing"),
+        (["convert", "{notpipe}", "--arch", "edit"], "expected one of PixArtSigmaPipeline"),
+        (["convert", "tiny-sd3", "--arch", "edit"], "converts a PixArtTransformer2DModel"),
+    ],
+)
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, expected):
     (tmp_path / "empty").mkdir()
     (tmp_path / "notpipe").mkdir()

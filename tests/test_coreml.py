@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from edit_mobile.runtime.errors import UserError
 from edit_mobile.scripts.cli import main as cli
 
@@ -30,8 +29,23 @@ def packages(tiny_dirs, tmp_path_factory):
     out = {}
     for name, src in (("pixart", "tiny-pixart-edit-trained"), ("sd3", "tiny-sd3-mm-edit-trained")):
         out[name] = root / name
-        assert cli(["export", str(tiny_dirs[src]), "--target", "coreml", "--resolution", "256",
-                    "--compute-precision", "fp16", "--out", str(out[name])]) == 0
+        assert (
+            cli(
+                [
+                    "export",
+                    str(tiny_dirs[src]),
+                    "--target",
+                    "coreml",
+                    "--resolution",
+                    "256",
+                    "--compute-precision",
+                    "fp16",
+                    "--out",
+                    str(out[name]),
+                ]
+            )
+            == 0
+        )
     return out
 
 
@@ -88,8 +102,10 @@ def test_fp32_transformer_matches_pytorch(tiny_dirs, tmp_path, family, src):
 
 
 def test_runtime_stays_torch_free():
-    code = ("import sys; import edit_mobile.runtime.coreml_reference as c; c._proto(); "
-            "assert 'torch' not in sys.modules and 'coremltools' not in sys.modules")
+    code = (
+        "import sys; import edit_mobile.runtime.coreml_reference as c; c._proto(); "
+        "assert 'torch' not in sys.modules and 'coremltools' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -113,16 +129,17 @@ def test_planted_fp16_overflow_is_reported_non_finite(tmp_path):
 
     shape = (1, 1, 4096, 16)
     inputs = [TensorSpec(n, shape, "float32") for n in ("q", "k", "v")]
-    feed = {n: (np.random.default_rng(i).standard_normal(shape) * 10).astype(np.float32)
-            for i, n in enumerate("qkv")}
+    feed = {n: (np.random.default_rng(i).standard_normal(shape) * 10).astype(np.float32) for i, n in enumerate("qkv")}
     results = {}
     for name, module in (("sum", SumAttention()), ("mean", MeanAttention())):
         spec = ComponentSpec(name, module, inputs, [TensorSpec("y", shape, "float32")])
         path = export_coreml(spec, tmp_path / name, "fp16", "iOS17")
         results[name] = CoreMLReferenceProgram(path, name).run(feed)["y"]
     with torch.no_grad():  # fp32 PyTorch: both are finite there, the overflow is fp16's
-        ref = {name: m(*[torch.from_numpy(feed[n]) for n in "qkv"]).numpy()
-               for name, m in (("sum", SumAttention()), ("mean", MeanAttention()))}
+        ref = {
+            name: m(*[torch.from_numpy(feed[n]) for n in "qkv"]).numpy()
+            for name, m in (("sum", SumAttention()), ("mean", MeanAttention()))
+        }
     assert np.isfinite(ref["sum"]).all() and np.isfinite(ref["mean"]).all()
     planted = compare(ref["sum"], results["sum"])  # what validation records for a component
     assert planted["finite"] is False and planted["psnr_db"] < 0  # reported non-finite: fails every gate
@@ -139,8 +156,9 @@ def test_export_refuses_a_non_finite_program(tmp_path, monkeypatch):
         def forward(self, x):
             return (x * 250.0) * (x * 250.0)
 
-    spec = ComponentSpec("planted", Overflow(), [TensorSpec("x", (1, 8), "float32")],
-                         [TensorSpec("y", (1, 8), "float32")])
+    spec = ComponentSpec(
+        "planted", Overflow(), [TensorSpec("x", (1, 8), "float32")], [TensorSpec("y", (1, 8), "float32")]
+    )
     path = coreml_export.export_coreml(spec, tmp_path / "planted", "fp16", "iOS17")
     with pytest.raises(UserError, match="not finite in the reference executor"):
         coreml_export.coreml_parity(spec, path, "fp16")
@@ -174,8 +192,14 @@ def test_compressed_package_through_validate(packages, tmp_path, precision):
     from edit_mobile.export.validate import COMPONENT_GATES_DB
 
     out = tmp_path / precision
-    quantize_coreml_package(packages["pixart"], out, precision, components="transformer",
-                            calibration_prompts=["a red circle"], calibration_steps=1)
+    quantize_coreml_package(
+        packages["pixart"],
+        out,
+        precision,
+        components="transformer",
+        calibration_prompts=["a red circle"],
+        calibration_steps=1,
+    )
     report = _validate(out, tmp_path)
     transformer = report["components"]["transformer"]
     assert transformer["precision"] == precision and transformer["gate_db"] == COMPONENT_GATES_DB[precision]
@@ -200,7 +224,6 @@ def test_palettized_weights_expand_as_coremltools_decompresses(packages, tmp_pat
 def test_w8a8_quantize_ops_follow_coremltools(packages, tmp_path):
     """Activation quantization: the executor's quantize matches coremltools' own numpy quantizer."""
     from coremltools.optimize import _utils as ct_utils
-
     from edit_mobile.export.coreml_quantize import compress_program, record_inputs
     from edit_mobile.runtime.coreml_reference import CoreMLReferenceProgram
     from edit_mobile.runtime.package import load_package
@@ -242,7 +265,7 @@ def test_corrupted_mlpackage_is_refused(packages, tmp_path, capsys):
     shutil.copytree(packages["pixart"], bad)
     model = bad / "transformer/model.mlpackage/Data/com.apple.CoreML/model.mlmodel"
     data = bytearray(model.read_bytes())
-    data[len(data) // 3: len(data) // 3 + 64] = b"\xff" * 64
+    data[len(data) // 3 : len(data) // 3 + 64] = b"\xff" * 64
     model.write_bytes(bytes(data))
     argv = ["generate", str(bad), "--prompt", "x", "--backend", "coreml-reference", "--out", str(tmp_path / "x.png")]
     assert cli(argv) == 2
@@ -264,35 +287,67 @@ def test_unsupported_op_is_named(packages, tmp_path, capsys):
     pkg = tmp_path / "pkg"
     shutil.copytree(packages["pixart"], pkg)
     shape = tuple(json.loads((pkg / "manifest.json").read_text())["components"]["vae_decoder"]["inputs"][0]["shape"])
-    spec = ComponentSpec("vae_decoder", Cumsum(), [TensorSpec("latent_sample", shape, "float32")],
-                         [TensorSpec("sample", shape, "float32")])
+    spec = ComponentSpec(
+        "vae_decoder",
+        Cumsum(),
+        [TensorSpec("latent_sample", shape, "float32")],
+        [TensorSpec("sample", shape, "float32")],
+    )
     shutil.rmtree(pkg / "vae_decoder")
     export_coreml(spec, pkg / "vae_decoder", "fp32", "iOS17")
     manifest = json.loads((pkg / "manifest.json").read_text())
     manifest["components"]["vae_decoder"]["files"] = {
-        str(f.relative_to(pkg)): "0" * 64 for f in sorted((pkg / "vae_decoder").rglob("*")) if f.is_file()}
+        str(f.relative_to(pkg)): "0" * 64 for f in sorted((pkg / "vae_decoder").rglob("*")) if f.is_file()
+    }
     (pkg / "manifest.json").write_text(json.dumps(manifest))
     _rehash(pkg)
     capsys.readouterr()  # the conversion's progress bars
-    assert cli(["generate", str(pkg), "--prompt", "x", "--backend", "coreml-reference",
-                "--out", str(tmp_path / "x.png")]) == 2
+    assert (
+        cli(["generate", str(pkg), "--prompt", "x", "--backend", "coreml-reference", "--out", str(tmp_path / "x.png")])
+        == 2
+    )
     assert "does not implement op 'cumsum' (in vae_decoder)" in _one_line_error(capsys)
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--deployment-target", "iOS12"], "unknown --deployment-target 'iOS12'"),
-    (["--compute-precision", "int4"], "unknown --compute-precision 'int4'"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--deployment-target", "iOS12"], "unknown --deployment-target 'iOS12'"),
+        (["--compute-precision", "int4"], "unknown --compute-precision 'int4'"),
+    ],
+)
 def test_export_bad_core_ml_options_write_nothing(tmp_path, capsys, argv, message):
-    assert cli(["export", "tiny-pixart", "--target", "coreml", "--resolution", "256", *argv,
-                "--out", str(tmp_path / "pkg")]) == 2
+    assert (
+        cli(
+            [
+                "export",
+                "tiny-pixart",
+                "--target",
+                "coreml",
+                "--resolution",
+                "256",
+                *argv,
+                "--out",
+                str(tmp_path / "pkg"),
+            ]
+        )
+        == 2
+    )
     assert message in _one_line_error(capsys)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_generate_on_linux_says_core_ml_needs_macos(packages, tmp_path, capsys):
-    argv = ["generate", str(packages["pixart"]), "--prompt", "x", "--backend", "coreml", "--out",
-            str(tmp_path / "x.png")]
+    argv = [
+        "generate",
+        str(packages["pixart"]),
+        "--prompt",
+        "x",
+        "--backend",
+        "coreml",
+        "--out",
+        str(tmp_path / "x.png"),
+    ]
     if sys.platform == "darwin":
         pytest.skip("Core ML is available here")
     assert cli(argv) == 2
@@ -300,8 +355,23 @@ def test_generate_on_linux_says_core_ml_needs_macos(packages, tmp_path, capsys):
 
 
 def test_reference_backend_generates_an_image(packages, tmp_path):
-    assert cli(["generate", str(packages["pixart"]), "--prompt", "a red circle", "--steps", "2", "--backend",
-                "coreml-reference", "--out", str(tmp_path / "x.png")]) == 0
+    assert (
+        cli(
+            [
+                "generate",
+                str(packages["pixart"]),
+                "--prompt",
+                "a red circle",
+                "--steps",
+                "2",
+                "--backend",
+                "coreml-reference",
+                "--out",
+                str(tmp_path / "x.png"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "x.png").stat().st_size > 0
 
 

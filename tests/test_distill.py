@@ -11,16 +11,15 @@ import socket
 import subprocess
 import sys
 
+import edit_mobile.models  # noqa: F401  (registers the EDiT classes for diffusers' from_pretrained)
 import pytest
 import torch
-from PIL import Image
-
-import edit_mobile.models  # noqa: F401  (registers the EDiT classes for diffusers' from_pretrained)
 from edit_mobile.models import EDiTPixArtTransformer2DModel
 from edit_mobile.models.data import FolderSource, SyntheticSource
 from edit_mobile.models.distill import DistillConfig, distill, parse_loss_weights, stage_plan, state_digest
 from edit_mobile.runtime.errors import UserError
 from edit_mobile.scripts.cli import main as cli
+from PIL import Image
 
 FAST = ["--resolution", "64", "--batch-size", "2", "--data", "synthetic:8"]  # 64 px: 4x4 tokens on the tiny presets
 
@@ -38,8 +37,20 @@ def test_cli_distill_lowers_loss_and_writes_an_exportable_pipeline(tiny_dirs, tm
     from edit_mobile.models.convert import load_pipeline
 
     out = tmp_path / "distilled"
-    argv = ["distill", "--teacher", "tiny-pixart", "--student", str(tiny_dirs["tiny-pixart-edit"]),
-            "--out", str(out), "--steps", "20", "--checkpoint-every", "10", *FAST]
+    argv = [
+        "distill",
+        "--teacher",
+        "tiny-pixart",
+        "--student",
+        str(tiny_dirs["tiny-pixart-edit"]),
+        "--out",
+        str(out),
+        "--steps",
+        "20",
+        "--checkpoint-every",
+        "10",
+        *FAST,
+    ]
     assert cli(argv) == 0
     state = _state(out)
     assert state["eval"]["20"]["loss"] < state["eval"]["0"]["loss"]
@@ -48,8 +59,12 @@ def test_cli_distill_lowers_loss_and_writes_an_exportable_pipeline(tiny_dirs, tm
     assert (out / "losses.png").stat().st_size > 0
     for step in (10, 20):
         ckpt = out / "checkpoints" / f"step-{step}"
-        for name in ("transformer/diffusion_pytorch_model.safetensors", "optimizer.bin", "distill_config.json",
-                     "trainer_state.json"):
+        for name in (
+            "transformer/diffusion_pytorch_model.safetensors",
+            "optimizer.bin",
+            "distill_config.json",
+            "trainer_state.json",
+        ):
             assert (ckpt / name).is_file(), name
     assert DistillConfig.load(out / "distill_config.json").steps == 20
 
@@ -65,9 +80,17 @@ def test_cli_distill_lowers_loss_and_writes_an_exportable_pipeline(tiny_dirs, tm
 def test_distillation_losses_go_down(tiny_dirs, tmp_path):
     # The tiny teacher has random weights, so its task loss pulls the student away from it: train on the
     # distillation terms alone and check that both come down on the fixed evaluation batch.
-    config = DistillConfig(teacher=str(tiny_dirs["tiny-pixart"]), student=str(tiny_dirs["tiny-pixart-edit"]),
-                           out=str(tmp_path / "d"), steps=6, resolutions=[64], batch_size=2, data="synthetic:8",
-                           loss_weights={"task": 0.0, "output": 1.0, "feature": 1.0}, checkpoint_every=6)
+    config = DistillConfig(
+        teacher=str(tiny_dirs["tiny-pixart"]),
+        student=str(tiny_dirs["tiny-pixart-edit"]),
+        out=str(tmp_path / "d"),
+        steps=6,
+        resolutions=[64],
+        batch_size=2,
+        data="synthetic:8",
+        loss_weights={"task": 0.0, "output": 1.0, "feature": 1.0},
+        checkpoint_every=6,
+    )
     summary = distill(config)
     start, end = summary["eval_start"], summary["eval_end"]
     assert end["output"] < start["output"] and end["feature"] < 0.8 * start["feature"], (start, end)
@@ -75,9 +98,18 @@ def test_distillation_losses_go_down(tiny_dirs, tmp_path):
 
 def test_resume_reproduces_the_uninterrupted_run(tiny_dirs, tmp_path):
     def config(out):
-        return DistillConfig(teacher=str(tiny_dirs["tiny-pixart"]), student=str(tiny_dirs["tiny-pixart-edit"]),
-                             out=str(out), steps=4, resolutions=[64], batch_size=2, data="synthetic:8", grad_accum=2,
-                             checkpoint_every=2, keep_checkpoints=3)
+        return DistillConfig(
+            teacher=str(tiny_dirs["tiny-pixart"]),
+            student=str(tiny_dirs["tiny-pixart-edit"]),
+            out=str(out),
+            steps=4,
+            resolutions=[64],
+            batch_size=2,
+            data="synthetic:8",
+            grad_accum=2,
+            checkpoint_every=2,
+            keep_checkpoints=3,
+        )
 
     full = tmp_path / "full"
     distill(config(full))
@@ -106,12 +138,42 @@ def test_two_processes_end_with_identical_weights(tiny_dirs, tmp_path):
     """torchrun, 2 CPU processes over gloo, with gradient accumulation: both ranks' final weights agree (digests
     gathered from every rank) and match one process with the same global batch (same samples and noise) up to
     float rounding."""
-    common = ["--teacher", str(tiny_dirs["tiny-pixart"]), "--student", str(tiny_dirs["tiny-pixart-edit"]),
-              "--steps", "3", "--grad-accum", "2", "--resolution", "64", "--caption-dropout", "0.5", "--data", "synthetic:8"]
+    common = [
+        "--teacher",
+        str(tiny_dirs["tiny-pixart"]),
+        "--student",
+        str(tiny_dirs["tiny-pixart-edit"]),
+        "--steps",
+        "3",
+        "--grad-accum",
+        "2",
+        "--resolution",
+        "64",
+        "--caption-dropout",
+        "0.5",
+        "--data",
+        "synthetic:8",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "edit_mobile.scripts.cli", "distill", *common,
-           "--out", str(tmp_path / "two"), "--batch-size", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "edit_mobile.scripts.cli",
+        "distill",
+        *common,
+        "--out",
+        str(tmp_path / "two"),
+        "--batch-size",
+        "1",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     digests = _state(tmp_path / "two")["rank_weight_digests"]
@@ -128,7 +190,6 @@ def test_two_processes_end_with_identical_weights(tiny_dirs, tmp_path):
 
 def test_mm_edit_sd3_distills_from_an_image_folder(tiny_dirs, tmp_path, monkeypatch):
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
-
     from edit_mobile.models import MMEDiTSD3Transformer2DModel
     from edit_mobile.models import distill as distill_module
 
@@ -143,9 +204,18 @@ def test_mm_edit_sd3_distills_from_an_image_folder(tiny_dirs, tmp_path, monkeypa
     real_load = distill_module.load_pipeline
     monkeypatch.setattr(distill_module, "load_pipeline", lambda src: loaded.append(real_load(src)) or loaded[-1])
     out = tmp_path / "sd3"
-    summary = distill(DistillConfig(teacher=str(tiny_dirs["tiny-sd3"]), student=str(tiny_dirs["tiny-sd3-mm-edit"]),
-                                    out=str(out), steps=2, resolutions=[64], batch_size=2, data=str(data),
-                                    feature_prompt=True))
+    summary = distill(
+        DistillConfig(
+            teacher=str(tiny_dirs["tiny-sd3"]),
+            student=str(tiny_dirs["tiny-sd3-mm-edit"]),
+            out=str(out),
+            steps=2,
+            resolutions=[64],
+            batch_size=2,
+            data=str(data),
+            feature_prompt=True,
+        )
+    )
     pipe = StableDiffusion3Pipeline.from_pretrained(out)
     assert type(pipe.transformer) is MMEDiTSD3Transformer2DModel
     # What was written is what was trained (the digest every rank reported at the end).
@@ -160,8 +230,9 @@ def test_mm_edit_sd3_distills_from_an_image_folder(tiny_dirs, tmp_path, monkeypa
     assert [int(r["step"]) for r in rows] == [1, 2]
     for parts in [start, end, *({k: float(r[k]) for k in ("loss", "task", "output", "feature")} for r in rows)]:
         assert all(math.isfinite(parts[k]) and parts[k] > 0 for k in ("task", "output", "feature")), parts
-        assert math.isclose(parts["loss"], parts["task"] + parts["output"] + parts["feature"],
-                            rel_tol=1e-6, abs_tol=3e-8), parts
+        assert math.isclose(
+            parts["loss"], parts["task"] + parts["output"] + parts["feature"], rel_tol=1e-6, abs_tol=3e-8
+        ), parts
     assert start != end
     assert _state(out)["eval"] == {"0": start, "2": end}
 
@@ -173,10 +244,16 @@ def test_mm_edit_sd3_distills_from_an_image_folder(tiny_dirs, tmp_path, monkeypa
     blocks = before.transformer_blocks
     last = len(blocks) - 1
     assert blocks[last].attn.context_pre_only and before.edit.eta_mode == "token_count"
-    dead = {f"transformer_blocks.{last}.attn.{n}" for n in
-            ("add_q_proj.weight", "add_q_proj.bias", "norm_added_q.weight", "norm_k.weight")}
-    dead |= {f"transformer_blocks.{i}.attn2.{n}" for i, b in enumerate(blocks) if b.attn2 is not None
-             for n in ("norm_q.weight", "norm_k.weight")}
+    dead = {
+        f"transformer_blocks.{last}.attn.{n}"
+        for n in ("add_q_proj.weight", "add_q_proj.bias", "norm_added_q.weight", "norm_k.weight")
+    }
+    dead |= {
+        f"transformer_blocks.{i}.attn2.{n}"
+        for i, b in enumerate(blocks)
+        if b.attn2 is not None
+        for n in ("norm_q.weight", "norm_k.weight")
+    }
     teacher_start = SD3Transformer2DModel.from_pretrained(tiny_dirs["tiny-sd3"], subfolder="transformer").state_dict()
     after = dict(pipe.transformer.named_parameters())
     moved = []
@@ -192,12 +269,21 @@ def test_mm_edit_sd3_distills_from_an_image_folder(tiny_dirs, tmp_path, monkeypa
             assert not torch.equal(after[name], p0), f"{name} was not trained"
     # That includes every new EDiT layer of every converted attention (ConvFusion's zero-initialised output conv
     # must leave zero for the queries to get any local context) as well as the teacher-inherited weights.
-    converted = [f"transformer_blocks.{i}.{a}" for i, b in enumerate(blocks) for a in ("attn", "attn2")
-                 if hasattr(getattr(b, a, None), "conv_fusion")]
+    converted = [
+        f"transformer_blocks.{i}.{a}"
+        for i, b in enumerate(blocks)
+        for a in ("attn", "attn2")
+        if hasattr(getattr(b, a, None), "conv_fusion")
+    ]
     assert len(converted) > len(blocks)  # every joint attention, plus the dual-attention block's attn2
     for path in converted:
-        for layer in ("conv_fusion.conv_out.weight", "k_compressor.conv.weight", "v_compressor.conv.weight",
-                      "to_q.weight", "to_out.0.weight"):
+        for layer in (
+            "conv_fusion.conv_out.weight",
+            "k_compressor.conv.weight",
+            "v_compressor.conv.weight",
+            "to_q.weight",
+            "to_out.0.weight",
+        ):
             assert f"{path}.{layer}" in moved, f"{path}.{layer}"
 
     # The frozen modules did not move: the teacher transformer, VAE and text encoders the trainer held end exactly
@@ -233,19 +319,22 @@ def test_parsing_helpers():
         DistillConfig(teacher="t", student="s", out="o", steps=10, resolutions=[64, 128], stage_steps=[3]).validate()
 
 
-@pytest.mark.parametrize("case,expected", [
-    ("sd3_teacher", "architectures differ"),
-    ("teacher_as_student", "not an EDiT / MM-EDiT model"),
-    ("narrower_student", "does not match the teacher's transformer: num_layers"),
-    ("converted_teacher", "already converted); a teacher must be the unconverted PixArtTransformer2DModel"),
-    ("missing_data", "does not exist"),
-    ("uncaptioned_data", "2 image(s) without a same-stem .txt caption: b.png, c.jpg"),
-    ("unwritable_out", "cannot write"),
-    ("existing_out", "already exists"),
-    ("bad_weights", "bad --loss-weights item 'task=abc'"),
-    ("bad_resolution", "unknown resolution 100: must be a multiple of 16"),
-    ("word_resolution", "unknown resolution 'big'"),
-])
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("sd3_teacher", "architectures differ"),
+        ("teacher_as_student", "not an EDiT / MM-EDiT model"),
+        ("narrower_student", "does not match the teacher's transformer: num_layers"),
+        ("converted_teacher", "already converted); a teacher must be the unconverted PixArtTransformer2DModel"),
+        ("missing_data", "does not exist"),
+        ("uncaptioned_data", "2 image(s) without a same-stem .txt caption: b.png, c.jpg"),
+        ("unwritable_out", "cannot write"),
+        ("existing_out", "already exists"),
+        ("bad_weights", "bad --loss-weights item 'task=abc'"),
+        ("bad_resolution", "unknown resolution 100: must be a multiple of 16"),
+        ("word_resolution", "unknown resolution 'big'"),
+    ],
+)
 def test_cli_bad_input_is_one_line_exit_2(tiny_dirs, tmp_path, capsys, case, expected):
     teacher, student = "tiny-pixart", str(tiny_dirs["tiny-pixart-edit"])
     out, extra = tmp_path / "out", []
@@ -280,8 +369,20 @@ def test_cli_bad_input_is_one_line_exit_2(tiny_dirs, tmp_path, capsys, case, exp
         extra = ["--resolution", "100"]
     elif case == "word_resolution":
         extra = ["--resolution", "big"]
-    argv = ["distill", "--teacher", teacher, "--student", student, "--out", str(out), "--steps", "2",
-            "--batch-size", "1", *extra]
+    argv = [
+        "distill",
+        "--teacher",
+        teacher,
+        "--student",
+        student,
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--batch-size",
+        "1",
+        *extra,
+    ]
     if "--resolution" not in extra:
         argv += ["--resolution", "64"]
     assert cli(argv) == 2
@@ -293,10 +394,33 @@ def test_cli_bad_input_is_one_line_exit_2(tiny_dirs, tmp_path, capsys, case, exp
 def test_resume_refuses_changed_settings(tiny_dirs, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    DistillConfig(teacher="tiny-pixart", student=str(tiny_dirs["tiny-pixart-edit"]), out=str(out), steps=2,
-                  resolutions=[64], batch_size=1, lr=1e-4).save(out / "distill_config.json")
-    argv = ["distill", "--teacher", "tiny-pixart", "--student", str(tiny_dirs["tiny-pixart-edit"]), "--out", str(out),
-            "--steps", "4", "--resolution", "64", "--batch-size", "1", "--lr", "1e-3", "--resume"]
+    DistillConfig(
+        teacher="tiny-pixart",
+        student=str(tiny_dirs["tiny-pixart-edit"]),
+        out=str(out),
+        steps=2,
+        resolutions=[64],
+        batch_size=1,
+        lr=1e-4,
+    ).save(out / "distill_config.json")
+    argv = [
+        "distill",
+        "--teacher",
+        "tiny-pixart",
+        "--student",
+        str(tiny_dirs["tiny-pixart-edit"]),
+        "--out",
+        str(out),
+        "--steps",
+        "4",
+        "--resolution",
+        "64",
+        "--batch-size",
+        "1",
+        "--lr",
+        "1e-3",
+        "--resume",
+    ]
     assert cli(argv) == 2
     err = capsys.readouterr().err
     assert "cannot resume" in err and "lr 0.0001 -> 0.001" in err

@@ -7,13 +7,16 @@ import shutil
 
 import onnx
 import pytest
-
 from edit_mobile.export.inspect import inspect_package
 from edit_mobile.scripts.cli import main as cli
 
 # (package name, SRC key in tiny_dirs, target)
-CASES = [("pixart", "tiny-pixart", "onnx"), ("pixart-edit", "tiny-pixart-edit-trained", "ort-mobile"),
-         ("sd3", "tiny-sd3", "onnx"), ("sd3-mm-edit", "tiny-sd3-mm-edit-trained", "onnx")]
+CASES = [
+    ("pixart", "tiny-pixart", "onnx"),
+    ("pixart-edit", "tiny-pixart-edit-trained", "ort-mobile"),
+    ("sd3", "tiny-sd3", "onnx"),
+    ("sd3-mm-edit", "tiny-sd3-mm-edit-trained", "onnx"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -22,16 +25,19 @@ def packages(tiny_dirs, tmp_path_factory):
     out = {}
     for name, src, target in CASES:
         out[name] = root / name
-        assert cli(["export", str(tiny_dirs[src]), "--target", target, "--resolution", "256",
-                    "--out", str(out[name])]) == 0
+        assert (
+            cli(["export", str(tiny_dirs[src]), "--target", target, "--resolution", "256", "--out", str(out[name])])
+            == 0
+        )
     return out
 
 
 @pytest.mark.parametrize("name", [c[0] for c in CASES])
 def test_export_generate_validate(packages, tmp_path, name):
     pkg = packages[name]
-    assert cli(["generate", str(pkg), "--prompt", "a red circle", "--steps", "4", "--out",
-                str(tmp_path / "x.png")]) == 0
+    assert (
+        cli(["generate", str(pkg), "--prompt", "a red circle", "--steps", "4", "--out", str(tmp_path / "x.png")]) == 0
+    )
     assert (tmp_path / "x.png").stat().st_size > 0
     report_path = tmp_path / "report.json"
     assert cli(["validate", str(pkg), "--steps", "4", "--json", str(report_path)]) == 0
@@ -104,11 +110,14 @@ def test_one_changed_byte_is_refused(packages, tmp_path, capsys, command):
     assert "sha256 mismatch for transformer/model.onnx" in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["export", "tiny-pixart", "--resolution", "250"], "must be a multiple of 16"),
-    (["export", "tiny-pixart", "--resolution", "big"], "--resolution must be N or HxW"),
-    (["export", "no-such-model", "--resolution", "256"], "neither a preset"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["export", "tiny-pixart", "--resolution", "250"], "must be a multiple of 16"),
+        (["export", "tiny-pixart", "--resolution", "big"], "--resolution must be N or HxW"),
+        (["export", "no-such-model", "--resolution", "256"], "neither a preset"),
+    ],
+)
 def test_export_bad_input_writes_nothing(tmp_path, capsys, argv, message):
     assert cli([*argv, "--out", str(tmp_path / "pkg")]) == 2
     err = capsys.readouterr().err.strip()
@@ -116,13 +125,18 @@ def test_export_bad_input_writes_nothing(tmp_path, capsys, argv, message):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["generate", "{pkg}", "--prompt", "x", "--backend", "tpu", "--out", "{tmp}/x.png"], "unknown backend"),
-    (["generate", "{pkg}", "--prompt", "x", "--resolution", "512", "--out", "{tmp}/x.png"],
-     "package was exported for 256x256"),
-    (["generate", "{tmp}", "--prompt", "x", "--out", "{tmp}/x.png"], "manifest.json"),
-    (["validate", "{pkg}", "--reference", "tiny-sd3"], "is a sd3 pipeline"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["generate", "{pkg}", "--prompt", "x", "--backend", "tpu", "--out", "{tmp}/x.png"], "unknown backend"),
+        (
+            ["generate", "{pkg}", "--prompt", "x", "--resolution", "512", "--out", "{tmp}/x.png"],
+            "package was exported for 256x256",
+        ),
+        (["generate", "{tmp}", "--prompt", "x", "--out", "{tmp}/x.png"], "manifest.json"),
+        (["validate", "{pkg}", "--reference", "tiny-sd3"], "is a sd3 pipeline"),
+    ],
+)
 def test_runtime_bad_input(packages, tmp_path, capsys, argv, message):
     argv = [a.format(pkg=packages["pixart"], tmp=tmp_path) for a in argv]
     assert cli(argv) == 2

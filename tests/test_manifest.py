@@ -5,12 +5,11 @@ or with one line and exit 2, never a traceback, and writes nothing."""
 from __future__ import annotations
 
 import copy
-import re
 import json
+import re
 import shutil
 
 import pytest
-
 from edit_mobile.scripts.cli import main as cli
 
 DELETE = object()
@@ -72,8 +71,7 @@ def test_every_malformed_field_is_refused_in_one_line(package, tmp_path, capsys)
                 continue
             (package / "manifest.json").write_text(json.dumps(_mutated(original, path, value)))
             png = tmp_path / "x.png"
-            if _one_line_exit_2(capsys, ["generate", str(package), "--steps", "1", "--prompt", "a",
-                                         "--out", str(png)]):
+            if _one_line_exit_2(capsys, ["generate", str(package), "--steps", "1", "--prompt", "a", "--out", str(png)]):
                 refused += 1
                 assert not png.exists(), path
                 # inspect reads the graphs without opening sessions: it may run, but never ends in a traceback
@@ -86,27 +84,38 @@ def test_every_malformed_field_is_refused_in_one_line(package, tmp_path, capsys)
     assert refused > 5 * ran, (refused, ran)
 
 
-@pytest.mark.parametrize("path,value,message", [
-    (("latent_shape",), [4, 16], "latent_shape: expected a list of 3 positive integers"),
-    (("latent_shape",), [4, 16, 10**6], r"latent_shape\[2\]: expected an integer in"),
-    (("components", "vae_decoder", "inputs", 0, "shape", 1), "4", r"inputs\[0\].shape\[1\]: expected an integer"),
-    (("components", "transformer", "files"), "transformer/model.onnx", "components.transformer.files: expected an object"),
-    (("components", "transformer", "files"), {}, "the sha256 of every file"),
-    (("vae",), {"shift_factor": None}, "vae.scaling_factor: expected a finite non-zero number"),
-    (("text", "tokenizer", "max_length"), -3, r"text.tokenizer.max_length: expected an integer in \[1, "),
-    (("resolution",), [], "resolution: expected a list of 2 positive integers"),
-    (("batch",), 3, "batch / latent_shape: expected the transformer's sample shape"),
-    (("components", "text_encoder", "path"), "../../etc/passwd", "leaves the package folder"),
-])
+@pytest.mark.parametrize(
+    "path,value,message",
+    [
+        (("latent_shape",), [4, 16], "latent_shape: expected a list of 3 positive integers"),
+        (("latent_shape",), [4, 16, 10**6], r"latent_shape\[2\]: expected an integer in"),
+        (("components", "vae_decoder", "inputs", 0, "shape", 1), "4", r"inputs\[0\].shape\[1\]: expected an integer"),
+        (
+            ("components", "transformer", "files"),
+            "transformer/model.onnx",
+            "components.transformer.files: expected an object",
+        ),
+        (("components", "transformer", "files"), {}, "the sha256 of every file"),
+        (("vae",), {"shift_factor": None}, "vae.scaling_factor: expected a finite non-zero number"),
+        (("text", "tokenizer", "max_length"), -3, r"text.tokenizer.max_length: expected an integer in \[1, "),
+        (("resolution",), [], "resolution: expected a list of 2 positive integers"),
+        (("batch",), 3, "batch / latent_shape: expected the transformer's sample shape"),
+        (("components", "text_encoder", "path"), "../../etc/passwd", "leaves the package folder"),
+    ],
+)
 def test_named_field_errors(package, tmp_path, capsys, path, value, message):
     """The error names the field and what was expected (the cases a random mutation once turned into tracebacks)."""
     work = tmp_path / "pkg"
     shutil.copytree(package, work)
     original = json.loads((work / "manifest.json").read_text())
     (work / "manifest.json").write_text(json.dumps(_mutated(original, path, value)))
-    for command in (["generate", str(work), "--prompt", "a", "--out", str(tmp_path / "x.png")],
-                    ["inspect", str(work)], ["bench", str(work)], ["validate", str(work)],
-                    ["quantize", str(work), "--precision", "fp16", "--out", str(tmp_path / "q")]):
+    for command in (
+        ["generate", str(work), "--prompt", "a", "--out", str(tmp_path / "x.png")],
+        ["inspect", str(work)],
+        ["bench", str(work)],
+        ["validate", str(work)],
+        ["quantize", str(work), "--precision", "fp16", "--out", str(tmp_path / "q")],
+    ):
         assert cli(command) == 2, command
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "Traceback" not in err, err

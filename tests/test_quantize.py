@@ -10,7 +10,6 @@ import types
 import numpy as np
 import onnx
 import pytest
-
 from edit_mobile.scripts.cli import main as cli
 
 FAMILIES = {"pixart": "tiny-pixart-edit-trained", "sd3": "tiny-sd3-mm-edit-trained"}
@@ -47,8 +46,22 @@ def quantized(packages, prompts, tmp_path_factory):
     def get(family: str, precision: str):
         if (family, precision) not in cache:
             out = root / f"{family}-{precision}"
-            assert cli(["quantize", str(packages[family]), "--precision", precision, "--out", str(out),
-                        "--calibration-prompts", str(prompts), *CALIB]) == 0
+            assert (
+                cli(
+                    [
+                        "quantize",
+                        str(packages[family]),
+                        "--precision",
+                        precision,
+                        "--out",
+                        str(out),
+                        "--calibration-prompts",
+                        str(prompts),
+                        *CALIB,
+                    ]
+                )
+                == 0
+            )
             cache[family, precision] = out
         return cache[family, precision]
 
@@ -64,8 +77,20 @@ def _manifest(pkg):
 def test_precision_passes_its_gate(quantized, tiny_dirs, tmp_path, family, precision):
     pkg = quantized(family, precision)
     report_path = tmp_path / "report.json"
-    assert cli(["validate", str(pkg), "--reference", str(tiny_dirs[FAMILIES[family]]), *VALIDATE,
-                "--json", str(report_path)]) == 0
+    assert (
+        cli(
+            [
+                "validate",
+                str(pkg),
+                "--reference",
+                str(tiny_dirs[FAMILIES[family]]),
+                *VALIDATE,
+                "--json",
+                str(report_path),
+            ]
+        )
+        == 0
+    )
     report = json.loads(report_path.read_text())
     quantized_components = _manifest(pkg)["quantization"]["components"]
     assert set(quantized_components.values()) == {precision}
@@ -85,8 +110,12 @@ def test_default_components_and_manifest(quantized, packages):
     src = _manifest(packages["sd3"])
     fp16, int8 = _manifest(quantized("sd3", "fp16")), _manifest(quantized("sd3", "int8-dynamic"))
     assert set(fp16["quantization"]["components"]) == set(src["components"])  # fp16: every model
-    assert set(int8["quantization"]["components"]) == {"transformer", "text_encoder", "text_encoder_2",
-                                                        "text_encoder_3"}  # int8: the VAE stays fp32
+    assert set(int8["quantization"]["components"]) == {
+        "transformer",
+        "text_encoder",
+        "text_encoder_2",
+        "text_encoder_3",
+    }  # int8: the VAE stays fp32
     for name, entry in int8["components"].items():
         if name in int8["quantization"]["components"]:
             q = entry["quantization"]
@@ -110,8 +139,11 @@ def test_int8_dynamic_quantizes_every_linear_layer_and_conv_weight(quantized):
     model = onnx.load(str(pkg / "transformer" / "model.onnx"))
     ops = {n.op_type for n in model.graph.node}
     assert "Gemm" not in ops and "MatMulInteger" in ops
-    float_weights = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT
-                     and len(t.dims) >= 2 and np.prod(t.dims) >= 32 * 32]
+    float_weights = [
+        t.name
+        for t in model.graph.initializer
+        if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 2 and np.prod(t.dims) >= 32 * 32
+    ]
     conv_weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
     assert not conv_weights & set(float_weights)
     entry = _manifest(pkg)["components"]["transformer"]
@@ -131,8 +163,11 @@ def test_fp16_keeps_linear_attention_and_norm_statistics_fp32(quantized):
     pkg = quantized("pixart", "fp16")
     q = _manifest(pkg)["components"]["transformer"]["quantization"]
     blocked = q["fp16_blocked_nodes"]
-    assert blocked["linear-attention"] and blocked["normalization"] and set(q["fp16_block_reasons"]) >= {
-        "linear-attention", "normalization"}
+    assert (
+        blocked["linear-attention"]
+        and blocked["normalization"]
+        and set(q["fp16_block_reasons"]) >= {"linear-attention", "normalization"}
+    )
     model = onnx.shape_inference.infer_shapes(onnx.load(str(pkg / "transformer" / "model.onnx")))
     types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.output]}
     nodes = {n.name: n for n in model.graph.node}
@@ -146,16 +181,50 @@ def test_fp16_keeps_linear_attention_and_norm_statistics_fp32(quantized):
 
 def test_mixed_precisions_in_one_package(packages, prompts, tiny_dirs, tmp_path):
     out = tmp_path / "mixed"
-    assert cli(["quantize", str(packages["pixart"]), "--precision", "transformer=int8-dynamic,vae_decoder=fp16",
-                "--out", str(out), "--calibration-prompts", str(prompts), *CALIB]) == 0
+    assert (
+        cli(
+            [
+                "quantize",
+                str(packages["pixart"]),
+                "--precision",
+                "transformer=int8-dynamic,vae_decoder=fp16",
+                "--out",
+                str(out),
+                "--calibration-prompts",
+                str(prompts),
+                *CALIB,
+            ]
+        )
+        == 0
+    )
     m = _manifest(out)
     assert m["validation"] is None
     assert {n: c["precision"] for n, c in m["components"].items()} == {
-        "text_encoder": "fp32", "transformer": "int8-dynamic", "vae_decoder": "fp16", "vae_encoder": "fp32"}
+        "text_encoder": "fp32",
+        "transformer": "int8-dynamic",
+        "vae_decoder": "fp16",
+        "vae_encoder": "fp32",
+    }
     # ... and a second pass over a still-fp32 component of that package
     out2 = tmp_path / "mixed2"
-    assert cli(["quantize", str(out), "--precision", "int8-weights", "--components", "text_encoder",
-                "--out", str(out2), "--calibration-prompts", str(prompts), *CALIB]) == 0
+    assert (
+        cli(
+            [
+                "quantize",
+                str(out),
+                "--precision",
+                "int8-weights",
+                "--components",
+                "text_encoder",
+                "--out",
+                str(out2),
+                "--calibration-prompts",
+                str(prompts),
+                *CALIB,
+            ]
+        )
+        == 0
+    )
     assert _manifest(out2)["components"]["text_encoder"]["precision"] == "int8-weights"
     assert _manifest(out2)["components"]["transformer"]["precision"] == "int8-dynamic"
     assert cli(["validate", str(out2), "--reference", str(tiny_dirs[FAMILIES["pixart"]]), *VALIDATE]) == 0
@@ -163,10 +232,39 @@ def test_mixed_precisions_in_one_package(packages, prompts, tiny_dirs, tmp_path)
 
 def test_ort_mobile_package_gets_ort_files_and_operator_config(tiny_dirs, prompts, tmp_path):
     src, out = tmp_path / "ort", tmp_path / "ort-int8"
-    assert cli(["export", str(tiny_dirs[FAMILIES["pixart"]]), "--target", "ort-mobile", "--resolution", "128",
-                "--out", str(src)]) == 0
-    assert cli(["quantize", str(src), "--precision", "int8-dynamic", "--components", "transformer",
-                "--out", str(out), "--calibration-prompts", str(prompts), *CALIB]) == 0
+    assert (
+        cli(
+            [
+                "export",
+                str(tiny_dirs[FAMILIES["pixart"]]),
+                "--target",
+                "ort-mobile",
+                "--resolution",
+                "128",
+                "--out",
+                str(src),
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli(
+            [
+                "quantize",
+                str(src),
+                "--precision",
+                "int8-dynamic",
+                "--components",
+                "transformer",
+                "--out",
+                str(out),
+                "--calibration-prompts",
+                str(prompts),
+                *CALIB,
+            ]
+        )
+        == 0
+    )
     entry = _manifest(out)["components"]["transformer"]
     assert entry["path"] == "transformer/model.ort" and "transformer/model.ort" in entry["files"]
     assert "MatMulInteger" in (out / "required_operators.config").read_text()
@@ -181,8 +279,25 @@ def test_sensitivity_pass_reports_exclusions(packages, prompts, tmp_path, monkey
     margin = 1000.0
     monkeypatch.setattr(quantize_module, "SENSITIVITY_MARGIN_DB", margin)
     out = tmp_path / "sens"
-    assert cli(["quantize", str(packages["sd3"]), "--precision", "int8-static", "--components", "text_encoder_2",
-                "--sensitivity", "--out", str(out), "--calibration-prompts", str(prompts), *CALIB]) == 0
+    assert (
+        cli(
+            [
+                "quantize",
+                str(packages["sd3"]),
+                "--precision",
+                "int8-static",
+                "--components",
+                "text_encoder_2",
+                "--sensitivity",
+                "--out",
+                str(out),
+                "--calibration-prompts",
+                str(prompts),
+                *CALIB,
+            ]
+        )
+        == 0
+    )
     q = _manifest(out)["components"]["text_encoder_2"]["quantization"]
     s = q["sensitivity"]
     assert s["target_psnr_db"] == quantize_module.GATES_DB["int8-static"] + margin
@@ -225,8 +340,10 @@ def test_unfuse_gemm_keeps_outputs(packages, tmp_path):
     assert qo.unfuse_gemm(model) > 0 and not any(n.op_type == "Gemm" for n in model.graph.node)
     qo.save_model(model, tmp_path / "m.onnx")
     rng = np.random.default_rng(0)
-    feed = {i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32)
-            for i in model.graph.input}
+    feed = {
+        i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32)
+        for i in model.graph.input
+    }
     a, b = qo.run_feeds(src, [feed]), qo.run_feeds(tmp_path / "m.onnx", [feed])
     np.testing.assert_allclose(a[0][0], b[0][0], rtol=1e-4, atol=1e-4)
 
@@ -234,16 +351,18 @@ def test_unfuse_gemm_keeps_outputs(packages, tmp_path):
 def test_fp16_safety_reports_non_finite_in_true_fp16():
     """A value beyond 65504 is finite in ONNX Runtime's CPU fp16 (computed in fp32), not in true fp16."""
     import torch
-
     from edit_mobile.export.components import ComponentSpec, TensorSpec
     from edit_mobile.export.fp16_safety import check_fp16
 
     linear = torch.nn.Linear(4, 4)
     torch.nn.init.constant_(linear.weight, 1000.0)
-    spec = ComponentSpec("transformer", linear, [TensorSpec("x", (1, 4), "float32")],
-                         [TensorSpec("y", (1, 4), "float32")])
-    feeds = [({"step": 0}, {"x": np.full((1, 4), 1.0, np.float32)}),
-             ({"step": 1}, {"x": np.full((1, 4), 100.0, np.float32)})]
+    spec = ComponentSpec(
+        "transformer", linear, [TensorSpec("x", (1, 4), "float32")], [TensorSpec("y", (1, 4), "float32")]
+    )
+    feeds = [
+        ({"step": 0}, {"x": np.full((1, 4), 1.0, np.float32)}),
+        ({"step": 1}, {"x": np.full((1, 4), 100.0, np.float32)}),
+    ]
     report = check_fp16({"transformer": spec}, ["transformer"], {"transformer": feeds})["transformer"]
     assert report["finite"] is False and report["checks"] == 2
     assert report["non_finite"] == [{"step": 1, "non_finite_values": {"y": 4}}]
@@ -269,29 +388,50 @@ def test_validate_fails_an_fp16_package_on_non_finite(quantized, tiny_dirs, monk
 
 def test_quantizing_a_quantized_component_is_refused(quantized, tmp_path, capsys):
     src = quantized("pixart", "int8-dynamic")
-    assert cli(["quantize", str(src), "--precision", "fp16", "--components", "transformer",
-                "--out", str(tmp_path / "again")]) == 2
+    assert (
+        cli(
+            [
+                "quantize",
+                str(src),
+                "--precision",
+                "fp16",
+                "--components",
+                "transformer",
+                "--out",
+                str(tmp_path / "again"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert "transformer is already int8-dynamic; quantize the fp32 package instead" in err
     assert len(err.splitlines()) == 1 and list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--precision", "int8-dynamic", "--calibration-prompts", "{tmp}/missing.txt"], "does not exist"),
-    (["--precision", "int8-dynamic", "--calibration-prompts", "{empty}"], "is empty"),
-    (["--precision", "int4"], "unknown precision 'int4'"),
-    (["--precision", "transformer=int3"], "unknown precision 'int3' for transformer"),
-    (["--precision", "fp16", "--components", "transformer,unet"], "unknown component 'unet'"),
-    (["--precision", "int8-static", "--calibration-method", "kl"], "unknown --calibration-method 'kl'"),
-    (["--precision", "int8-static", "--calibration-steps", "0"], "--calibration-steps must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--precision", "int8-dynamic", "--calibration-prompts", "{tmp}/missing.txt"], "does not exist"),
+        (["--precision", "int8-dynamic", "--calibration-prompts", "{empty}"], "is empty"),
+        (["--precision", "int4"], "unknown precision 'int4'"),
+        (["--precision", "transformer=int3"], "unknown precision 'int3' for transformer"),
+        (["--precision", "fp16", "--components", "transformer,unet"], "unknown component 'unet'"),
+        (["--precision", "int8-static", "--calibration-method", "kl"], "unknown --calibration-method 'kl'"),
+        (["--precision", "int8-static", "--calibration-steps", "0"], "--calibration-steps must be >= 1"),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(packages, tmp_path, tmp_path_factory, capsys, extra, message):
     empty = tmp_path_factory.mktemp("empty") / "empty.txt"
     empty.write_text("\n  \n")
     out_root = tmp_path / "out"
     out_root.mkdir()
-    argv = ["quantize", str(packages["pixart"]), *[a.format(tmp=tmp_path, empty=empty) for a in extra],
-            "--out", str(out_root / "q")]
+    argv = [
+        "quantize",
+        str(packages["pixart"]),
+        *[a.format(tmp=tmp_path, empty=empty) for a in extra],
+        "--out",
+        str(out_root / "q"),
+    ]
     assert cli(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
@@ -299,8 +439,20 @@ def test_bad_input_is_one_line_and_writes_nothing(packages, tmp_path, tmp_path_f
 
 
 def test_out_must_differ_from_the_input(packages, capsys):
-    assert cli(["quantize", str(packages["pixart"]), "--precision", "fp16", "--out", str(packages["pixart"]),
-                "--overwrite"]) == 2
+    assert (
+        cli(
+            [
+                "quantize",
+                str(packages["pixart"]),
+                "--precision",
+                "fp16",
+                "--out",
+                str(packages["pixart"]),
+                "--overwrite",
+            ]
+        )
+        == 2
+    )
     assert "--out must differ" in capsys.readouterr().err
     assert (packages["pixart"] / "manifest.json").is_file()
 
@@ -318,10 +470,24 @@ def test_coreml_package_is_dispatched_to_the_coreml_quantizer(tmp_path, monkeypa
     fake.quantize_coreml_package = lambda *args, **kwargs: calls.append((args, kwargs)) or {}
     monkeypatch.setitem(sys.modules, "edit_mobile.export.coreml_quantize", fake)
     pkg = _coreml_manifest(tmp_path)
-    assert cli(["quantize", str(pkg), "--precision", "palettize-4", "--components", "transformer",
-                "--calibration-steps", "3", "--out", str(tmp_path / "q")]) == 0
-    assert calls == [((str(pkg), str(tmp_path / "q"), "palettize-4", ["transformer"], False),
-                      {"calibration_steps": 3})]
+    assert (
+        cli(
+            [
+                "quantize",
+                str(pkg),
+                "--precision",
+                "palettize-4",
+                "--components",
+                "transformer",
+                "--calibration-steps",
+                "3",
+                "--out",
+                str(tmp_path / "q"),
+            ]
+        )
+        == 0
+    )
+    assert calls == [((str(pkg), str(tmp_path / "q"), "palettize-4", ["transformer"], False), {"calibration_steps": 3})]
 
 
 def test_coreml_package_without_coreml_quantizer(tmp_path, monkeypatch, capsys):

@@ -10,19 +10,35 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from edit_mobile.runtime.errors import UserError
 from edit_mobile.runtime.package import load_package, sha256_file, write_validation
 
 
 # --- (a) no torch ------------------------------------------------------------------------------------------------
 def test_runtime_and_generate_import_without_torch():
-    code = ("import edit_mobile.runtime.pipeline, edit_mobile.runtime.backends, edit_mobile.runtime.tokenizer, "
-            "edit_mobile.runtime.package, edit_mobile.scripts.generate, sys; "
-            "bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import edit_mobile.runtime.pipeline, edit_mobile.runtime.backends, edit_mobile.runtime.tokenizer, "
+        "edit_mobile.runtime.package, edit_mobile.scripts.generate, sys; "
+        "bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "argv", [["export", "tiny-pixart", "--out", "x"], ["convert", "tiny-pixart", "--arch", "edit", "--out", "x"]]
+)
+def test_torch_commands_in_the_base_install_name_the_extra(argv):
+    """Without torch (the base install), a command that needs it says so in one line, exit 2, no traceback."""
+    code = (
+        "import sys; sys.modules.update(torch=None, diffusers=None, transformers=None); "
+        "from edit_mobile.scripts.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert "pip install 'edit-mobile[torch]'" in err
 
 
 # --- tiny ONNX model and fake package ----------------------------------------------------------------------------
@@ -32,11 +48,17 @@ def tiny_model(path: Path) -> Path:
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Identity", ["ids"], ["z"])], "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
-         helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4]),
-         helper.make_tensor_value_info("z", TensorProto.INT64, [1, 3])])
+        [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Identity", ["ids"], ["z"])],
+        "tiny",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+            helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 3]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4]),
+            helper.make_tensor_value_info("z", TensorProto.INT64, [1, 3]),
+        ],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,22 +75,41 @@ def fake_package(root: Path, **overrides) -> Path:
     model = tiny_model(root / "text_encoder" / "model.onnx")
     (root / "tokenizer").mkdir()
     Tokenizer(models.WordLevel({"<pad>": 0, "a": 1, "<unk>": 2}, unk_token="<unk>")).save(
-        str(root / "tokenizer" / "tokenizer.json"))
+        str(root / "tokenizer" / "tokenizer.json")
+    )
     (root / "scheduler").mkdir()
-    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-        {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}))
+    (root / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0})
+    )
     manifest = {
-        "schema_version": 1, "source": "fake", "family": "sd3", "architecture": "X", "target": "onnx",
-        "resolution": [64, 64], "batch": 1, "latent_shape": [16, 8, 8],
-        "vae": {"scaling_factor": 1.5, "shift_factor": 0.06}, "transformer_out_channels": 16,
+        "schema_version": 1,
+        "source": "fake",
+        "family": "sd3",
+        "architecture": "X",
+        "target": "onnx",
+        "resolution": [64, 64],
+        "batch": 1,
+        "latent_shape": [16, 8, 8],
+        "vae": {"scaling_factor": 1.5, "shift_factor": 0.06},
+        "transformer_out_channels": 16,
         "text": {"tokenizer": {"path": "tokenizer", "max_length": 8, "pad_id": 0, "component": "text_encoder"}},
         "scheduler": {"path": "scheduler/scheduler_config.json"},
-        "components": {"text_encoder": {
-            "path": "text_encoder/model.onnx", "files": {"text_encoder/model.onnx": sha256_file(model)},
-            "precision": "fp32", "opset": 17, "inputs": SPECS,
-            "outputs": [{"name": "y", "shape": [1, 4], "dtype": "float32"},
-                        {"name": "z", "shape": [1, 3], "dtype": "int64"}], "tolerance": {}}},
-        "tools": {}, "validation": None,
+        "components": {
+            "text_encoder": {
+                "path": "text_encoder/model.onnx",
+                "files": {"text_encoder/model.onnx": sha256_file(model)},
+                "precision": "fp32",
+                "opset": 17,
+                "inputs": SPECS,
+                "outputs": [
+                    {"name": "y", "shape": [1, 4], "dtype": "float32"},
+                    {"name": "z", "shape": [1, 3], "dtype": "int64"},
+                ],
+                "tolerance": {},
+            }
+        },
+        "tools": {},
+        "validation": None,
     }
     manifest.update(overrides)
     (root / "manifest.json").write_text(json.dumps(manifest))
@@ -103,13 +144,17 @@ def test_unknown_schema_version(tmp_path):
         load_package(tmp_path)
 
 
-@pytest.mark.parametrize("edit", [
-    lambda m: m["components"]["text_encoder"].update(path="../outside.onnx"),
-    lambda m: m["components"]["text_encoder"].update(path="/etc/passwd"),
-    lambda m: m["components"]["text_encoder"]["files"].update({"../../x": "0" * 64}),
-    lambda m: m["text"]["tokenizer"].update(path="tokenizer/../../tok"),
-    lambda m: m["scheduler"].update(path="../scheduler_config.json"),
-], ids=["component", "absolute", "files", "tokenizer", "scheduler"])
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m["components"]["text_encoder"].update(path="../outside.onnx"),
+        lambda m: m["components"]["text_encoder"].update(path="/etc/passwd"),
+        lambda m: m["components"]["text_encoder"]["files"].update({"../../x": "0" * 64}),
+        lambda m: m["text"]["tokenizer"].update(path="tokenizer/../../tok"),
+        lambda m: m["scheduler"].update(path="../scheduler_config.json"),
+    ],
+    ids=["component", "absolute", "files", "tokenizer", "scheduler"],
+)
 def test_path_escaping_the_package_is_refused(tmp_path, edit):
     root = fake_package(tmp_path / "pkg")
     edit_manifest(root, edit)
@@ -132,8 +177,9 @@ def test_sha256_mismatch_after_one_changed_byte(tmp_path):
     data = bytearray(model.read_bytes())
     data[len(data) // 2] ^= 0x01
     model.write_bytes(bytes(data))
-    with pytest.raises(UserError, match="sha256 mismatch for text_encoder/model.onnx: the package is corrupted "
-                                        "or was modified"):
+    with pytest.raises(
+        UserError, match="sha256 mismatch for text_encoder/model.onnx: the package is corrupted or was modified"
+    ):
         load_package(root)
     load_package(root, verify=False)  # explicit opt-out still loads
 
@@ -176,14 +222,18 @@ def test_ort_backend_runs(ort_backend):
     np.testing.assert_array_equal(out["z"], [[5, 6, 7]])
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda d: d.update(x=np.zeros((1, 5), np.float32)), r"input 'x' has shape \(1, 5\), expected \(1, 4\)"),
-    (lambda d: d.update(x=np.zeros((4,), np.float32)), r"input 'x' has shape \(4,\)"),
-    (lambda d: d.update(x=np.zeros((1, 4), np.float64)), r"input 'x' has dtype float64, expected float32"),
-    (lambda d: d.update(ids=np.zeros((1, 3), np.int32)), r"input 'ids' has dtype int32, expected int64"),
-    (lambda d: d.pop("ids"), r"missing input\(s\) ids"),
-    (lambda d: d.update(w=np.zeros(1, np.float32)), r"unexpected input\(s\) w"),
-], ids=["shape", "rank", "dtype-float", "dtype-int", "missing", "extra"])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda d: d.update(x=np.zeros((1, 5), np.float32)), r"input 'x' has shape \(1, 5\), expected \(1, 4\)"),
+        (lambda d: d.update(x=np.zeros((4,), np.float32)), r"input 'x' has shape \(4,\)"),
+        (lambda d: d.update(x=np.zeros((1, 4), np.float64)), r"input 'x' has dtype float64, expected float32"),
+        (lambda d: d.update(ids=np.zeros((1, 3), np.int32)), r"input 'ids' has dtype int32, expected int64"),
+        (lambda d: d.pop("ids"), r"missing input\(s\) ids"),
+        (lambda d: d.update(w=np.zeros(1, np.float32)), r"unexpected input\(s\) w"),
+    ],
+    ids=["shape", "rank", "dtype-float", "dtype-int", "missing", "extra"],
+)
 def test_ort_backend_checks_inputs(ort_backend, change, message):
     inputs = good_inputs()
     change(inputs)
@@ -209,11 +259,18 @@ def test_backend_factory_errors(tmp_path):
 
 
 # --- (b) tokenizer parity with transformers ---------------------------------------------------------------------
-LONG = ("a photograph of an astronaut riding a horse on the surface of the moon, highly detailed, dramatic "
-        "lighting, 8k, ") * 12
+LONG = (
+    "a photograph of an astronaut riding a horse on the surface of the moon, highly detailed, dramatic lighting, 8k, "
+) * 12
 
-PROMPTS = ["a cat", "", "  A Red   Fox in the SNOW, über café!  ", "numbers 123 and 4.5, tabs\tand\nnewlines",
-           "unknown ☃ symbols ✓", LONG]
+PROMPTS = [
+    "a cat",
+    "",
+    "  A Red   Fox in the SNOW, über café!  ",
+    "numbers 123 and 4.5, tabs\tand\nnewlines",
+    "unknown ☃ symbols ✓",
+    LONG,
+]
 
 
 @pytest.fixture(scope="module")
@@ -254,9 +311,8 @@ def test_tokenizer_matches_transformers(tokenizer_dirs, caplog, kind, max_length
 def test_save_png_is_atomic_and_lossless(tmp_path):
     import torch  # the reference only: the runtime itself must not import torch
     from diffusers.image_processor import VaeImageProcessor
-    from PIL import Image
-
     from edit_mobile.runtime.pipeline import save_png, to_uint8
+    from PIL import Image
 
     decoded = np.random.default_rng(0).uniform(-1.2, 1.2, (1, 3, 8, 6)).astype(np.float32)
     # Hand-checked pixels (channel 0, row 0): the ends of [-1, 1], out-of-range values (clipped), the midpoint

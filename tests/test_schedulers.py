@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
-
 from edit_mobile.runtime import schedulers as np_sched
 from edit_mobile.runtime.errors import UserError
 
@@ -52,24 +51,72 @@ DDIM_DEFAULT = {"_class_name": "DDIMScheduler"}
 CASES = [
     # (name, config, steps)
     ("pixart-sigma", PIXART_SIGMA, (1, 2, 5, 20)),
-    ("dpm-vpred-scaled-trailing", {**PIXART_SIGMA, "prediction_type": "v_prediction",
-                                   "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
-                                   "timestep_spacing": "trailing"}, (3, 25)),
+    (
+        "dpm-vpred-scaled-trailing",
+        {
+            **PIXART_SIGMA,
+            "prediction_type": "v_prediction",
+            "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "timestep_spacing": "trailing",
+        },
+        (3, 25),
+    ),
     # 14 / 15 / 16 straddle DPM-Solver's lower-order-final rule (first order on the last step only when n < 15, with
     # final_sigmas_type "sigma_min"; "zero" always forces it): an off-by-one there changes the 15-step result.
-    ("dpm-leading-offset-heun-sigmamin", {**PIXART_SIGMA, "timestep_spacing": "leading", "steps_offset": 1,
-                                          "solver_type": "heun", "final_sigmas_type": "sigma_min"}, (4, 14, 15, 16)),
-    ("dpm-order1-sample-cos", {**PIXART_SIGMA, "solver_order": 1, "prediction_type": "sample",
-                               "beta_schedule": "squaredcos_cap_v2"}, (6,)),
+    (
+        "dpm-leading-offset-heun-sigmamin",
+        {
+            **PIXART_SIGMA,
+            "timestep_spacing": "leading",
+            "steps_offset": 1,
+            "solver_type": "heun",
+            "final_sigmas_type": "sigma_min",
+        },
+        (4, 14, 15, 16),
+    ),
+    (
+        "dpm-order1-sample-cos",
+        {**PIXART_SIGMA, "solver_order": 1, "prediction_type": "sample", "beta_schedule": "squaredcos_cap_v2"},
+        (6,),
+    ),
     ("sd3", SD3, (1, 2, 5, 20, 28)),
     ("flow-shift1", {"_class_name": "FlowMatchEulerDiscreteScheduler"}, (7,)),
     ("ddim-default", DDIM_DEFAULT, (1, 2, 5, 20)),
-    ("ddim-sd", {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
-                 "beta_end": 0.012, "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}, (5, 20)),
-    ("ddim-vpred-trailing", {"_class_name": "DDIMScheduler", "prediction_type": "v_prediction",
-                             "timestep_spacing": "trailing", "clip_sample": False}, (3, 10)),
-    ("ddim-sample-linspace", {"_class_name": "DDIMScheduler", "prediction_type": "sample",
-                              "timestep_spacing": "linspace", "clip_sample_range": 0.8}, (4,)),
+    (
+        "ddim-sd",
+        {
+            "_class_name": "DDIMScheduler",
+            "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "clip_sample": False,
+            "set_alpha_to_one": False,
+            "steps_offset": 1,
+        },
+        (5, 20),
+    ),
+    (
+        "ddim-vpred-trailing",
+        {
+            "_class_name": "DDIMScheduler",
+            "prediction_type": "v_prediction",
+            "timestep_spacing": "trailing",
+            "clip_sample": False,
+        },
+        (3, 10),
+    ),
+    (
+        "ddim-sample-linspace",
+        {
+            "_class_name": "DDIMScheduler",
+            "prediction_type": "sample",
+            "timestep_spacing": "linspace",
+            "clip_sample_range": 0.8,
+        },
+        (4,),
+    ),
 ]
 
 REFERENCE = {
@@ -89,9 +136,7 @@ def fake_model(sample: np.ndarray, t: float, config: dict, alphas_cumprod: np.nd
     else:
         a, s = np.sqrt(float(alphas_cumprod[int(t)])), np.sqrt(1.0 - float(alphas_cumprod[int(t)]))
         eps = (x - a * x0) / s
-        out = {"epsilon": eps, "sample": x0, "v_prediction": a * eps - s * x0}[
-            config.get("prediction_type", "epsilon")
-        ]
+        out = {"epsilon": eps, "sample": x0, "v_prediction": a * eps - s * x0}[config.get("prediction_type", "epsilon")]
     return out.astype(np.float32)
 
 

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-
 from edit_mobile.export.validate import IMAGE_GATE_DB, TRAJECTORY_GATE_DB
 from edit_mobile.runtime.pipeline import Text2ImagePipeline
 from edit_mobile.scripts.cli import main as cli
@@ -21,12 +20,40 @@ def packages(tiny_dirs, tmp_path_factory):
     (two calls per step with guidance), and an int8-dynamic copy of the PixArt one."""
     root = tmp_path_factory.mktemp("validate")
     out = {"pixart": root / "pixart", "sd3-batch1": root / "sd3-batch1", "pixart-int8": root / "pixart-int8"}
-    assert cli(["export", str(tiny_dirs["tiny-pixart-edit-trained"]), "--resolution", "128",
-                "--out", str(out["pixart"])]) == 0
-    assert cli(["export", str(tiny_dirs["tiny-sd3-mm-edit-trained"]), "--resolution", "128", "--batch", "1",
-                "--out", str(out["sd3-batch1"])]) == 0
-    assert cli(["quantize", str(out["pixart"]), "--precision", "int8-dynamic", "--components", "transformer",
-                "--out", str(out["pixart-int8"])]) == 0
+    assert (
+        cli(["export", str(tiny_dirs["tiny-pixart-edit-trained"]), "--resolution", "128", "--out", str(out["pixart"])])
+        == 0
+    )
+    assert (
+        cli(
+            [
+                "export",
+                str(tiny_dirs["tiny-sd3-mm-edit-trained"]),
+                "--resolution",
+                "128",
+                "--batch",
+                "1",
+                "--out",
+                str(out["sd3-batch1"]),
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli(
+            [
+                "quantize",
+                str(out["pixart"]),
+                "--precision",
+                "int8-dynamic",
+                "--components",
+                "transformer",
+                "--out",
+                str(out["pixart-int8"]),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -131,7 +158,6 @@ def test_inspect_through_the_cli(packages, tmp_path, capsys):
 
 def test_convert_through_the_cli(tmp_path):
     from diffusers import PixArtSigmaPipeline
-
     from edit_mobile.models import EDiTPixArtTransformer2DModel
 
     out = tmp_path / "converted"
