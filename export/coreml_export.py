@@ -42,17 +42,25 @@ MLPACKAGE = "model.mlpackage"
 EXPORT_GATES_DB = {"fp32": 60.0, "fp16": 40.0}
 
 
-def import_coremltools():
-    """coremltools, imported with its import-time notices silenced: it warns that torch 2.13 is newer than the
-    torch it was tested with (2.7) and that it has no macOS runtime here; the reference executor checks every
-    converted program numerically instead."""
+@contextlib.contextmanager
+def quiet_coremltools():
+    """coremltools' own logger at ERROR while the block runs, restored afterwards even on failure: it logs every
+    converted and removed op at INFO, and warns about versions and the missing macOS runtime."""
     ct_logger = logging.getLogger("coremltools")
     level = ct_logger.level
     ct_logger.setLevel(logging.ERROR)
     try:
-        import coremltools
+        yield
     finally:
         ct_logger.setLevel(level)
+
+
+def import_coremltools():
+    """coremltools, imported with its import-time notices silenced: it warns that torch 2.13 is newer than the
+    torch it was tested with (2.7) and that it has no macOS runtime here; the reference executor checks every
+    converted program numerically instead."""
+    with quiet_coremltools():
+        import coremltools
     return coremltools
 
 
@@ -132,10 +140,7 @@ def export_coreml(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     module = spec.module.eval()
-    ct_logger = logging.getLogger("coremltools")
-    level = ct_logger.level
-    ct_logger.setLevel(logging.ERROR)  # it logs every converted and removed op at INFO, and warns on torch versions
-    with torch.no_grad(), warnings.catch_warnings():
+    with quiet_coremltools(), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         example = _example(spec, seed)
         with ane_twin(module, example) if twin else contextlib.nullcontext() as twin_report:
@@ -152,7 +157,6 @@ def export_coreml(
             minimum_deployment_target=getattr(ct.target, DEPLOYMENT_TARGETS[deployment_target]),
             skip_model_load=True,  # loading compiles the model: macOS only
         )
-    ct_logger.setLevel(level)
     got_in = [i.name for i in mlmodel.get_spec().description.input]
     got_out = [o.name for o in mlmodel.get_spec().description.output]
     if got_in != [s.name for s in spec.inputs] or got_out != [s.name for s in spec.outputs]:

@@ -36,7 +36,7 @@ from ..runtime.atomic import atomic_output_dir, check_output_free
 from ..runtime.errors import UserError
 from ..runtime.metrics import psnr
 from ..runtime.package import MANIFEST, load_package, read_manifest, sha256_file
-from .coreml_export import import_coremltools
+from .coreml_export import import_coremltools, quiet_coremltools
 
 logger = logging.getLogger(__name__)
 
@@ -137,10 +137,7 @@ def compress_program(src: Path, dst: Path, precision: str, samples: list[dict[st
 
     from ..runtime.coreml_reference import CoreMLReferenceProgram
 
-    ct_logger = logging.getLogger("coremltools")
-    level = ct_logger.level
-    ct_logger.setLevel(logging.ERROR)
-    try:
+    with quiet_coremltools():
         mlmodel = ct.models.MLModel(str(src), skip_model_load=True)
         if precision == "w8a8":
             if not samples:
@@ -157,8 +154,6 @@ def compress_program(src: Path, dst: Path, precision: str, samples: list[dict[st
         else:
             mlmodel = cto.palettize_weights(mlmodel, _configs(precision))
         mlmodel.save(str(dst))
-    finally:
-        ct_logger.setLevel(level)
 
 
 def check_expansion(path: Path) -> dict:
@@ -172,13 +167,8 @@ def check_expansion(path: Path) -> dict:
     program = CoreMLReferenceProgram(path)
     ours = program.constants()
     compressed = [op.outputs[0].name for op in program.ops if op.type.startswith("constexpr_")]
-    ct_logger = logging.getLogger("coremltools")
-    level = ct_logger.level
-    ct_logger.setLevel(logging.ERROR)
-    try:
+    with quiet_coremltools():
         decompressed = cto.decompress_weights(ct.models.MLModel(str(path), skip_model_load=True))
-    finally:
-        ct_logger.setLevel(level)
     with tempfile.TemporaryDirectory() as tmp:  # the decompressed program, read back like any saved package
         decompressed.save(str(Path(tmp) / "decompressed.mlpackage"))
         reference = CoreMLReferenceProgram(Path(tmp) / "decompressed.mlpackage").constants()

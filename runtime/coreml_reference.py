@@ -25,6 +25,7 @@ stay torch-free). Only coremltools' generated protobuf modules are loaded, under
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import math
@@ -409,26 +410,26 @@ def _unary(fn):
     return lambda p, d: fn(_f(p["x"]))
 
 
-_ERF = None
+def _erf_approx(v) -> np.ndarray:
+    """Abramowitz & Stegun 7.1.26 in float64: |error| < 1.5e-7."""
+    v = np.asarray(v, np.float64)
+    s, a = np.sign(v), np.abs(v)
+    t = 1.0 / (1.0 + 0.3275911 * a)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    return s * (1.0 - poly * np.exp(-a * a))
+
+
+@functools.cache
+def _erf_function() -> Callable:
+    try:
+        from scipy.special import erf  # exact to float precision where scipy is installed
+    except ImportError:
+        return _erf_approx
+    return erf
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
-    global _ERF
-    if _ERF is None:
-        try:
-            from scipy.special import erf as _scipy_erf  # exact to float precision where scipy is installed
-
-            _ERF = _scipy_erf
-        except ImportError:  # Abramowitz & Stegun 7.1.26 in float64: |error| < 1.5e-7
-
-            def _ERF(v):
-                v = np.asarray(v, np.float64)
-                s, a = np.sign(v), np.abs(v)
-                t = 1.0 / (1.0 + 0.3275911 * a)
-                poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
-                return s * (1.0 - poly * np.exp(-a * a))
-
-    return np.asarray(_ERF(x), dtype=x.dtype)
+    return np.asarray(_erf_function()(x), dtype=x.dtype)
 
 
 def _gelu(p, d):

@@ -395,3 +395,21 @@ def test_core_ml_prediction_matches_the_reference_executor(packages):
     real = CoreMLBackend(comp.path, comp.inputs, comp.output_names, compute_units="CPU_ONLY").run(feed)
     ref = CoreMLReferenceBackend(comp.path, comp.inputs, comp.output_names).run(feed)
     assert psnr(ref["out_sample"], real["out_sample"]) >= 40
+
+
+def test_coremltools_log_level_is_restored_after_a_failure():
+    """Library code changes no process-wide state: coremltools' logger is quiet only while a conversion runs."""
+    import logging
+
+    from edit_mobile.export.coreml_export import quiet_coremltools
+
+    ct_logger = logging.getLogger("coremltools")
+    before = ct_logger.level
+    ct_logger.setLevel(logging.WARNING)
+    try:
+        with pytest.raises(RuntimeError), quiet_coremltools():
+            assert ct_logger.level == logging.ERROR
+            raise RuntimeError("conversion failed")
+        assert ct_logger.level == logging.WARNING
+    finally:
+        ct_logger.setLevel(before)
