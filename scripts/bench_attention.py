@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from diffusers import PixArtTransformer2DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
 from edit_mobile.models.edit_attention import EDiTAttnProcessor, EDiTConfig, add_edit_layers
 from edit_mobile.models.edit_pixart import EDiTPixArtTransformer2DModel
 

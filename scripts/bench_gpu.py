@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from diffusers import PixArtTransformer2DModel
+
 from edit_mobile.models.edit_pixart import EDiTPixArtTransformer2DModel
 
 HEADS, HEAD_DIM, CAPTION_CHANNELS, PROMPT_TOKENS = 16, 72, 4096, 300  # PixArt-Σ-XL-2 with T5-XXL prompts

@@ -64,9 +64,10 @@ def mid_pixart():
 
 def build_source(model: str, root: Path) -> Path:
     """Teacher -> EDiT / MM-EDiT folder with randomised new layers (ConvFusion, compressors), as after training."""
-    import edit_mobile.models  # noqa: F401  (registers the EDiT classes for from_pretrained)
     import torch
     from diffusers import DiffusionPipeline
+
+    import edit_mobile.models  # noqa: F401  (registers the EDiT classes for from_pretrained)
     from edit_mobile.models.convert import convert
 
     teacher, arch = MODELS[model]
@@ -104,8 +105,9 @@ def time_interleaved(sessions: dict, feed: dict, repeats: int) -> dict[str, list
 
 def fp16_study(package, calib, samples: int = 3) -> dict:
     """True-fp16 PSNR (ONNX reference evaluator, numpy fp16) of the fp16 graph with each block-list variant."""
-    from edit_mobile.export import quantize_onnx as qo
     from onnx.reference import ReferenceEvaluator
+
+    from edit_mobile.export import quantize_onnx as qo
 
     out = {}
     for name in [n for n in package.components if n == "transformer" or n.startswith("text_encoder")]:

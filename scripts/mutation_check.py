@@ -162,7 +162,7 @@ MODELS = {"tiny-pixart": "256", "tiny-sd3": "128", "mid-pixart": "512", "pixart-
 
 def export_package(model: str, work: Path) -> tuple[Path | None, str | None]:
     """Convert + export `model` with the code as it is now: (package, None) or (None, error)."""
-    cli = [sys.executable, "-m", "edit_mobile.scripts.cli"]
+    cli = [sys.executable, "-m", "edit_mobile.cli"]
     package = work / f"{model}-onnx"
     if model.startswith("tiny-"):
         folder, arch = work / model, "edit" if "pixart" in model else "mm-edit"
@@ -170,7 +170,7 @@ def export_package(model: str, work: Path) -> tuple[Path | None, str | None]:
         if proc.returncode != 0:
             return None, f"convert error (rc {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"
     else:
-        from edit_mobile.scripts.bench_quantize import build_source
+        from bench_quantize import build_source  # the sibling study (scripts/ is on sys.path as the script folder)
 
         (work / model).mkdir(parents=True, exist_ok=True)
         folder = build_source(model, work / model)
@@ -198,7 +198,7 @@ def export_package(model: str, work: Path) -> tuple[Path | None, str | None]:
 
 def check_validate(package: Path, work: Path) -> dict:
     """`edit-mobile validate` with the current code (exit 1 = FAILED) and what failed."""
-    cli = [sys.executable, "-m", "edit_mobile.scripts.cli"]
+    cli = [sys.executable, "-m", "edit_mobile.cli"]
     report = work / f"{package.name}.json"
     report.unlink(missing_ok=True)
     proc = run([*cli, "validate", str(package), "--prompt", LONG_PROMPT, "--json", str(report)], 3600, ROOT)

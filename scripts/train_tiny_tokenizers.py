@@ -11,10 +11,11 @@ import argparse
 import json
 from pathlib import Path
 
-from edit_mobile.models.presets import bundled_prompts
 from tokenizers import models, trainers
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTokenizer, T5Tokenizer
+
+from edit_mobile.models.presets import bundled_prompts
 
 
 def train_t5(vocab_size: int) -> dict:

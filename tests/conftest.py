@@ -14,6 +14,7 @@ def tiny_dirs(tmp_path_factory):
     """
     import torch
     from diffusers import DiffusionPipeline
+
     from edit_mobile.models.convert import convert
     from edit_mobile.models.presets import PRESETS
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
+
 from edit_mobile.models.edit_attention import (
     EDiTAttnProcessor,
     EDiTConfig,

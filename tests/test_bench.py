@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
-from edit_mobile.scripts.cli import main
+
+from edit_mobile.cli.main import main
 
 
 @pytest.fixture(scope="module")
@@ -13,6 +16,15 @@ def tiny_package(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "pkg"
     assert main(["export", "tiny-pixart", "--target", "onnx", "--resolution", "256", "--out", str(out)]) == 0
     return out
+
+
+def _study(name: str):
+    """A study from scripts/ (developer scripts are not installed: loaded from the checkout by path)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"study_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _positive(x) -> bool:
@@ -99,7 +111,6 @@ def test_bench_missing_package(tmp_path, capsys):
 def test_graph_macs_counts_matmul_gemm_conv(tmp_path):
     import numpy as np
     import onnx
-    from edit_mobile.scripts.bench_scaling import graph_macs
     from onnx import TensorProto, helper, numpy_helper
 
     w = numpy_helper.from_array(np.zeros((8, 16), np.float32), "W")
@@ -119,11 +130,12 @@ def test_graph_macs_counts_matmul_gemm_conv(tmp_path):
     )
     path = tmp_path / "g.onnx"
     onnx.save(helper.make_model(graph), str(path))
-    assert graph_macs(path) == {"macs": 5 * 16 * 8 + 4 * 36 * 2 * 9, "uncounted": []}
+    assert _study("bench_scaling").graph_macs(path) == {"macs": 5 * 16 * 8 + 4 * 36 * 2 * 9, "uncounted": []}
 
 
 def test_study_ratios_stay_inside_a_group():
-    from edit_mobile.scripts.bench_scaling import merge_reports, ratios
+    study = _study("bench_scaling")
+    merge_reports, ratios = study.merge_reports, study.ratios
 
     def row(group, variant, ms, run="r1", status="ok", rss=100.0):
         r = {
@@ -162,7 +174,7 @@ def test_study_ratios_stay_inside_a_group():
 
 
 def test_bench_gpu_runs_on_cpu(capsys):
-    from edit_mobile.scripts.bench_gpu import main as bench_gpu
+    bench_gpu = _study("bench_gpu").main
 
     rows = bench_gpu(["--device", "cpu", "--quick", "--modes", "eager", "--resolutions", "128", "--repeats", "1"])
     assert len(rows) == 1 and rows[0]["softmax_status"] == "ok" and rows[0]["edit_status"] == "ok"

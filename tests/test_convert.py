@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import copy
 
-import edit_mobile.models  # noqa: F401  (registers the EDiT classes for diffusers' from_pretrained)
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import PixArtSigmaPipeline, PixArtTransformer2DModel, StableDiffusion3Pipeline
+
+import edit_mobile.models  # noqa: F401  (registers the EDiT classes for diffusers' from_pretrained)
+from edit_mobile.cli.main import main as cli
 from edit_mobile.models import EDiTPixArtTransformer2DModel, MMEDiTSD3Transformer2DModel
 from edit_mobile.models.edit_attention import EDiTConfig
 from edit_mobile.models.presets import PRESETS
-from edit_mobile.scripts.cli import main as cli
 
 NEW_LAYERS = ("conv_fusion", "k_compressor", "v_compressor")
 CASES = [

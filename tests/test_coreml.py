@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from edit_mobile.cli.main import main as cli
 from edit_mobile.runtime.errors import UserError
-from edit_mobile.scripts.cli import main as cli
 
 macos = pytest.mark.skipif(sys.platform != "darwin", reason="Core ML prediction needs macOS")
 
@@ -224,6 +225,7 @@ def test_palettized_weights_expand_as_coremltools_decompresses(packages, tmp_pat
 def test_w8a8_quantize_ops_follow_coremltools(packages, tmp_path):
     """Activation quantization: the executor's quantize matches coremltools' own numpy quantizer."""
     from coremltools.optimize import _utils as ct_utils
+
     from edit_mobile.export.coreml_quantize import compress_program, record_inputs
     from edit_mobile.runtime.coreml_reference import CoreMLReferenceProgram
     from edit_mobile.runtime.package import load_package

@@ -11,15 +11,16 @@ import socket
 import subprocess
 import sys
 
-import edit_mobile.models  # noqa: F401  (registers the EDiT classes for diffusers' from_pretrained)
 import pytest
 import torch
+from PIL import Image
+
+import edit_mobile.models  # noqa: F401  (registers the EDiT classes for diffusers' from_pretrained)
+from edit_mobile.cli.main import main as cli
 from edit_mobile.models import EDiTPixArtTransformer2DModel
 from edit_mobile.models.data import FolderSource, SyntheticSource
 from edit_mobile.models.distill import DistillConfig, distill, parse_loss_weights, stage_plan, state_digest
 from edit_mobile.runtime.errors import UserError
-from edit_mobile.scripts.cli import main as cli
-from PIL import Image
 
 FAST = ["--resolution", "64", "--batch-size", "2", "--data", "synthetic:8"]  # 64 px: 4x4 tokens on the tiny presets
 
@@ -166,7 +167,7 @@ def test_two_processes_end_with_identical_weights(tiny_dirs, tmp_path):
         "--master_port",
         str(_free_port()),
         "-m",
-        "edit_mobile.scripts.cli",
+        "edit_mobile.cli",
         "distill",
         *common,
         "--out",
@@ -190,6 +191,7 @@ def test_two_processes_end_with_identical_weights(tiny_dirs, tmp_path):
 
 def test_mm_edit_sd3_distills_from_an_image_folder(tiny_dirs, tmp_path, monkeypatch):
     from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
     from edit_mobile.models import MMEDiTSD3Transformer2DModel
     from edit_mobile.models import distill as distill_module
 

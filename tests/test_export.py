@@ -7,8 +7,9 @@ import shutil
 
 import onnx
 import pytest
+
+from edit_mobile.cli.main import main as cli
 from edit_mobile.export.inspect import inspect_package
-from edit_mobile.scripts.cli import main as cli
 
 # (package name, SRC key in tiny_dirs, target)
 CASES = [

@@ -10,7 +10,8 @@ import re
 import shutil
 
 import pytest
-from edit_mobile.scripts.cli import main as cli
+
+from edit_mobile.cli.main import main as cli
 
 DELETE = object()
 VALUES = [DELETE, None, "x", -1, 10**12, "../../etc/passwd", []]

@@ -10,7 +10,8 @@ import types
 import numpy as np
 import onnx
 import pytest
-from edit_mobile.scripts.cli import main as cli
+
+from edit_mobile.cli.main import main as cli
 
 FAMILIES = {"pixart": "tiny-pixart-edit-trained", "sd3": "tiny-sd3-mm-edit-trained"}
 PRECISIONS = ["fp16", "int8-dynamic", "int8-static", "int8-weights"]
@@ -351,6 +352,7 @@ def test_unfuse_gemm_keeps_outputs(packages, tmp_path):
 def test_fp16_safety_reports_non_finite_in_true_fp16():
     """A value beyond 65504 is finite in ONNX Runtime's CPU fp16 (computed in fp32), not in true fp16."""
     import torch
+
     from edit_mobile.export.components import ComponentSpec, TensorSpec
     from edit_mobile.export.fp16_safety import check_fp16
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from edit_mobile.runtime.errors import UserError
 from edit_mobile.runtime.package import load_package, sha256_file, write_validation
 
@@ -18,7 +19,7 @@ from edit_mobile.runtime.package import load_package, sha256_file, write_validat
 def test_runtime_and_generate_import_without_torch():
     code = (
         "import edit_mobile.runtime.pipeline, edit_mobile.runtime.backends, edit_mobile.runtime.tokenizer, "
-        "edit_mobile.runtime.package, edit_mobile.scripts.generate, sys; "
+        "edit_mobile.runtime.package, edit_mobile.cli.generate, sys; "
         "bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]; "
         "assert not bad, bad"
     )
@@ -33,7 +34,7 @@ def test_torch_commands_in_the_base_install_name_the_extra(argv):
     """Without torch (the base install), a command that needs it says so in one line, exit 2, no traceback."""
     code = (
         "import sys; sys.modules.update(torch=None, diffusers=None, transformers=None); "
-        "from edit_mobile.scripts.cli import main; sys.exit(main(sys.argv[1:]))"
+        "from edit_mobile.cli.main import main; sys.exit(main(sys.argv[1:]))"
     )
     proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
     err = proc.stderr.strip()
@@ -311,8 +312,9 @@ def test_tokenizer_matches_transformers(tokenizer_dirs, caplog, kind, max_length
 def test_save_png_is_atomic_and_lossless(tmp_path):
     import torch  # the reference only: the runtime itself must not import torch
     from diffusers.image_processor import VaeImageProcessor
-    from edit_mobile.runtime.pipeline import save_png, to_uint8
     from PIL import Image
+
+    from edit_mobile.runtime.pipeline import save_png, to_uint8
 
     decoded = np.random.default_rng(0).uniform(-1.2, 1.2, (1, 3, 8, 6)).astype(np.float32)
     # Hand-checked pixels (channel 0, row 0): the ends of [-1, 1], out-of-range values (clipped), the midpoint
@@ -340,7 +342,7 @@ def test_save_png_is_atomic_and_lossless(tmp_path):
 
 @pytest.mark.slow
 def test_export_then_generate_is_deterministic(tmp_path, capsys):
-    from edit_mobile.scripts.cli import main
+    from edit_mobile.cli.main import main
 
     pkg = tmp_path / "pkg"
     assert main(["export", "tiny-pixart", "--target", "onnx", "--resolution", "256", "--out", str(pkg)]) == 0

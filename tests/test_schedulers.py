@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+
 from edit_mobile.runtime import schedulers as np_sched
 from edit_mobile.runtime.errors import UserError
 

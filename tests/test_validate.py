@@ -7,9 +7,10 @@ import json
 
 import numpy as np
 import pytest
+
+from edit_mobile.cli.main import main as cli
 from edit_mobile.export.validate import IMAGE_GATE_DB, TRAJECTORY_GATE_DB
 from edit_mobile.runtime.pipeline import Text2ImagePipeline
-from edit_mobile.scripts.cli import main as cli
 
 VALIDATE = ["--steps", "4"]
 
@@ -158,6 +159,7 @@ def test_inspect_through_the_cli(packages, tmp_path, capsys):
 
 def test_convert_through_the_cli(tmp_path):
     from diffusers import PixArtSigmaPipeline
+
     from edit_mobile.models import EDiTPixArtTransformer2DModel
 
     out = tmp_path / "converted"

@@ -6,8 +6,8 @@ wrote from it. --data is a folder of images with same-stem .txt captions, or `sy
 --stage-steps says otherwise. OUT holds the run (distill_config.json, losses.csv, losses.png, checkpoints/) and,
 when training ends, the distilled pipeline (diffusers layout) for `edit-mobile export OUT ...`.
 Built on 🤗 Accelerate: the same command runs data-parallel on K GPUs under `accelerate launch --multi_gpu
---num_processes K -m edit_mobile.scripts.cli distill ...`, or on GPUs or CPUs under `torchrun --nproc_per_node K
--m edit_mobile.scripts.cli distill ...` (--batch-size is per process). See docs/distillation.md.
+--num_processes K -m edit_mobile.cli distill ...`, or on GPUs or CPUs under `torchrun --nproc_per_node K
+-m edit_mobile.cli distill ...` (--batch-size is per process). See docs/distillation.md.
 
 example:
   edit-mobile convert tiny-pixart --arch edit --out tiny-edit

@@ -1,4 +1,4 @@
-"""`edit-mobile`: the one console command. Each subcommand lives in its own module under scripts/.
+"""`edit-mobile`: the one console command. Each subcommand lives in its own module of this package.
 
 Subcommand modules import only the standard library at module level and their heavy dependencies inside
 `main`, so `edit-mobile generate` runs where torch is not installed.
@@ -13,9 +13,9 @@ import sys
 
 from ..runtime.errors import UserError
 
-# command name -> module under edit_mobile.scripts; each has HELP, build_parser(parser) and main(args).
-# (inspect lives in inspect_package.py: a scripts/inspect.py would shadow the standard library's `inspect`
-# whenever a script in scripts/ is run as `python scripts/X.py`.)
+# command name -> module under edit_mobile.cli; each has HELP, build_parser(parser) and main(args).
+# (inspect lives in inspect_package.py: a module named `inspect` shadows the standard library's wherever its folder
+# lands on sys.path.)
 SUBCOMMANDS = {
     "convert": "convert",
     "distill": "distill",
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in SUBCOMMANDS.items():
-        module = importlib.import_module(f"edit_mobile.scripts.{module_name}")
+        module = importlib.import_module(f"edit_mobile.cli.{module_name}")
         sub_parser = sub.add_parser(
             name, help=module.HELP, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
         )

@@ -1,0 +1,1 @@
+"""`edit-mobile`: the console command, one module per subcommand (HELP, build_parser, main)."""
