@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gc
 import hashlib
 import json
 import logging
@@ -686,7 +687,7 @@ def distill(config: DistillConfig, resume: bool = False, overwrite: bool = False
         u = (torch.arange(n) + 0.5) / n
         noise = torch.randn(x0.shape, generator=g).to(device)
         with torch.no_grad(), accelerator.autocast():
-            parts = objective.losses(accelerator.unwrap_model(model), x0, text, u, noise)
+            parts = objective.losses(student, x0, text, u, noise)  # the module DDP wraps (no gradient sync)
         return {k: round(float(v), 8) for k, v in parts.items()}
 
     def save_checkpoint(step: int, stage: int) -> None:
@@ -834,5 +835,12 @@ def distill(config: DistillConfig, resume: bool = False, overwrite: bool = False
     teacher_tap.remove()
     student_tap.remove()
     accelerator.wait_for_everyone()
+    # Free the DDP wrapper while the process group is still registered. Otherwise its Reducer drops the group's last
+    # reference when this frame is cleared, and the group's destructor then joins gloo's worker thread while holding
+    # the GIL, which that thread may need to free the tensors of the last collective: a deadlock at exit (seen at
+    # random under load). destroy_process_group releases the GIL before it frees the group.
+    accelerator.free_memory()
+    del model, optimizer
+    gc.collect()
     accelerator.end_training()
     return summary
