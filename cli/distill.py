@@ -20,9 +20,17 @@ HELP = "distil an EDiT / MM-EDiT student from its teacher (Accelerate: one or ma
 
 
 def build_parser(parser):
-    parser.add_argument("--teacher", required=True, metavar="SRC", help="teacher: preset or diffusers pipeline folder")
     parser.add_argument(
-        "--student", required=True, metavar="DIR", help="converted pipeline folder (edit-mobile convert)"
+        "--teacher",
+        metavar="SRC",
+        help="teacher: preset or diffusers pipeline folder; without it, STUDENT's transformer is trained from its "
+        "current weights on the task loss alone (how the shapes teachers are trained from scratch)",
+    )
+    parser.add_argument(
+        "--student",
+        required=True,
+        metavar="DIR",
+        help="converted pipeline folder (edit-mobile convert); without --teacher, any pipeline folder",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="run and output folder")
     parser.add_argument(
@@ -52,13 +60,32 @@ def build_parser(parser):
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     parser.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up steps")
     parser.add_argument(
+        "--lr-schedule",
+        default="constant",
+        choices=["constant", "cosine"],
+        help="after warm-up: constant (default) or cosine decay to 0 at --steps",
+    )
+    parser.add_argument(
+        "--ema-decay",
+        type=float,
+        default=0.0,
+        help="keep an exponential moving average of the weights (e.g. 0.999) and write it (default 0: off)",
+    )
+    parser.add_argument(
         "--loss-weights",
-        default="task=1,output=1,feature=1",
+        default=None,
         metavar="task=W,output=W,feature=W",
-        help="loss weights (names left out stay 1)",
+        help="loss weights (names left out stay 1; default all 1, or task alone without --teacher)",
     )
     parser.add_argument(
         "--feature-prompt", action="store_true", help="SD3: also distil the prompt rows of each joint attention"
+    )
+    parser.add_argument(
+        "--max-text-tokens",
+        type=int,
+        default=None,
+        metavar="T",
+        help="T5 tokens per caption (default: the pipeline's, 300 PixArt-Σ / 256 SD3)",
     )
     parser.add_argument("--caption-dropout", type=float, default=0.1, help="fraction of empty captions (default 0.1)")
     parser.add_argument(
@@ -90,7 +117,7 @@ def main(args) -> int:
         return str(Path(p).resolve()) if Path(p).exists() else p
 
     config = DistillConfig(
-        teacher=absolute(args.teacher),
+        teacher=args.teacher and absolute(args.teacher),
         student=absolute(args.student),
         out=args.out,
         data=absolute(args.data),
@@ -101,9 +128,14 @@ def main(args) -> int:
         grad_accum=args.grad_accum,
         lr=args.lr,
         warmup_steps=args.warmup_steps,
-        loss_weights=parse_loss_weights(args.loss_weights),
+        lr_schedule=args.lr_schedule,
+        ema_decay=args.ema_decay,
+        loss_weights=parse_loss_weights(
+            args.loss_weights or ("task=1" if args.teacher else "task=1,output=0,feature=0")
+        ),
         feature_prompt=args.feature_prompt,
         caption_dropout=args.caption_dropout,
+        max_text_tokens=args.max_text_tokens,
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
         checkpoint_every=args.checkpoint_every,

@@ -12,8 +12,9 @@ Every image needs a caption (the loader names the ones that lack it); subfolders
 resized so that the shorter side is the stage resolution and centre-cropped to a square.
 
 The synthetic source draws, deterministically from its index, one or two coloured shapes on a coloured background
-with a caption that says what is drawn ("a large red circle and a small blue square on a white background"):
-enough structure for tests and quick runs, no files needed. `--data synthetic` has 1024 items, `synthetic:N` N.
+with a caption that says what is drawn ("a large red circle and a small blue square on a white background"; see
+runtime/scenes.py): the shapes models' training data, no files needed. `--data synthetic` has 1024 items,
+`synthetic:N` N; `synthetic-single[:N]` draws one shape per scene.
 
 `PipelineEncoder` turns captions into the pipeline's own text encodings and images into VAE latents. Both are
 cached in memory (up to a byte budget) and computed one item at a time, so an item's encoding does not depend
@@ -23,14 +24,14 @@ on which other items happen to share its batch: a resumed run sees bit-identical
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from ..runtime.errors import UserError
+from ..runtime.scenes import training_scene
 
 logger = logging.getLogger(__name__)
 
@@ -77,76 +78,36 @@ def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-COLORS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (240, 210, 40),
-    "orange": (245, 140, 30),
-    "purple": (140, 60, 180),
-    "pink": (240, 130, 180),
-    "brown": (130, 80, 40),
-    "black": (20, 20, 20),
-    "white": (245, 245, 245),
-    "grey": (128, 128, 128),
-}
-SHAPES = ("circle", "square", "triangle", "ring")
-
-
 class SyntheticSource:
-    """Procedural shapes with matching captions; item i is the same image and caption on every call and rank."""
+    """Procedural scenes (runtime/scenes.py) with matching captions; item i is the same image and caption on every
+    call and rank. No held-out attribute combination ever appears (those are the evaluation prompts)."""
 
-    def __init__(self, size: int = 1024, seed: int = 0):
+    def __init__(self, size: int = 1024, seed: int = 0, max_shapes: int = 2):
         if size < 1:
             raise UserError(f"synthetic data size must be >= 1, got {size}")
-        self.size, self.seed = size, seed
+        self.size, self.seed, self.max_shapes = size, seed, max_shapes
 
     def __len__(self) -> int:
         return self.size
 
-    def _scene(self, index: int):
-        rng = random.Random(self.seed * 1_000_003 + index)  # ints hash deterministically: same scene everywhere
-        names = list(COLORS)
-        background = rng.choice(names)
-        shapes = []
-        for _ in range(rng.choice((1, 2))):
-            color = rng.choice([c for c in names if c != background])
-            big = rng.random() < 0.5
-            radius = rng.uniform(0.22, 0.32) if big else rng.uniform(0.1, 0.18)  # fraction of the image side
-            cx, cy = rng.uniform(radius, 1 - radius), rng.uniform(radius, 1 - radius)
-            shapes.append((color, rng.choice(SHAPES), "large" if big else "small", cx, cy, radius))
-        return background, shapes
-
     def caption(self, index: int) -> str:
-        background, shapes = self._scene(index)
-        things = " and ".join(f"a {size} {color} {shape}" for color, shape, size, *_ in shapes)
-        return f"{things} on a {background} background"
+        return training_scene(self.seed, index, self.max_shapes).caption
 
     def image(self, index: int, resolution: int) -> Image.Image:
-        background, shapes = self._scene(index)
-        image = Image.new("RGB", (resolution, resolution), COLORS[background])
-        draw = ImageDraw.Draw(image)
-        for color, shape, _, cx, cy, radius in shapes:
-            x, y, r = cx * resolution, cy * resolution, radius * resolution
-            box = (x - r, y - r, x + r, y + r)
-            if shape == "circle":
-                draw.ellipse(box, fill=COLORS[color])
-            elif shape == "square":
-                draw.rectangle(box, fill=COLORS[color])
-            elif shape == "triangle":
-                draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=COLORS[color])
-            else:
-                draw.ellipse(box, outline=COLORS[color], width=max(1, round(r / 3)))
-        return image
+        return training_scene(self.seed, index, self.max_shapes).render(resolution)
+
+
+SYNTHETIC = {"synthetic": 2, "synthetic-single": 1}  # source name -> most shapes per scene
 
 
 def open_source(spec: str | Path, seed: int = 0):
-    """'synthetic' (1024 items) or 'synthetic:N' -> SyntheticSource; anything else is a data folder."""
+    """'synthetic[:N]' (one or two shapes) / 'synthetic-single[:N]' (one shape) -> SyntheticSource of N items
+    (default 1024); anything else is a data folder."""
     name, _, size = str(spec).partition(":")
-    if name == "synthetic":
+    if name in SYNTHETIC:
         if size and not size.isdigit():
-            raise UserError(f"bad data source {spec!r}: expected a folder, 'synthetic' or 'synthetic:N'")
-        return SyntheticSource(int(size or 1024), seed)
+            raise UserError(f"bad data source {spec!r}: expected a folder, '{name}' or '{name}:N'")
+        return SyntheticSource(int(size or 1024), seed, SYNTHETIC[name])
     return FolderSource(spec)
 
 

@@ -60,6 +60,7 @@ logger = logging.getLogger(__name__)
 
 LOSSES = ("task", "output", "feature")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+LR_SCHEDULES = ("constant", "cosine")
 # family -> (teacher transformer class, student class, convert --arch)
 FAMILIES = {
     "pixart": (PixArtTransformer2DModel, EDiTPixArtTransformer2DModel, "edit"),
@@ -75,8 +76,8 @@ CSV_COLUMNS = ["step", "stage", "resolution", "loss", *LOSSES, "lr", "sec_per_st
 class DistillConfig:
     """Everything that defines a distillation run; saved as distill_config.json in OUT and in every checkpoint."""
 
-    teacher: str  # preset name or diffusers pipeline folder (PixArt-Σ or SD3)
-    student: str  # converted pipeline folder (`edit-mobile convert`) whose transformer is EDiT / MM-EDiT
+    teacher: str | None  # preset name or diffusers pipeline folder (PixArt-Σ or SD3); None: train from scratch
+    student: str  # converted pipeline folder (`edit-mobile convert`); without a teacher, any pipeline folder
     out: str  # run + output folder
     data: str = "synthetic"  # image + caption folder (models/data.py), "synthetic" (1024 items) or "synthetic:N"
     resolutions: list[int] = field(default_factory=list)  # progressive stages in pixels; [] = teacher's native
@@ -84,8 +85,10 @@ class DistillConfig:
     steps: int = 1000  # optimizer steps in total
     batch_size: int = 4  # images per process per micro-step (global batch = this x processes x grad_accum)
     grad_accum: int = 1
-    lr: float = 1e-4  # AdamW; linear warm-up over warmup_steps, then constant
+    lr: float = 1e-4  # AdamW; linear warm-up over warmup_steps, then lr_schedule
     warmup_steps: int = 0
+    lr_schedule: str = "constant"  # or "cosine": decays to 0 at `steps`
+    ema_decay: float = 0.0  # > 0: keep an exponential moving average of the weights; it is what gets written
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     loss_weights: dict[str, float] = field(default_factory=lambda: {k: 1.0 for k in LOSSES})
@@ -106,6 +109,14 @@ class DistillConfig:
                 raise UserError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not self.lr > 0 or self.warmup_steps < 0 or self.weight_decay < 0 or not self.max_grad_norm > 0:
             raise UserError("lr and max_grad_norm must be > 0, warmup_steps and weight_decay >= 0")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UserError(f"lr schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise UserError(f"ema decay must be in [0, 1), got {self.ema_decay}")
+        if self.teacher is None and (self.weight("output") > 0 or self.weight("feature") > 0):
+            raise UserError(
+                "the output and feature losses compare with a teacher: pass --teacher, or train the task loss alone"
+            )
         if not 0 <= self.caption_dropout < 1:
             raise UserError(f"caption dropout must be in [0, 1), got {self.caption_dropout}")
         unknown = set(self.loss_weights) - set(LOSSES)
@@ -113,6 +124,8 @@ class DistillConfig:
             raise UserError(f"loss weights must be {', '.join(LOSSES)} >= 0, got {self.loss_weights}")
         if not any(self.weight(k) > 0 for k in LOSSES):
             raise UserError("every loss weight is 0: nothing to train")
+        if self.max_text_tokens is not None and (not isinstance(self.max_text_tokens, int) or self.max_text_tokens < 1):
+            raise UserError(f"max text tokens must be a positive integer, got {self.max_text_tokens!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise UserError(f"mixed precision must be one of {', '.join(MIXED_PRECISION)}")
         for r in self.resolutions:
@@ -131,6 +144,15 @@ class DistillConfig:
 
     def weight(self, name: str) -> float:
         return float(self.loss_weights.get(name, 1.0))  # a name left out keeps the default weight 1
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step `step` (0-based): linear warm-up, then constant or cosine to 0."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.lr_schedule == "cosine":
+            progress = (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps)
+            return self.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return self.lr
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -270,6 +292,7 @@ class Objective:
         self.family, self.teacher, self.config = family, teacher, config
         self.teacher_tap, self.student_tap = teacher_tap, student_tap
         self.autocast, self.vae_scale = autocast, vae_scale  # the teacher is not `prepare`d: autocast it here
+        self.additional_conditions = False  # PixArt-α 1024's micro-conditions; set by distill() from the config
         self.num_timesteps = int(scheduler_config.get("num_train_timesteps", 1000))
         if family == "pixart":
             self.ddpm = DDPMScheduler.from_config(scheduler_config)
@@ -293,7 +316,7 @@ class Objective:
     def predict(self, model, x_t, timestep, text):
         kwargs = text.kwargs()
         if self.family == "pixart":
-            if self.teacher.use_additional_conditions:  # PixArt-α 1024: micro-conditions in pixels
+            if self.additional_conditions:  # PixArt-α 1024: micro-conditions in pixels
                 b, _, h, w = x_t.shape
                 px = (h * self.vae_scale, w * self.vae_scale)
                 kwargs["added_cond_kwargs"] = {
@@ -486,7 +509,11 @@ def _resolve_mixed_precision(mode: str) -> str:
 def _check_output(config: DistillConfig, resume: bool, overwrite: bool) -> None:
     """Fail before any model is loaded: existing folder without --resume, unwritable place, resume mismatch."""
     out = Path(config.out)
-    if out.resolve() in {Path(p).resolve() for p in (config.teacher, config.student, config.data)}:
+    if config.teacher is None and not (Path(config.student) / "model_index.json").is_file():
+        raise UserError(
+            f"without --teacher, --student must be a diffusers pipeline folder to train (got {config.student})"
+        )
+    if out.resolve() in {Path(p).resolve() for p in (config.teacher, config.student, config.data) if p}:
         raise UserError(f"--out {out} must not be the teacher, student or data folder")
     if out.exists() and not out.is_dir():
         raise UserError(f"cannot write {out}: it exists and is not a folder")
@@ -552,7 +579,7 @@ def _write_pipeline(student_dir: Path, transformer, out: Path, info: dict) -> No
                 shutil.copytree(src, stage / name)
         transformer.save_pretrained(stage / "transformer", safe_serialization=True)
         meta = _read_json(student_dir / "edit_mobile.json")
-        meta["distilled"] = info
+        meta["distilled" if info["teacher"] else "trained"] = info
         (stage / "edit_mobile.json").write_text(json.dumps(meta, indent=2) + "\n")
         shutil.copy2(student_dir / "model_index.json", stage / "model_index.json")
         (out / "model_index.json").unlink(missing_ok=True)  # un-commit an older output before replacing it
@@ -574,7 +601,9 @@ def distill(config: DistillConfig, resume: bool = False, overwrite: bool = False
     config.validate()
     source = open_source(config.data, config.seed)  # data errors before any model loads
     _check_output(config, resume, overwrite)
-    precheck_folder_teacher(config)
+    scratch = config.teacher is None  # train the student folder's own transformer on the task loss alone
+    if not scratch:
+        precheck_folder_teacher(config)
 
     mixed_precision = _resolve_mixed_precision(config.mixed_precision)
     # Without an accelerator device, tell Accelerate so: it then runs torchrun's processes as MULTI_CPU over gloo
@@ -584,24 +613,28 @@ def distill(config: DistillConfig, resume: bool = False, overwrite: bool = False
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     set_seed(config.seed)
 
-    pipe = load_pipeline(config.teacher)
+    pipe = load_pipeline(config.student if scratch else config.teacher)
     family = pipeline_family(pipe)
-    teacher = pipe.transformer
-    if check_teacher(config.teacher, type(teacher).__name__) != family:
-        raise UserError(f"teacher {config.teacher}: a {type(pipe).__name__} with a {type(teacher).__name__}")
-    student_cls = check_student(config.student, family, dict(teacher.config), config.teacher)
+    teacher = None if scratch else pipe.transformer
+    if scratch:
+        student_cls = type(pipe.transformer)
+    else:
+        if check_teacher(config.teacher, type(teacher).__name__) != family:
+            raise UserError(f"teacher {config.teacher}: a {type(pipe).__name__} with a {type(teacher).__name__}")
+        student_cls = check_student(config.student, family, dict(teacher.config), config.teacher)
+    arch = pipe.transformer.config  # the teacher's, or (from scratch) the student's own
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    patch = teacher.config.patch_size
-    unit, native = vae_scale * patch, teacher.config.sample_size * vae_scale
+    unit, native = vae_scale * arch.patch_size, arch.sample_size * vae_scale
     for r in config.resolutions:
         if r % unit:
             raise UserError(
-                f"unknown resolution {r}: must be a multiple of {unit} (VAE downsampling {vae_scale} x patch {patch})"
+                f"unknown resolution {r}: must be a multiple of {unit} "
+                f"(VAE downsampling {vae_scale} x patch {arch.patch_size})"
             )
-        if family == "sd3" and r // unit > teacher.config.pos_embed_max_size:
+        if family == "sd3" and r // unit > arch.pos_embed_max_size:
             raise UserError(
-                f"resolution {r} exceeds the teacher's position-embedding grid "
-                f"(at most {teacher.config.pos_embed_max_size * unit} px)"
+                f"resolution {r} exceeds the transformer's position-embedding grid "
+                f"(at most {arch.pos_embed_max_size * unit} px)"
             )
     plan = stage_plan(config, native)
 
@@ -614,31 +647,60 @@ def distill(config: DistillConfig, resume: bool = False, overwrite: bool = False
     # VAE overflows in fp16) and T5 is kept out of fp16 for the same reason.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
     text_dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
-    frozen = [(teacher, weight_dtype), (pipe.vae, torch.float32)] + [
-        (getattr(pipe, n), text_dtype)
-        for n in ("text_encoder", "text_encoder_2", "text_encoder_3")
-        if getattr(pipe, n, None) is not None
-    ]
+    frozen = (
+        [(teacher, weight_dtype)] * (not scratch)
+        + [(pipe.vae, torch.float32)]
+        + [
+            (getattr(pipe, n), text_dtype)
+            for n in ("text_encoder", "text_encoder_2", "text_encoder_3")
+            if getattr(pipe, n, None) is not None
+        ]
+    )
     for module, dtype in frozen:
         module.requires_grad_(False).eval().to(device)
         if module.dtype != dtype:  # (diffusers warns on any .to(dtype), even a no-op one)
             module.to(dtype)
     encoder = PipelineEncoder(pipe, family, device, text_dtype, config.max_text_tokens, config.cache_mb << 20)
 
-    student = student_cls.from_pretrained(config.student, subfolder="transformer").to(device).train()
+    if scratch:
+        student = pipe.transformer.to(device).train()
+        teacher_tap = student_tap = FeatureTap([], False)  # no feature loss without a teacher
+    else:
+        student = student_cls.from_pretrained(config.student, subfolder="transformer").to(device).train()
+        teacher_tap = FeatureTap(attention_modules(teacher, family, student.edit), config.feature_prompt)
+        student_tap = FeatureTap(attention_modules(student, family, student.edit), config.feature_prompt)
     if config.gradient_checkpointing:
         student.enable_gradient_checkpointing()
-    teacher_tap = FeatureTap(attention_modules(teacher, family, student.edit), config.feature_prompt)
-    student_tap = FeatureTap(attention_modules(student, family, student.edit), config.feature_prompt)
     objective = Objective(
         family, pipe.scheduler.config, teacher, config, teacher_tap, student_tap, accelerator.autocast, vae_scale
     )
+    objective.additional_conditions = bool(getattr(arch, "use_additional_conditions", False))
 
     sampler = IndexSampler(len(source), config.seed, config.batch_size, world, config.grad_accum)
     _freeze_unused(student, objective, encoder, source, sampler.indices(0, 0, rank), plan[0][1])
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     model, optimizer = accelerator.prepare(student, optimizer)
+    ema = None
+    if config.ema_decay > 0:
+        from diffusers.training_utils import EMAModel
+
+        # diffusers' EMA (decay warms up as (1 + n) / (10 + n) up to ema_decay); checkpointed with the optimizer.
+        ema = EMAModel(params, decay=config.ema_decay)
+        accelerator.register_for_checkpointing(ema)
+
+    @contextlib.contextmanager
+    def averaged_weights():
+        """The EMA weights in the student for the duration (evaluation, the written pipeline); no-op without EMA."""
+        if ema is None:
+            yield
+            return
+        ema.store(params)
+        ema.copy_to(params)
+        try:
+            yield
+        finally:
+            ema.restore(params)
 
     def save_hook(models, weights, output_dir):
         # The student goes into the checkpoint in diffusers' layout (transformer/, safetensors) instead of
@@ -686,7 +748,7 @@ def distill(config: DistillConfig, resume: bool = False, overwrite: bool = False
         g = seeded(config.seed, 104729)
         u = (torch.arange(n) + 0.5) / n
         noise = torch.randn(x0.shape, generator=g).to(device)
-        with torch.no_grad(), accelerator.autocast():
+        with torch.no_grad(), accelerator.autocast(), averaged_weights():
             parts = objective.losses(student, x0, text, u, noise)  # the module DDP wraps (no gradient sync)
         return {k: round(float(v), 8) for k, v in parts.items()}
 
@@ -751,11 +813,13 @@ def distill(config: DistillConfig, resume: bool = False, overwrite: bool = False
                 student_tap.take()  # gradient checkpointing re-runs the hooks during backward
                 totals += torch.stack([parts[k].detach() for k in ("loss", *LOSSES)]) / config.grad_accum
             accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            lr = config.lr * min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else config.lr
+            lr = config.lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step(params)
             step += 1
             totals = accelerator.reduce(totals, reduction="mean").tolist()  # mean over processes
             dt = time.perf_counter() - t0
@@ -809,18 +873,20 @@ def distill(config: DistillConfig, resume: bool = False, overwrite: bool = False
         state.update(rank_weight_digests=digests, timing=timing)
         (out / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
         config.save(out / "distill_config.json")
-        _write_pipeline(
-            Path(config.student),
-            accelerator.unwrap_model(model),
-            out,
-            {
-                "teacher": config.teacher,
-                "steps": step,
-                "resolutions": [r for _, r in plan],
-                "eval_loss_start": first_eval and first_eval["loss"],
-                "eval_loss_end": last_eval["loss"],
-            },
-        )
+        with averaged_weights():
+            _write_pipeline(
+                Path(config.student),
+                student,
+                out,
+                {
+                    "teacher": config.teacher,
+                    "steps": step,
+                    "resolutions": [r for _, r in plan],
+                    "ema_decay": config.ema_decay,
+                    "eval_loss_start": first_eval and first_eval["loss"],
+                    "eval_loss_end": last_eval["loss"],
+                },
+            )
         summary = {
             "out": str(out),
             "steps": step,

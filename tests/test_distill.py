@@ -127,6 +127,54 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_dirs, tmp_path):
     assert logged[0] == logged[1] and len(logged[0]) == 4
 
 
+def test_training_from_scratch_resumes_exactly_and_writes_the_ema_weights(tiny_dirs, tmp_path):
+    """No teacher: the student folder's own transformer (here an unconverted PixArt) trains on the task loss alone,
+    with warm-up + cosine learning rate and EMA weights; a resumed run reproduces the uninterrupted one bit for bit
+    (EMA state included) and the written pipeline holds the EMA weights, not the last raw ones."""
+    from diffusers import PixArtTransformer2DModel
+
+    def config(out):
+        return DistillConfig(
+            teacher=None,
+            student=str(tiny_dirs["tiny-pixart"]),
+            out=str(out),
+            steps=4,
+            resolutions=[64],
+            batch_size=2,
+            data="synthetic-single:8",
+            checkpoint_every=2,
+            keep_checkpoints=3,
+            lr=1e-3,
+            warmup_steps=1,
+            lr_schedule="cosine",
+            ema_decay=0.9,
+            loss_weights={"task": 1.0, "output": 0.0, "feature": 0.0},
+        )
+
+    def weights(folder):
+        return PixArtTransformer2DModel.from_pretrained(folder / "transformer").state_dict()
+
+    full = tmp_path / "full"
+    distill(config(full))
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step-2", part / "checkpoints" / "step-2")
+    for name in ("distill_config.json", "losses.csv"):
+        shutil.copy(full / name, part / name)
+    distill(config(part), resume=True)
+
+    written, resumed = weights(full), weights(part)
+    assert all(torch.equal(written[k], resumed[k]) for k in written)
+    raw, start = weights(full / "checkpoints" / "step-4"), weights(tiny_dirs["tiny-pixart"])
+    changed = [k for k in raw if not torch.equal(raw[k], start[k])]
+    assert changed and all(not torch.equal(written[k], raw[k]) for k in changed)  # EMA lags the raw weights
+    rows = list(csv.DictReader((full / "losses.csv").open()))
+    assert [float(r["lr"]) for r in rows] == [config(full).lr_at(s) for s in range(4)]
+    assert config(full).lr_at(0) == 1e-3 and config(full).lr_at(3) < 1e-3 / 2  # warm-up 1 step, then cosine
+    assert all(float(r["output"]) == 0 == float(r["feature"]) for r in rows)
+    assert json.loads((full / "edit_mobile.json").read_text())["trained"]["teacher"] is None
+
+
 @pytest.mark.slow
 def test_two_processes_end_with_identical_weights(tiny_dirs, tmp_path):
     """torchrun, 2 CPU processes over gloo, with gradient accumulation: both ranks' final weights agree (digests
@@ -331,6 +379,9 @@ def test_parsing_helpers():
         ("bad_weights", "bad --loss-weights item 'task=abc'"),
         ("bad_resolution", "unknown resolution 100: must be a multiple of 16"),
         ("word_resolution", "unknown resolution 'big'"),
+        ("no_teacher_output_loss", "the output and feature losses compare with a teacher"),
+        ("no_teacher_preset_student", "without --teacher, --student must be a diffusers pipeline folder"),
+        ("bad_ema", "ema decay must be in [0, 1), got 1.0"),
     ],
 )
 def test_cli_bad_input_is_one_line_exit_2(tiny_dirs, tmp_path, capsys, case, expected):
@@ -367,10 +418,15 @@ def test_cli_bad_input_is_one_line_exit_2(tiny_dirs, tmp_path, capsys, case, exp
         extra = ["--resolution", "100"]
     elif case == "word_resolution":
         extra = ["--resolution", "big"]
+    elif case == "no_teacher_output_loss":
+        teacher, student, extra = None, str(tiny_dirs["tiny-pixart"]), ["--loss-weights", "output=1"]
+    elif case == "no_teacher_preset_student":
+        teacher, student = None, "tiny-pixart"
+    elif case == "bad_ema":
+        extra = ["--ema-decay", "1"]
     argv = [
         "distill",
-        "--teacher",
-        teacher,
+        *(["--teacher", teacher] if teacher else []),
         "--student",
         student,
         "--out",
