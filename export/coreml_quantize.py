@@ -22,9 +22,8 @@ inputs are compared with the uncompressed program (PSNR, recorded in the manifes
 
 from __future__ import annotations
 
-import json
+import copy
 import logging
-import shutil
 import tempfile
 import time
 from collections import defaultdict
@@ -32,11 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..runtime.atomic import atomic_output_dir, check_output_free
+from ..runtime.atomic import check_output_free
 from ..runtime.errors import UserError
 from ..runtime.metrics import psnr
-from ..runtime.package import MANIFEST, load_package, read_manifest, sha256_file
+from ..runtime.package import load_package, read_manifest
 from .coreml_export import import_coremltools, quiet_coremltools
+from .package_writer import write_package
 
 logger = logging.getLogger(__name__)
 
@@ -263,14 +263,11 @@ def quantize_coreml_package(
     prompts = list(calibration_prompts or (CALIBRATION_PROMPTS if precision == "w8a8" else CALIBRATION_PROMPTS[:1]))
     steps = calibration_steps if precision == "w8a8" else 2
     feeds = record_inputs(package, prompts, steps)
-    new = json.loads(json.dumps(package.manifest))
-    new["validation"] = None
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        skip = {Path(package.components[n].relpath).parts[0] for n in names}
-        for item in package.root.iterdir():
-            if item.name in skip or item.name in (MANIFEST, MANIFEST + ".tmp"):
-                continue
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+    new = copy.deepcopy(package.manifest)
+    new.validation = None
+    with write_package(out_dir, overwrite=overwrite) as writer:
+        tmp = writer.root
+        writer.copy_from(package, skip_components=names)
         for name in names:
             comp = package.components[name]
             t0 = time.perf_counter()
@@ -281,13 +278,10 @@ def quantize_coreml_package(
             seconds = time.perf_counter() - t0
             expansion = check_expansion(dst)
             check = _compare_programs(comp.path, dst, samples[: max(1, min(len(samples), 4))])
-            entry = new["components"][name]
-            entry["precision"] = precision
-            entry["gate_psnr_db"] = COMPONENT_GATES_DB.get(precision)
-            entry["files"] = {
-                str(f.relative_to(tmp)): sha256_file(f) for f in sorted((tmp / name).rglob("*")) if f.is_file()
-            }
-            entry["quantization"] = {
+            entry = new.components[name]
+            entry.precision = precision
+            entry.gate_psnr_db = COMPONENT_GATES_DB.get(precision)
+            entry.quantization = {
                 "method": f"coremltools.optimize.coreml ({_describe(precision)})",
                 "source_precision": comp.precision,
                 "weight_threshold": WEIGHT_THRESHOLD,
@@ -308,13 +302,13 @@ def quantize_coreml_package(
                 comp.precision,
                 _size(dst) / max(_size(comp.path), 1),
             )
-        new["quantization"] = {
+        new.quantization = {
             "precision": precision,
             "components": {n: precision for n in names},
             "seconds": round(time.perf_counter() - start, 1),
         }
-        (tmp / MANIFEST).write_text(json.dumps(new, indent=2))
-    return new
+        new = writer.finish(new)  # every file's sha256, manifest.json last
+    return new.to_dict()
 
 
 def _describe(precision: str) -> str:

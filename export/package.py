@@ -10,15 +10,16 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..models.convert import load_pipeline, pipeline_family
-from ..runtime.atomic import atomic_output_dir, check_output_free
+from ..runtime.atomic import check_output_free
 from ..runtime.errors import UserError
-from ..runtime.package import SCHEMA_VERSION, installed_version, parse_resolution, sha256_file
-from .components import pipeline_components
+from ..runtime.io_specs import TensorSpec
+from ..runtime.manifest import TARGETS, ComponentEntry, Manifest, SchedulerEntry, TokenizerEntry, VaeConfig
+from ..runtime.package import installed_version, parse_resolution
+from .components import ComponentSpec, pipeline_components
 from .onnx_export import OPSET, export_onnx, onnx_parity
+from .package_writer import write_package
 
 logger = logging.getLogger(__name__)
-
-TARGETS = ("onnx", "ort-mobile", "coreml")
 
 
 def tool_versions() -> dict:
@@ -83,26 +84,25 @@ def export_package(
     family = pipeline_family(pipe)
     specs = pipeline_components(pipe, family, (height, width), batch, max_text_tokens)
     vae = pipe.vae.config
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "source": str(src),
-        "family": family,
-        "architecture": type(pipe.transformer).__name__,
-        "edit_config": pipe.transformer.edit.to_dict() if hasattr(pipe.transformer, "edit") else None,
-        "target": target,
-        "resolution": [height, width],
-        "batch": batch,
-        "latent_shape": list(next(s for s in specs if s.name == "vae_decoder").inputs[0].shape[1:]),
-        "vae": {"scaling_factor": vae.scaling_factor, "shift_factor": vae.get("shift_factor")},
-        "transformer_out_channels": pipe.transformer.config.out_channels,
-        "text": {},
-        "scheduler": {"path": "scheduler/scheduler_config.json"},
-        "components": {},
-        "export": {},
-        "tools": tool_versions(),
-        "validation": None,
-    }
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    manifest = Manifest(
+        source=str(src),
+        family=family,
+        architecture=type(pipe.transformer).__name__,
+        edit_config=pipe.transformer.edit.to_dict() if hasattr(pipe.transformer, "edit") else None,
+        target=target,
+        resolution=(height, width),
+        batch=batch,
+        latent_shape=tuple(next(s for s in specs if s.name == "vae_decoder").inputs[0].shape[1:]),
+        vae=VaeConfig(scaling_factor=vae.scaling_factor, shift_factor=vae.get("shift_factor")),
+        transformer_out_channels=pipe.transformer.config.out_channels,
+        text={},
+        scheduler=SchedulerEntry(path="scheduler/scheduler_config.json"),
+        components={},
+        export={},
+        tools=tool_versions(),
+    )
+    with write_package(out, overwrite=overwrite) as writer:
+        tmp = writer.root
         model_paths = []
         for spec in tqdm(specs, desc="export", unit="component"):
             start = time.perf_counter()
@@ -111,8 +111,8 @@ def export_package(
                     spec, tmp, manifest, compute_precision, deployment_target
                 )
                 model_paths.append(path)
-                manifest["components"][spec.name] = entry
-                manifest["export"][spec.name] = {"seconds": round(time.perf_counter() - start, 2), **export_info}
+                manifest.components[spec.name] = entry
+                manifest.export[spec.name] = {"seconds": round(time.perf_counter() - start, 2), **export_info}
                 _save_tokenizer(pipe, spec, tmp, manifest)
                 continue
             path = export_onnx(spec, tmp / spec.name)
@@ -121,40 +121,39 @@ def export_package(
             if target == "ort-mobile":
                 path = convert_to_ort(path)
             model_paths.append(path)
-            manifest["components"][spec.name] = {
-                "path": str(path.relative_to(tmp)),
-                "precision": "fp32",
-                "opset": OPSET,
-                **spec.io_dict(),
-            }
-            manifest["export"][spec.name] = {"seconds": round(seconds, 2), "onnx_vs_torch_max_abs": parity}
+            manifest.components[spec.name] = _entry(spec, path.relative_to(tmp), precision="fp32", opset=OPSET)
+            manifest.export[spec.name] = {"seconds": round(seconds, 2), "onnx_vs_torch_max_abs": parity}
             _save_tokenizer(pipe, spec, tmp, manifest)
         pipe.scheduler.save_config(tmp / "scheduler")
         if target == "ort-mobile":
             write_reduced_operator_config(tmp, model_paths)
-        for name, entry in manifest["components"].items():
-            # rglob: a Core ML .mlpackage is a folder; every file inside it is listed and hashed
-            entry["files"] = {
-                str(f.relative_to(tmp)): sha256_file(f) for f in sorted((tmp / name).rglob("*")) if f.is_file()
-            }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return manifest
+        manifest = writer.finish(manifest)  # every file's sha256, manifest.json last
+    return manifest.to_dict()
 
 
-def _save_tokenizer(pipe, spec, tmp: Path, manifest: dict) -> None:
+def _entry(spec: ComponentSpec, rel: Path, **fields) -> ComponentEntry:
+    """The manifest entry of an exported component (its `files` are filled in by the package writer)."""
+
+    def specs(tensors) -> tuple[TensorSpec, ...]:
+        return tuple(TensorSpec(name=t.name, shape=tuple(t.shape), dtype=t.dtype) for t in tensors)
+
+    return ComponentEntry(path=rel.as_posix(), inputs=specs(spec.inputs), outputs=specs(spec.outputs), **fields)
+
+
+def _save_tokenizer(pipe, spec, tmp: Path, manifest: Manifest) -> None:
     if "tokenizer" in spec.extra:
         tok_name = spec.extra["tokenizer"]
         tokenizer = getattr(pipe, tok_name)
         tokenizer.save_pretrained(tmp / tok_name)
-        manifest["text"][tok_name] = {
-            "path": tok_name,
-            "max_length": spec.extra["max_length"],
-            "pad_id": tokenizer.pad_token_id,
-            "component": spec.name,
-        }
+        manifest.text[tok_name] = TokenizerEntry(
+            path=tok_name,
+            max_length=spec.extra["max_length"],
+            pad_id=tokenizer.pad_token_id,
+            component=spec.name,
+        )
 
 
-def _export_coreml_component(spec, tmp: Path, manifest: dict, compute_precision: str, deployment_target: str):
+def _export_coreml_component(spec, tmp: Path, manifest: Manifest, compute_precision: str, deployment_target: str):
     """model.mlpackage for one component, checked against PyTorch in the numpy reference executor."""
     from ..runtime.coreml_reference import CoreMLReferenceProgram
     from .coreml_export import coreml_parity, export_coreml, package_size
@@ -165,16 +164,11 @@ def _export_coreml_component(spec, tmp: Path, manifest: dict, compute_precision:
         tmp / spec.name,
         compute_precision,
         deployment_target,
-        metadata={"source": manifest["source"], "architecture": manifest["architecture"]},
+        metadata={"source": manifest.source, "architecture": manifest.architecture},
     )
     convert_seconds = time.perf_counter() - start
     parity = coreml_parity(spec, path, compute_precision)
-    entry = {
-        "path": str(path.relative_to(tmp)),
-        "precision": compute_precision,
-        "deployment_target": deployment_target,
-        **spec.io_dict(),
-    }
+    entry = _entry(spec, path.relative_to(tmp), precision=compute_precision, deployment_target=deployment_target)
     twin = json.loads(CoreMLReferenceProgram(path).metadata()["user_defined"].get("edit_mobile.ane_twin", "null"))
     info = {
         "convert_seconds": round(convert_seconds, 2),

@@ -10,18 +10,16 @@ recorded inputs, and its manifest entry records the precision, how it was made, 
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import onnx
 
-from ..runtime.atomic import atomic_output_dir, check_output_free
+from ..runtime.atomic import check_output_free
 from ..runtime.errors import UserError
-from ..runtime.package import MANIFEST, Package, installed_version, load_package, read_manifest, sha256_file
+from ..runtime.package import Package, installed_version, load_package, read_manifest
 from . import quantize_onnx as qo
 from .calibration import (
     DEFAULT_PROMPT_COUNT,
@@ -31,6 +29,7 @@ from .calibration import (
     read_prompt_file,
     record_calibration,
 )
+from .package_writer import write_package
 
 logger = logging.getLogger(__name__)
 
@@ -134,12 +133,13 @@ def quantize_package(
     start = time.perf_counter()
     calib = record_calibration(package, prompts, steps=calibration_steps, seed=seed, threads=threads)
     logger.info("calibration recorded in %.1f s", time.perf_counter() - start)
-    new = copy.deepcopy(manifest)
-    new["validation"] = None
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        _copy_unchanged(package_dir, tmp, manifest, plan)
+    new = copy.deepcopy(package.manifest)
+    new.validation = None
+    with write_package(out, overwrite=overwrite) as writer:
+        tmp = writer.root
+        writer.copy_from(package, skip_components=plan)
         for name, prec in plan.items():
-            entry = new["components"][name]
+            entry = new.components[name]
             info = quantize_component(
                 package,
                 name,
@@ -152,24 +152,21 @@ def quantize_package(
                 threads=threads,
             )
             path = tmp / name / "model.onnx"
-            if manifest.get("target") == "ort-mobile":
+            if package.target == "ort-mobile":
                 from .package import convert_to_ort
 
                 path = convert_to_ort(path)
-            entry["path"] = str(path.relative_to(tmp))
-            entry["precision"] = prec
-            entry["gate_psnr_db"] = GATES_DB[prec]
+            entry.path = path.relative_to(tmp).as_posix()
+            entry.precision = prec
+            entry.gate_psnr_db = GATES_DB[prec]
             if prec in ("int8-dynamic", "int8-weights"):
-                entry["ort_session_config"] = dict(qo.WEIGHT_DQ_SESSION_CONFIG)
-            entry["quantization"] = info
-            entry["files"] = {
-                str(f.relative_to(tmp)): sha256_file(f) for f in sorted((tmp / name).iterdir()) if f.is_file()
-            }
-        if manifest.get("target") == "ort-mobile":
+                entry.ort_session_config = dict(qo.WEIGHT_DQ_SESSION_CONFIG)
+            entry.quantization = info
+        if package.target == "ort-mobile":
             from .package import write_reduced_operator_config
 
-            write_reduced_operator_config(tmp, [tmp / e["path"] for e in new["components"].values()])
-        new["quantization"] = {
+            write_reduced_operator_config(tmp, [tmp / e.path for e in new.components.values()])
+        new.quantization = {
             "from": str(package_dir),
             "components": dict(plan),
             "calibration": {
@@ -180,21 +177,9 @@ def quantize_package(
             },
             "seconds": round(time.perf_counter() - start, 1),
         }
-        new.setdefault("tools", {})["onnxruntime"] = installed_version("onnxruntime")
-        (tmp / MANIFEST).write_text(json.dumps(new, indent=2))
-    return new
-
-
-def _copy_unchanged(src: Path, dst: Path, manifest: dict, plan: dict[str, str]) -> None:
-    """Everything of the source package except manifest.json and the folders of the components to quantize."""
-    skip = {Path(manifest["components"][name]["path"]).parts[0] for name in plan}
-    for item in src.iterdir():
-        if item.name in skip or item.name in (MANIFEST, MANIFEST + ".tmp"):
-            continue
-        if item.is_dir():
-            shutil.copytree(item, dst / item.name)
-        else:
-            shutil.copy2(item, dst / item.name)
+        new.tools["onnxruntime"] = installed_version("onnxruntime")
+        new = writer.finish(new)  # every file's sha256, manifest.json last
+    return new.to_dict()
 
 
 def quantize_component(

@@ -260,7 +260,7 @@ def validate(
     components = compare_components(specs, package, runtime, opts, calls, ref_latents[-1], ref_image)
     for name, entry in components.items():
         # The gate a quantized package recorded for the component (`gate_psnr_db`), else the precision's default.
-        recorded = package.components[name].raw.get("gate_psnr_db")
+        recorded = package.components[name].entry.gate_psnr_db
         gate = (
             opts.min_component_psnr
             if opts.min_component_psnr is not None

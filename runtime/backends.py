@@ -129,6 +129,6 @@ def create_backend(
 def component_backend(package: Package, component: str, backend: str = "ort", **kwargs) -> Backend:
     """The backend for one package component, with the manifest's input specs and output names."""
     comp = package.component(component)
-    if backend == "ort" and comp.raw.get("ort_session_config"):
-        kwargs.setdefault("session_config", dict(comp.raw["ort_session_config"]))
+    if backend == "ort" and comp.entry.ort_session_config:
+        kwargs.setdefault("session_config", dict(comp.entry.ort_session_config))
     return create_backend(backend, comp.path, comp.inputs, comp.output_names, **kwargs)

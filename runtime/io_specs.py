@@ -25,6 +25,9 @@ class TensorSpec:
     def from_dict(cls, d: dict) -> TensorSpec:
         return cls(name=str(d["name"]), shape=tuple(d["shape"]), dtype=str(d["dtype"]))
 
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
 
 # Manifest dtype names (numpy names, the short forms used in docs/package.md, ONNX type strings) -> numpy dtype.
 _DTYPES = {

@@ -131,3 +131,22 @@ def test_truncated_model_file_is_refused(package, tmp_path, capsys):
     model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
     assert cli(["generate", str(work), "--prompt", "a", "--out", str(tmp_path / "x.png")]) == 2
     assert "sha256 mismatch for transformer/model.onnx" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rel", ["tokenizer/tokenizer.json", "scheduler/scheduler_config.json"])
+def test_tampered_tokenizer_or_scheduler_is_refused(package, tmp_path, capsys, rel):
+    """Tokenizer and scheduler files are hashed like the models: a changed file is refused in one line naming it."""
+    work = tmp_path / "pkg"
+    shutil.copytree(package, work)
+    (work / rel).write_text((work / rel).read_text().rstrip() + " \n")  # still valid JSON, one more byte
+    assert cli(["generate", str(work), "--prompt", "a", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"sha256 mismatch for {rel}" in err, err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_manifest_dataclass_round_trip(package):
+    from edit_mobile.runtime.manifest import Manifest
+
+    original = json.loads((package / "manifest.json").read_text())
+    assert Manifest.from_dict(original).to_dict() == original

@@ -93,8 +93,19 @@ def fake_package(root: Path, **overrides) -> Path:
         "latent_shape": [16, 8, 8],
         "vae": {"scaling_factor": 1.5, "shift_factor": 0.06},
         "transformer_out_channels": 16,
-        "text": {"tokenizer": {"path": "tokenizer", "max_length": 8, "pad_id": 0, "component": "text_encoder"}},
-        "scheduler": {"path": "scheduler/scheduler_config.json"},
+        "text": {
+            "tokenizer": {
+                "path": "tokenizer",
+                "max_length": 8,
+                "pad_id": 0,
+                "component": "text_encoder",
+                "files": {"tokenizer/tokenizer.json": sha256_file(root / "tokenizer" / "tokenizer.json")},
+            }
+        },
+        "scheduler": {
+            "path": "scheduler/scheduler_config.json",
+            "files": {"scheduler/scheduler_config.json": sha256_file(root / "scheduler" / "scheduler_config.json")},
+        },
         "components": {
             "text_encoder": {
                 "path": "text_encoder/model.onnx",
