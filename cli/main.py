@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "generate": "generate",
     "validate": "validate",
     "bench": "bench",
+    "evaluate": "evaluate",
 }
 
 
