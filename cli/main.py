@@ -17,6 +17,7 @@ from ..runtime.errors import UserError
 # (inspect lives in inspect_package.py: a module named `inspect` shadows the standard library's wherever its folder
 # lands on sys.path.)
 SUBCOMMANDS = {
+    "demo": "demo",
     "convert": "convert",
     "distill": "distill",
     "export": "export",

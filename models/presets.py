@@ -18,6 +18,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 import torch
 from diffusers import (
@@ -235,6 +236,34 @@ def sd3_pipeline(
     )
 
 
+SHAPES_FAMILIES = {"shapes-pixart": "pixart", "shapes-sd3": "sd3"}  # shipped teacher -> family
+
+
+def shipped_shapes(name: str):
+    """A shapes preset (models/shapes.py, docs/shapes.md) from the folders shipped in models/assets/shapes.
+
+    Teachers are whole diffusers pipeline folders; a student folder holds only its transformer, and shares the
+    teacher's text encoders, tokenizers, VAE and scheduler (as `edit-mobile convert` + `distill` leave them)."""
+    from diffusers import DiffusionPipeline
+
+    from ..runtime.errors import UserError
+    from .edit_pixart import EDiTPixArtTransformer2DModel
+    from .mm_edit_sd3 import MMEDiTSD3Transformer2DModel
+
+    root = Path(str(resources.files("edit_mobile.models").joinpath("assets/shapes")))
+    teacher = next(t for t in SHAPES_FAMILIES if name.startswith(t))
+    if not (root / teacher / "model_index.json").is_file() or not (root / name).is_dir():
+        raise UserError(
+            f"preset {name}: its weights are not in this installation ({root / name}); "
+            f"`python scripts/train_shapes.py` trains them"
+        )
+    if name == teacher:
+        return DiffusionPipeline.from_pretrained(root / teacher)
+    student_cls = EDiTPixArtTransformer2DModel if SHAPES_FAMILIES[teacher] == "pixart" else MMEDiTSD3Transformer2DModel
+    student = student_cls.from_pretrained(root / name, subfolder="transformer")
+    return DiffusionPipeline.from_pretrained(root / teacher, transformer=student)
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
@@ -247,6 +276,34 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
+        Preset(
+            "shapes-pixart-edit",
+            "pixart",
+            "EDiT student of shapes-pixart (converted + distilled), trained weights, 64 px; the demo's model",
+            lambda: shipped_shapes("shapes-pixart-edit"),
+            64,
+        ),
+        Preset(
+            "shapes-pixart",
+            "pixart",
+            "PixArt-Σ trained from scratch on procedural shapes (docs/shapes.md), 64 px",
+            lambda: shipped_shapes("shapes-pixart"),
+            64,
+        ),
+        Preset(
+            "shapes-sd3-mm-edit",
+            "sd3",
+            "MM-EDiT student of shapes-sd3 (converted + distilled), trained weights, 64 px",
+            lambda: shipped_shapes("shapes-sd3-mm-edit"),
+            64,
+        ),
+        Preset(
+            "shapes-sd3",
+            "sd3",
+            "SD3.5 (MM-DiT) trained from scratch on procedural shapes (docs/shapes.md), 64 px",
+            lambda: shipped_shapes("shapes-sd3"),
+            64,
+        ),
         Preset(
             "tiny-pixart",
             "pixart",

@@ -8,6 +8,12 @@ transformer stages resume exactly from their newest checkpoint):
                           the teachers, trained from scratch by `edit-mobile distill` without --teacher (task loss
                           only): one shape per scene, 32 px (8x8 latents) first, then 64 px; AdamW with warm-up and
                           cosine decay; EMA weights. Checkpoints every 250 steps in WORK/<stage>/checkpoints.
+  pixart-edit, sd3-mm-edit
+                          the students: `edit-mobile convert` of the trained teacher (WORK/<stage>-converted, also
+                          evaluated as "without distillation"), then `edit-mobile distill` from it at 64 px.
+  classifier              the attribute classifier that scores prompt accuracy (models/shapes_classifier.py)
+  ship                    copies the results into models/assets (what the shapes-* presets load), weights in
+                          safetensors; students keep only their transformer (they share the teacher's other parts)
 
     python scripts/train_shapes.py                      # every stage, in order
     python scripts/train_shapes.py --only vae-pixart    # one stage
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -66,7 +73,7 @@ TEACHER_ARGS = [
     "--lr-schedule", "cosine",
     "--ema-decay", "0.999",
     "--caption-dropout", "0.1",
-    "--max-text-tokens", "16",
+    "--max-text-tokens", "32",
     "--checkpoint-every", "250",
     "--keep-checkpoints", "1",
 ]  # fmt: skip
@@ -80,6 +87,66 @@ def stage_teacher(work: Path, family: str) -> None:
     subprocess.run(cmd, check=True)
 
 
+STUDENT_ARGS = [
+    "--data", "synthetic-single:100000",
+    "--resolution", "64",
+    "--steps", "3000",
+    "--batch-size", "32",
+    "--lr", "3e-4",
+    "--warmup-steps", "100",
+    "--lr-schedule", "cosine",
+    "--ema-decay", "0.999",
+    "--caption-dropout", "0.1",
+    "--max-text-tokens", "32",
+    "--checkpoint-every", "250",
+    "--keep-checkpoints", "1",
+]  # fmt: skip
+
+
+def stage_student(work: Path, family: str, arch: str) -> None:
+    teacher, converted = work / f"{family}-teacher", work / f"{family}-{arch}-converted"
+    cli = [sys.executable, "-m", "edit_mobile.cli"]
+    if not (converted / "model_index.json").exists():
+        shutil.rmtree(converted, ignore_errors=True)
+        subprocess.run([*cli, "convert", str(teacher), "--arch", arch, "--out", str(converted)], check=True)
+    out = work / f"{family}-{arch}"
+    cmd = [*cli, "distill", "--teacher", str(teacher), "--student", str(converted), "--out", str(out)]
+    subprocess.run([*cmd, *STUDENT_ARGS, "--resume"], check=True)
+
+
+def stage_classifier(work: Path) -> None:
+    from edit_mobile.models.shapes_classifier import train_classifier
+
+    tmp = work / ".classifier.tmp"
+    train_classifier(tmp, seed=0)
+    tmp.rename(work / "classifier")
+
+
+def stage_ship(work: Path) -> None:
+    """models/assets/shapes/{shapes-pixart, shapes-sd3} whole pipelines; shapes-*-edit the student transformers."""
+    assets = Path(__file__).resolve().parents[1] / "models" / "assets"
+    tmp = assets / ".shapes.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for family, arch in (("pixart", "edit"), ("sd3", "mm-edit")):
+        teacher, student = work / f"{family}-teacher", work / f"{family}-{arch}"
+        if not (teacher / "model_index.json").exists():
+            continue
+        names = [p.name for p in teacher.iterdir() if p.is_dir() and p.name != "checkpoints"]
+        for name in names:
+            shutil.copytree(teacher / name, tmp / f"shapes-{family}" / name)
+        for name in ("model_index.json", "edit_mobile.json"):
+            if (teacher / name).exists():
+                shutil.copy2(teacher / name, tmp / f"shapes-{family}" / name)
+        if (student / "model_index.json").exists():
+            shutil.copytree(student / "transformer", tmp / f"shapes-{family}-{arch}" / "transformer")
+            shutil.copy2(student / "edit_mobile.json", tmp / f"shapes-{family}-{arch}" / "edit_mobile.json")
+    shutil.rmtree(assets / "shapes", ignore_errors=True)
+    tmp.rename(assets / "shapes")
+    for name in ("shapes_classifier.onnx", "shapes_classifier.json"):
+        shutil.copy2(work / "classifier" / name, assets / name)
+
+
 STAGES = {
     "vae-pixart": (lambda w: stage_vae(w, "vae-pixart", 4), "vae-pixart"),
     "vae-sd3": (lambda w: stage_vae(w, "vae-sd3", 16), "vae-sd3"),
@@ -87,6 +154,10 @@ STAGES = {
     "sd3": (lambda w: stage_pipeline(w, "sd3"), "sd3-untrained"),
     "pixart-teacher": (lambda w: stage_teacher(w, "pixart"), "pixart-teacher/model_index.json"),
     "sd3-teacher": (lambda w: stage_teacher(w, "sd3"), "sd3-teacher/model_index.json"),
+    "pixart-edit": (lambda w: stage_student(w, "pixart", "edit"), "pixart-edit/model_index.json"),
+    "sd3-mm-edit": (lambda w: stage_student(w, "sd3", "mm-edit"), "sd3-mm-edit/model_index.json"),
+    "classifier": (stage_classifier, "classifier"),
+    "ship": (stage_ship, None),  # always runs: the copy is cheap
 }
 
 
@@ -100,11 +171,12 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the trainer subprocesses use as many
     args.work.mkdir(parents=True, exist_ok=True)
     for name, (run, output) in STAGES.items():
         if args.only and name not in args.only:
             continue
-        if (args.work / output).exists():
+        if output and (args.work / output).exists():
             logger.info("%s: %s exists, skipped", name, args.work / output)
             continue
         logger.info("%s: running", name)
