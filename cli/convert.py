@@ -15,9 +15,14 @@ HELP = "convert a PixArt-Σ / SD3 pipeline (preset or folder) to EDiT / MM-EDiT"
 
 
 def build_parser(parser):
+    from ..runtime.families import FAMILIES
+
     parser.add_argument("src", metavar="SRC", help="preset name or local diffusers pipeline folder")
     parser.add_argument(
-        "--arch", required=True, choices=["edit", "mm-edit"], help="edit: PixArt-Σ -> EDiT; mm-edit: SD3 -> MM-EDiT"
+        "--arch",
+        required=True,
+        choices=[f.convert_arch for f in FAMILIES.values()],
+        help="; ".join(f"{f.convert_arch}: {f.title} -> {f.student_title}" for f in FAMILIES.values()),
     )
     parser.add_argument("--out", required=True, help="output pipeline folder (written atomically)")
     parser.add_argument("--convfusion-reduction", type=int, default=4, help="ConvFusion channel reduction r")

@@ -20,6 +20,8 @@ HELP = "distil an EDiT / MM-EDiT student from its teacher (Accelerate: one or ma
 
 
 def build_parser(parser):
+    from ..runtime.families import describe
+
     parser.add_argument(
         "--teacher",
         metavar="SRC",
@@ -85,7 +87,7 @@ def build_parser(parser):
         type=int,
         default=None,
         metavar="T",
-        help="T5 tokens per caption (default: the pipeline's, 300 PixArt-Σ / 256 SD3)",
+        help=f"T5 tokens per caption (default: the pipeline's, {describe(lambda f: f.default_text_tokens, ' / ')})",
     )
     parser.add_argument("--caption-dropout", type=float, default=0.1, help="fraction of empty captions (default 0.1)")
     parser.add_argument(

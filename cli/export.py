@@ -14,12 +14,16 @@ example:
 
 from __future__ import annotations
 
+from ..runtime.manifest import TARGETS
+
 HELP = "export a pipeline to an ONNX / ORT-mobile package with static shapes"
 
 
 def build_parser(parser):
+    from ..runtime.families import describe
+
     parser.add_argument("src", metavar="SRC", help="preset name or local diffusers pipeline folder")
-    parser.add_argument("--target", default="onnx", choices=["onnx", "ort-mobile", "coreml"], help="output format")
+    parser.add_argument("--target", default="onnx", choices=TARGETS, help="output format")
     parser.add_argument("--resolution", default="512", help="image size in pixels: N or HxW (default 512)")
     parser.add_argument(
         "--batch",
@@ -32,7 +36,7 @@ def build_parser(parser):
         "--max-text-tokens",
         type=int,
         default=None,
-        help="static T5 prompt length (default: the pipeline's, 300 PixArt-Σ / 256 SD3)",
+        help=f"static T5 prompt length (default: the pipeline's, {describe(lambda f: f.default_text_tokens, ' / ')})",
     )
     # No argparse `choices` for the Core ML flags: a bad value is reported on one line by export_package.
     parser.add_argument(
@@ -54,6 +58,7 @@ def build_parser(parser):
 
 def main(args) -> int:
     from ..export.package import export_package
+    from ..export.targets import export_target
 
     manifest = export_package(
         args.src,
@@ -66,19 +71,5 @@ def main(args) -> int:
         compute_precision=args.compute_precision,
         deployment_target=args.deployment_target,
     )
-    if manifest["target"] == "coreml":
-        worst = min(
-            o["psnr_db"]
-            for e in manifest["export"].values()
-            for o in e["coreml_reference_vs_torch"]["outputs"].values()
-        )
-        print(
-            f"wrote {args.out}: {len(manifest['components'])} Core ML components, worst PSNR of the reference "
-            f"executor against PyTorch on random inputs {worst:.1f} dB"
-        )
-        return 0
-    worst = max(v for e in manifest["export"].values() for v in e["onnx_vs_torch_max_abs"].values())
-    print(
-        f"wrote {args.out}: {len(manifest['components'])} components, max |ONNX - PyTorch| on random inputs {worst:.2e}"
-    )
+    print(export_target(manifest["target"]).summary(manifest, args.out))
     return 0

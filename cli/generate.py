@@ -17,6 +17,8 @@ HELP = "generate an image from a prompt with a package (ONNX Runtime, no torch)"
 
 
 def build_parser(parser):
+    from ..runtime.families import describe
+
     parser.add_argument("package", metavar="PKG", help="package folder (edit-mobile export)")
     parser.add_argument("--prompt", required=True, help="text prompt")
     parser.add_argument("--negative-prompt", default="", help="negative prompt (default: empty)")
@@ -25,7 +27,7 @@ def build_parser(parser):
         "--guidance",
         type=float,
         default=None,
-        help="classifier-free guidance scale; <= 1 disables it (default: 4.5 PixArt-Σ, 7.0 SD3)",
+        help=f"classifier-free guidance scale; <= 1 disables it (default: {describe(lambda f: f.default_guidance)})",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the numpy initial noise (default 0)")
     parser.add_argument("--backend", default="ort", help="inference backend (default ort)")

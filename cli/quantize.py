@@ -25,6 +25,9 @@ example:
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 HELP = "quantize a package's components (fp16, int8 dynamic / static / weight-only) into a new package"
 
 ONNX_PRECISIONS = ("fp16", "int8-dynamic", "int8-static", "int8-weights")
@@ -89,19 +92,20 @@ def main(args) -> int:
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     steps = DEFAULT_STEPS if args.calibration_steps is None else args.calibration_steps
-    new = quantize_package(
-        args.package,
-        args.out,
-        args.precision,
-        components=args.components,
-        calibration_prompts=args.calibration_prompts,
-        calibration_steps=steps,
-        calibration_method=args.calibration_method,
-        per_channel=args.per_channel,
-        sensitivity=args.sensitivity,
-        overwrite=args.overwrite,
-        threads=args.threads,
-    )
+    with _without_ort_quantizer_notes():
+        new = quantize_package(
+            args.package,
+            args.out,
+            args.precision,
+            components=args.components,
+            calibration_prompts=args.calibration_prompts,
+            calibration_steps=steps,
+            calibration_method=args.calibration_method,
+            per_channel=args.per_channel,
+            sensitivity=args.sensitivity,
+            overwrite=args.overwrite,
+            threads=args.threads,
+        )
     print(f"wrote {args.out}")
     print(f"{'component':<16}{'precision':<14}{'size':>8}{'PSNR vs fp32':>14}{'excluded':>10}")
     for name, prec in new["quantization"]["components"].items():
@@ -112,6 +116,22 @@ def main(args) -> int:
         if q.get("sensitivity"):
             print(f"  sensitivity excluded: {', '.join(q['sensitivity']['excluded_groups']) or 'nothing'}")
     return 0
+
+
+@contextlib.contextmanager
+def _without_ort_quantizer_notes():
+    """While the command runs, its log handlers (the root logger's, set up by cli/main.py) drop the per-tensor INFO
+    notes ONNX Runtime's quantizers log on the root logger; the handlers are as before afterwards."""
+    from ..export.quantize_onnx import OrtQuantizerNotes
+
+    notes, handlers = OrtQuantizerNotes(), list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(notes)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(notes)
 
 
 def _coreml(args) -> int:

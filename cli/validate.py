@@ -18,12 +18,16 @@ HELP = "compare a package with the diffusers PyTorch pipeline: per component, pe
 
 
 def build_parser(parser):
+    from ..runtime.families import describe
+
     parser.add_argument("package", metavar="PKG", help="package folder written by `edit-mobile export`")
     parser.add_argument("--reference", metavar="SRC", help="preset or diffusers folder (default: the package's source)")
     parser.add_argument("--prompt", default="a red circle on a white background")
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=None, help="default: 4.5 PixArt-Σ, 7.0 SD3")
+    parser.add_argument(
+        "--guidance", type=float, default=None, help=f"default: {describe(lambda f: f.default_guidance)}"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     parser.add_argument("--min-component-psnr", type=float, default=None, help="override the per-precision gates")

@@ -1,7 +1,7 @@
 """Calibration data for quantization: the real inputs of every component, recorded along sampling trajectories.
 
-`record_calibration` runs the package's own text-to-image loop (numpy + ONNX Runtime, `Text2ImagePipeline` with
-`record=True`) on a few prompts and keeps, per component, exactly what that component was fed:
+`record_calibration` runs the package's own text-to-image loop (numpy + ONNX Runtime, the trajectory recorder of
+`runtime/trajectory.py`) on a few prompts and keeps, per component, exactly what that component was fed:
   transformer     every call at every denoising step (timestep-aware: all noise levels of the schedule, both CFG
                   halves), so static activation ranges cover the whole trajectory, not one random tensor;
   text encoders   the tokenized prompts and the empty negative prompt;
@@ -86,40 +86,26 @@ def record_calibration(
     seed: int = 0,
     threads: int | None = None,
 ) -> CalibrationSet:
-    """Run the sampling loop of `package` on each prompt and record every component's real inputs."""
-    from ..runtime.pipeline import DEFAULT_GUIDANCE, Text2ImagePipeline
+    """Run the sampling loop of `package` on each prompt and record every component's real inputs
+    (`runtime/trajectory.py`)."""
+    from ..runtime.trajectory import TrajectoryRecorder
 
     if not prompts:
         raise UserError("no calibration prompts")
     if steps < 1:
         raise UserError(f"--calibration-steps must be >= 1, got {steps}")
-    runtime = Text2ImagePipeline(package, threads=threads, progress=False)
-    guidance = DEFAULT_GUIDANCE[package.family] if guidance is None else float(guidance)
+    recorder = TrajectoryRecorder(package, threads=threads)
+    guidance = recorder.default_guidance if guidance is None else float(guidance)
     calib = CalibrationSet(
         prompts=list(prompts), steps=steps, guidance=guidance, feeds={name: [] for name in package.components}
     )
-    vae = package.vae
-    for p, prompt in enumerate(prompts):
-        result = runtime(prompt, "", steps=steps, guidance=guidance, seed=seed + p, record=True)
-        for i, (t, calls) in enumerate(zip(result.timesteps, result.transformer_inputs)):
-            for call in calls:  # views of the shared prompt embeddings: no copies per step
-                calib.feeds["transformer"].append(_cast(call, package.input_specs("transformer")))
-                calib.transformer_meta.append((p, i, float(t)))
-        for name, tok in runtime.tokenizers.items():
-            specs = package.input_specs(name)
-            for text in (prompt, ""):  # the prompt and the (empty) negative prompt, as the loop encodes them
-                enc = tok.encode(runtime._preprocess(text))
-                calib.feeds[name].append(
-                    _cast({"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}, specs)
-                )
-        latents = result.latents[-1] / np.float32(vae["scaling_factor"])
-        if vae.get("shift_factor") is not None:
-            latents = latents + np.float32(vae["shift_factor"])
-        if "vae_decoder" in calib.feeds:
-            calib.feeds["vae_decoder"].append(_cast({"latent_sample": latents}, package.input_specs("vae_decoder")))
-        if "vae_encoder" in calib.feeds:
-            image = np.clip(result.decoded, -1.0, 1.0)
-            calib.feeds["vae_encoder"].append(_cast({"sample": image}, package.input_specs("vae_encoder")))
+    for p, trajectory in enumerate(recorder.record_prompts(prompts, steps, guidance, seed)):
+        for i, (t, calls) in enumerate(zip(trajectory.timesteps, trajectory.calls)):
+            calib.transformer_meta += [(p, i, float(t))] * len(calls)
+        for name, feeds in recorder.inputs(trajectory).items():
+            if name in calib.feeds:  # views of the shared prompt embeddings: no copies per step
+                specs = package.input_specs(name)
+                calib.feeds[name] += [_cast(feed, specs) for _, feed in feeds]
     logger.info(
         "calibration: %d prompts x %d steps -> %s", len(prompts), steps, {k: len(v) for k, v in calib.feeds.items()}
     )

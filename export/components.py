@@ -1,14 +1,26 @@
 """Export specs: for each component of a text-to-image pipeline, an export-friendly torch module with positional
-inputs, and its static input / output specs (names, shapes, dtypes) as in docs/package.md."""
+inputs, and its static input / output specs (names, shapes, dtypes) as in docs/package.md.
+
+Which components a family has, their lengths and the transformer's conditioning inputs come from the family
+registry (runtime/families.py, models/families.py); text encoders are built by kind (T5, CLIP)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
+from ..models.families import PixArtTransformer, SD3Transformer, torch_family
 from ..runtime.errors import UserError
+from ..runtime.families import Family, TextEncoder
+from ..runtime.families import family as family_spec
+from ..runtime.io_specs import to_numpy_dtype
+from ..runtime.tokenizer import Encoding
+
+# The transformer's export wrappers live with their family (models/families.py); named here for the studies.
+__all__ = ["ComponentSpec", "PixArtTransformer", "SD3Transformer", "TensorSpec", "pipeline_components"]
 
 
 @dataclass(frozen=True)
@@ -57,37 +69,6 @@ class ClipEncoder(nn.Module):
         return out.hidden_states[-2], out[0]  # as StableDiffusion3Pipeline._get_clip_prompt_embeds (clip_skip=None)
 
 
-class PixArtTransformer(nn.Module):
-    def __init__(self, transformer):
-        super().__init__()
-        self.transformer = transformer
-
-    def forward(self, sample, timestep, encoder_hidden_states, encoder_attention_mask):
-        return self.transformer(
-            sample,
-            encoder_hidden_states=encoder_hidden_states,
-            timestep=timestep,
-            encoder_attention_mask=encoder_attention_mask,
-            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-            return_dict=False,
-        )[0]
-
-
-class SD3Transformer(nn.Module):
-    def __init__(self, transformer):
-        super().__init__()
-        self.transformer = transformer
-
-    def forward(self, sample, timestep, encoder_hidden_states, pooled_projections):
-        return self.transformer(
-            hidden_states=sample,
-            encoder_hidden_states=encoder_hidden_states,
-            pooled_projections=pooled_projections,
-            timestep=timestep,
-            return_dict=False,
-        )[0]
-
-
 class VaeDecoder(nn.Module):
     def __init__(self, vae):
         super().__init__()
@@ -114,87 +95,74 @@ def _i64(name, *shape):
     return TensorSpec(name, tuple(shape), "int64")
 
 
+# Text encoder graphs by kind (runtime/families.py: TextEncoder.kind): (wrapper, output specs from the config).
+def _t5(enc, spec: TextEncoder, length: int) -> tuple[nn.Module, list[TensorSpec]]:
+    d = enc.config.d_model
+    return T5Encoder(enc, with_mask="attention_mask" in spec.inputs), [_f32("last_hidden_state", 1, length, d)]
+
+
+def _clip(enc, spec: TextEncoder, length: int) -> tuple[nn.Module, list[TensorSpec]]:
+    d, p = enc.config.hidden_size, enc.config.projection_dim
+    return ClipEncoder(enc), [_f32("hidden_states", 1, length, d), _f32("text_embeds", 1, p)]
+
+
+TEXT_ENCODER_KINDS = {"t5": _t5, "clip": _clip}
+
+
+def text_encoder_component(pipe, spec: TextEncoder, max_text_tokens: int | None) -> ComponentSpec:
+    """One text encoder at its static length: the family's default (T5; `max_text_tokens` overrides it) or the
+    tokenizer's own (CLIP's 77)."""
+    if spec.max_length is None:
+        length = getattr(pipe, spec.tokenizer).model_max_length
+    else:
+        length = max_text_tokens or spec.max_length
+    module, outputs = TEXT_ENCODER_KINDS[spec.kind](getattr(pipe, spec.component), spec, length)
+    inputs = [_i64(name, 1, length) for name in spec.inputs]
+    return ComponentSpec(spec.component, module, inputs, outputs, {"tokenizer": spec.tokenizer, "max_length": length})
+
+
+def conditioning_specs(family: Family, text_encoders: list[ComponentSpec], batch: int) -> list[TensorSpec]:
+    """The transformer's conditioning inputs at `batch`: the family's own combination of its text encoders'
+    outputs (runtime/families.py, `Family.combine`, the very function the runtime runs) applied to zeros of the
+    encoders' static shapes, so that the exported graph takes exactly what the runtime will feed it."""
+    encoded = {}
+    for spec in text_encoders:
+        ids = np.zeros(next(s.shape for s in spec.inputs if s.name == "input_ids"), np.int64)
+        outputs = {s.name: np.zeros(s.shape, to_numpy_dtype(s.dtype)) for s in spec.outputs}
+        encoded[spec.name] = (Encoding(ids, np.zeros_like(ids)), outputs)
+    combined = family.combine(encoded)
+    return [_f32(name, batch, *combined[name].shape[1:]) for name in family.conditioning]
+
+
 def pipeline_components(
     pipe, family: str, resolution: tuple[int, int], batch: int, max_text_tokens: int | None
 ) -> list[ComponentSpec]:
-    """Every component the runtime's loop needs, with static shapes for this resolution and batch."""
+    """Every component the runtime's loop needs, with static shapes for this resolution and batch: the family's
+    text encoders and transformer (runtime/families.py, models/families.py), the VAE decoder and encoder."""
+    spec, torch_spec = family_spec(family), torch_family(family)
     height, width = resolution
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     patch = pipe.transformer.config.patch_size
     if height % (factor * patch) or width % (factor * patch):
         raise UserError(f"--resolution {height}x{width} must be a multiple of {factor * patch} for this model")
+    if pipe.transformer.config.get("use_additional_conditions") or getattr(
+        pipe.transformer, "use_additional_conditions", False
+    ):
+        raise UserError(f"{spec.title} models with additional (resolution / aspect) conditions are not supported")
     c_lat, h, w = pipe.vae.config.latent_channels, height // factor, width // factor
-    specs = []
-    if family == "pixart":
-        if pipe.transformer.config.get("use_additional_conditions") or pipe.transformer.use_additional_conditions:
-            raise UserError("PixArt models with additional (resolution / aspect) conditions are not supported")
-        t = max_text_tokens or 300  # PixArt-Σ's max_sequence_length
-        d = pipe.text_encoder.config.d_model
-        specs.append(
-            ComponentSpec(
-                "text_encoder",
-                T5Encoder(pipe.text_encoder, with_mask=True),
-                [_i64("input_ids", 1, t), _i64("attention_mask", 1, t)],
-                [_f32("last_hidden_state", 1, t, d)],
-                {"tokenizer": "tokenizer", "max_length": t},
-            )
+    specs = [text_encoder_component(pipe, enc, max_text_tokens) for enc in spec.text_encoders]
+    specs.append(
+        ComponentSpec(
+            "transformer",
+            torch_spec.export_transformer(pipe.transformer),
+            [
+                _f32("sample", batch, c_lat, h, w),
+                _f32("timestep", batch),
+                *conditioning_specs(spec, specs, batch),
+            ],
+            [_f32("out_sample", batch, pipe.transformer.config.out_channels, h, w)],
         )
-        c_out = pipe.transformer.config.out_channels
-        specs.append(
-            ComponentSpec(
-                "transformer",
-                PixArtTransformer(pipe.transformer),
-                [
-                    _f32("sample", batch, c_lat, h, w),
-                    _f32("timestep", batch),
-                    _f32("encoder_hidden_states", batch, t, d),
-                    _f32("encoder_attention_mask", batch, t),
-                ],
-                [_f32("out_sample", batch, c_out, h, w)],
-            )
-        )
-    elif family == "sd3":
-        t = max_text_tokens or 256  # SD3's T5 max_sequence_length
-        clip_len = pipe.tokenizer.model_max_length
-        dims = []
-        for enc_name, tok_name in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
-            enc = getattr(pipe, enc_name)
-            d, p = enc.config.hidden_size, enc.config.projection_dim
-            dims.append((d, p))
-            specs.append(
-                ComponentSpec(
-                    enc_name,
-                    ClipEncoder(enc),
-                    [_i64("input_ids", 1, clip_len)],
-                    [_f32("hidden_states", 1, clip_len, d), _f32("text_embeds", 1, p)],
-                    {"tokenizer": tok_name, "max_length": clip_len},
-                )
-            )
-        d_t5 = pipe.text_encoder_3.config.d_model
-        specs.append(
-            ComponentSpec(
-                "text_encoder_3",
-                T5Encoder(pipe.text_encoder_3, with_mask=False),
-                [_i64("input_ids", 1, t)],
-                [_f32("last_hidden_state", 1, t, d_t5)],
-                {"tokenizer": "tokenizer_3", "max_length": t},
-            )
-        )
-        specs.append(
-            ComponentSpec(
-                "transformer",
-                SD3Transformer(pipe.transformer),
-                [
-                    _f32("sample", batch, c_lat, h, w),
-                    _f32("timestep", batch),
-                    _f32("encoder_hidden_states", batch, clip_len + t, d_t5),
-                    _f32("pooled_projections", batch, sum(p for _, p in dims)),
-                ],
-                [_f32("out_sample", batch, pipe.transformer.config.out_channels, h, w)],
-            )
-        )
-    else:
-        raise UserError(f"unknown pipeline family {family!r}")
+    )
     specs.append(
         ComponentSpec(
             "vae_decoder",

@@ -203,14 +203,14 @@ def coreml_parity(
     """Run the saved program in the numpy reference executor and the module in PyTorch on the same random inputs.
 
     Raises UserError (with the numbers) below the precision's gate or on a non-finite output."""
-    from ..runtime.coreml_reference import CoreMLReferenceProgram
+    from ..runtime.mil import MILProgram
 
     example = _example(spec, seed)
     with torch.inference_mode():
         ref = spec.module(*example)
     ref = [ref] if isinstance(ref, torch.Tensor) else list(ref)
     start = time.perf_counter()
-    program = CoreMLReferenceProgram(path, spec.name)
+    program = MILProgram(path, spec.name)
     got = program.run({s.name: t.numpy() for s, t in zip(spec.inputs, example)})
     seconds = time.perf_counter() - start
     gate = EXPORT_GATES_DB[compute_precision] if gate_db is None else gate_db

@@ -8,8 +8,9 @@ norms and position tables stay as they are):
   w8a8          int8 activations (quantize / dequantize pairs, ranges calibrated on recorded inputs) + int8-weights
 
 Activation ranges for w8a8: coremltools' `linear_quantize_activations` measures them with `MLModel.predict`, which
-exists only on macOS. We record real inputs with the package's own sampling loop (`Text2ImagePipeline` on the
-`coreml-reference` backend: every transformer call of every step, both CFG halves, the tokenized prompts),
+exists only on macOS. We record real inputs with the package's own sampling loop (the trajectory recorder of
+`runtime/trajectory.py` on the `coreml-reference` backend: every transformer call of every step, both CFG halves,
+the tokenized prompts),
 measure every intermediate tensor's range with the numpy reference executor on the very same program, and apply
 the same coremltools graph passes that `linear_quantize_activations` applies to its measured ranges
 (`compression::insert_prefix/suffix_quantize_dequantize_pair`, `common::dequantize_quantize_pair_elimination`).
@@ -186,32 +187,16 @@ def check_expansion(path: Path) -> dict:
 
 
 def record_inputs(package, prompts: list[str], steps: int, seed: int = 0) -> dict[str, list[dict]]:
-    """Per component, real inputs: the package's own sampling loop on the numpy reference executor."""
-    from ..runtime.pipeline import Text2ImagePipeline
+    """Per component, real inputs: the package's own sampling loop on the numpy reference executor
+    (`runtime/trajectory.py`)."""
+    from ..runtime.trajectory import TrajectoryRecorder
 
-    runtime = Text2ImagePipeline(package, backend="coreml-reference", progress=False)
+    recorder = TrajectoryRecorder(package, backend="coreml-reference")
     feeds: dict[str, list[dict]] = {name: [] for name in package.components}
-    for p, prompt in enumerate(prompts):
-        result = runtime(prompt, "", steps=steps, seed=seed + p, record=True)
-        for calls in result.transformer_inputs:
-            feeds["transformer"] += [dict(c) for c in calls]
-        for name, tok in runtime.tokenizers.items():
-            wanted = {s.name for s in package.input_specs(name)}
-            for text in (prompt, ""):
-                enc = tok.encode(runtime._preprocess(text))
-                feeds[name].append(
-                    {
-                        k: v
-                        for k, v in {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}.items()
-                        if k in wanted
-                    }
-                )
-        vae = package.vae
-        latents = result.latents[-1] / np.float32(vae["scaling_factor"]) + np.float32(vae.get("shift_factor") or 0.0)
-        if "vae_decoder" in feeds:
-            feeds["vae_decoder"].append({"latent_sample": latents.astype(np.float32)})
-        if "vae_encoder" in feeds:
-            feeds["vae_encoder"].append({"sample": np.clip(result.decoded, -1, 1).astype(np.float32)})
+    for trajectory in recorder.record_prompts(prompts, steps, seed=seed):
+        for name, inputs in recorder.inputs(trajectory).items():
+            if name in feeds:
+                feeds[name] += [feed for _, feed in inputs]
     return feeds
 
 

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from ..models.convert import load_pipeline, pipeline_family
+from ..models.families import torch_family
 from ..runtime.errors import UserError
 from ..runtime.pipeline import DEFAULT_GUIDANCE, initial_noise
 
@@ -55,8 +56,7 @@ def generate_with_diffusers(
             latents=torch.from_numpy(noise.copy()),
             output_type="np",
         )
-        if family == "pixart":
-            kwargs.update(clean_caption=False, use_resolution_binning=False)
+        kwargs.update(torch_family(family).reference_kwargs)  # e.g. PixArt: no resolution binning
         with torch.inference_mode():
             image = pipe(**kwargs).images[0]
         images.append(Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)))

@@ -3,8 +3,9 @@
 ONNX Runtime's CPU provider runs most fp16 nodes by casting them to fp32 and back (and removes the casts between
 such nodes), so an fp16 package that overflows on a phone's GPU / NPU looks fine on a laptop. This check runs
 each fp16 component's PyTorch module in `torch.float16` (a copy: the reference stays fp32) on the very inputs
-the reference pipeline fed it at every denoising step, and reports every non-finite output by component and
-step. The PyTorch model keeps in fp32 what the fp16 package keeps in fp32 (EDiT's linear-attention accumulators,
+the reference pipeline fed it at every denoising step (`Trajectory.inputs`, runtime/trajectory.py, of the reference
+run that export/validate.py records), and reports every non-finite output by component and step. The PyTorch
+model keeps in fp32 what the fp16 package keeps in fp32 (EDiT's linear-attention accumulators,
 `EDiTConfig.accumulate_fp32`; the normalisation statistics, which torch's and transformers' kernels accumulate in
 fp32), so a non-finite value here means an fp16 activation overflowed.
 """
@@ -20,37 +21,11 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-def trajectory_inputs(
-    package, runtime, prompt: str, negative_prompt: str, calls: list[dict], final_latents: np.ndarray, image: np.ndarray
-) -> dict[str, list[tuple[dict, dict]]]:
-    """Per component: [(label, feed)] with the reference run's inputs (label: {"step": i} for the transformer).
-
-    `calls` are the transformer inputs diffusers recorded (one call per step, both CFG halves), `final_latents`
-    the reference's last latents (scaled), `image` its float image (H, W, 3) in [0, 1].
-    """
-    inputs: dict[str, list[tuple[dict, dict]]] = {}
-    for name, tok in runtime.tokenizers.items():
-        wanted = {s.name for s in package.input_specs(name)}
-        inputs[name] = []
-        for kind, text in (("prompt", prompt), ("negative_prompt", negative_prompt or "")):
-            enc = tok.encode(runtime._preprocess(text))
-            feed = {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask}
-            inputs[name].append(({"input": kind}, {k: v for k, v in feed.items() if k in wanted}))
-    inputs["transformer"] = [
-        ({"step": i, "timestep": float(np.asarray(c["timestep"]).ravel()[0])}, c) for i, c in enumerate(calls)
-    ]
-    vae = package.vae
-    unscaled = final_latents / np.float32(vae["scaling_factor"]) + np.float32(vae.get("shift_factor") or 0.0)
-    inputs["vae_decoder"] = [({"input": "final latents"}, {"latent_sample": unscaled.astype(np.float32)})]
-    pixels = (image.astype(np.float32).transpose(2, 0, 1)[None] * 2.0 - 1.0).astype(np.float32)
-    inputs["vae_encoder"] = [({"input": "reference image"}, {"sample": pixels})]
-    return inputs
-
-
 def check_fp16(specs: dict, components: list[str], inputs: dict[str, list[tuple[dict, dict]]]) -> dict:
     """Run each component's module in torch.float16 on its inputs; per component: finite or not, where not.
 
-    `specs`: component name -> export ComponentSpec (module + input specs), as `pipeline_components` builds them.
+    `specs`: component name -> export ComponentSpec (module + input specs), as `pipeline_components` builds them;
+    `inputs`: component name -> [(label, feed)], as `Trajectory.inputs` gives them.
     """
     report = {}
     for name in components:

@@ -207,6 +207,7 @@ def quantize_component(
         # A named copy: block / exclusion lists refer to nodes by name; a few exported nodes have none.
         model = qo.load_model(src)
         qo.name_nodes(model)
+        qo.mark_preprocessed(model)  # exported models already had ONNX Runtime's pre-processing: no hint for it
         named = work / "fp32.onnx"
         qo.save_model(model, named)
         reference = qo.run_feeds(named, check_feeds, threads)

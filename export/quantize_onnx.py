@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -101,28 +102,74 @@ def topological_sort(model: onnx.ModelProto) -> None:
     model.graph.node.extend(ordered)
 
 
+# --- ONNX Runtime's quantizers: their logging, scoped -------------------------------------------------------------
+# Nothing here touches process-wide logging state (the root logger's level, handlers or filters, logging.disable):
+#   - the quantizers' own loggers (`onnxruntime.quantization.*`: MatMulNBitsQuantizer logs one INFO line per node)
+#     are set to WARNING while they run and restored afterwards, also when they raise;
+#   - the "please run pre-processing" hint that quantize_dynamic / quantize_static log is answered with ONNX
+#     Runtime's own switch: `edit-mobile quantize` gives the exported models it quantizes ONNX Runtime's
+#     pre-processing mark (`mark_preprocessed`), because the export already applied that pre-processing (a model
+#     without the mark gets the hint, rightly);
+#   - importing matmul_nbits_quantizer calls logging.basicConfig(level=INFO); `_import_matmul_nbits_quantizer`
+#     puts the root logger's handlers and level back as they were.
+# The per-tensor notes ONNX Runtime's quantizers log with `logging.info` on the root logger itself show only where
+# the application has set the root logger to INFO; such an application can filter them out of its own handlers
+# with `OrtQuantizerNotes` (`edit-mobile quantize` does, cli/quantize.py).
+ORT_QUANTIZATION_LOGGER = "onnxruntime.quantization"
+_ORT_QUANTIZATION_DIR = os.path.join("onnxruntime", "quantization", "")
+
+
+class OrtQuantizerNotes(logging.Filter):
+    """For an application's log handlers: drops the INFO / DEBUG records that ONNX Runtime's quantizers log on the
+    root logger (`logging.info(...)`, one per tensor, e.g. 'Quantization parameters for tensor ... not specified'),
+    which no logger level of theirs controls. Everything else passes, their warnings included."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.name == "root" and record.levelno < logging.WARNING and _ORT_QUANTIZATION_DIR in record.pathname
+        )
+
+
 @contextlib.contextmanager
 def quiet_ort_quantization():
-    """ONNX Runtime's quantizers log one INFO line per tensor and a pre-processing hint per call on the root
-    logger: silence INFO and the hint while they run; other warnings still show."""
-
-    class _Drop(logging.Filter):
-        def filter(self, record):
-            return "pre-process" not in record.getMessage()
-
-    flt = _Drop()
-    root = logging.getLogger()
-    targets = [root, *root.handlers]  # the root logger itself: ORT calls logging.warning() directly
-    for t in targets:
-        t.addFilter(flt)
-    previous = logging.root.manager.disable
-    logging.disable(logging.INFO)
+    """ONNX Runtime's quantization loggers (`onnxruntime.quantization` and its modules) at WARNING while the block
+    runs, their level restored afterwards even on failure; warnings still show."""
+    ort_logger = logging.getLogger(ORT_QUANTIZATION_LOGGER)
+    level = ort_logger.level
+    ort_logger.setLevel(max(level, logging.WARNING))
     try:
         yield
     finally:
-        logging.disable(previous)
-        for t in targets:
-            t.removeFilter(flt)
+        ort_logger.setLevel(level)
+
+
+def mark_preprocessed(model: onnx.ModelProto) -> None:
+    """Give `model` ONNX Runtime's "pre-processed for quantization" mark (onnxruntime.quantization.quant_utils.
+    add_pre_process_metadata), in place.
+
+    ONNX Runtime's pre-processing (`quant_pre_process`) is shape inference plus its basic graph optimisation. Our
+    export already ran both (export/onnx_export.py: ONNX Runtime's basic level, then strict ONNX shape inference
+    with every shape static), so the quantizers' hint to run it would only be noise."""
+    from onnxruntime.quantization.quant_utils import add_pre_process_metadata
+
+    add_pre_process_metadata(model)
+
+
+def _import_matmul_nbits_quantizer():
+    """onnxruntime.quantization.matmul_nbits_quantizer, imported without its import-time logging.basicConfig(level=
+    INFO) changing the root logger (in a process whose root logger had no handler, that call adds a stderr handler
+    and lowers the root level to INFO for good)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        from onnxruntime.quantization import matmul_nbits_quantizer
+    finally:
+        for handler in list(root.handlers):
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
+        root.setLevel(level)
+    return matmul_nbits_quantizer
 
 
 # --- graph structure ---------------------------------------------------------------------------------------------
@@ -441,7 +488,7 @@ def prepare_weight_only(src: Path, dst: Path, exclude=()) -> dict:
     name_nodes(model)
     gemms = unfuse_gemm(model)
     convs = int8_conv_weights(model, exclude)
-    save_model(model, dst)
+    save_model(model, dst)  # keeps the model's metadata, ONNX Runtime's pre-processing mark included
     return {"gemm_unfused": gemms, "conv_weights_int8": convs}
 
 
@@ -570,7 +617,8 @@ def quantize_weights_int8(src: Path, dst: Path, opts: Int8Options) -> dict:
     """Weight-only int8: `MatMulNBits` (bits=8) holds int8 weights in blocks of 128 along K, each block with its own
     scale (finer than per-channel), dequantizes them and computes in fp32 (accuracy_level unset)."""
     from onnxruntime.quantization import QuantFormat
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    MatMulNBitsQuantizer = _import_matmul_nbits_quantizer().MatMulNBitsQuantizer  # noqa: N806 (a class)
 
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         unfused = Path(tmp) / "unfused.onnx"

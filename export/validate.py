@@ -11,11 +11,14 @@ import numpy as np
 import torch
 
 from ..models.convert import load_pipeline, pipeline_family
+from ..models.families import torch_family
 from ..runtime.backends import component_backend
 from ..runtime.errors import UserError
+from ..runtime.families import family
 from ..runtime.metrics import compare, psnr
 from ..runtime.package import Package, load_package, write_validation
-from ..runtime.pipeline import DEFAULT_GUIDANCE, Text2ImagePipeline, initial_noise
+from ..runtime.pipeline import Text2ImagePipeline, initial_noise
+from ..runtime.trajectory import Trajectory
 from .components import pipeline_components
 
 logger = logging.getLogger(__name__)
@@ -56,33 +59,21 @@ def _to_np(x) -> np.ndarray:
     return x.detach().cpu().float().numpy() if torch.is_tensor(x) else np.asarray(x)
 
 
-def run_reference(pipe, package: Package, opts: ValidationOptions, noise: np.ndarray, guidance: float):
-    """Run diffusers with the package's noise; record latents after each step and the transformer's inputs."""
-    family = package.family
+def run_reference(
+    pipe, package: Package, opts: ValidationOptions, noise: np.ndarray, guidance: float
+) -> tuple[Trajectory, np.ndarray]:
+    """Run diffusers with the package's noise; record the latents after each step and the transformer's inputs.
+    Returns the reference trajectory (runtime/trajectory.py) and diffusers' image, float (H, W, 3) in [0, 1]."""
+    spec, torch_spec = family(package.family), torch_family(package.family)
     latents, calls = [], []
-
-    def on_step_end(_pipe, _i, _t, kwargs):  # SD3's callback_on_step_end
-        latents.append(_to_np(kwargs["latents"]).copy())
-        return kwargs
-
-    def on_step(_i, _t, step_latents):  # PixArt-Σ's older callback(step, timestep, latents)
-        latents.append(_to_np(step_latents).copy())
 
     def record_inputs(_module, args, kwargs):
         sample = args[0] if args else kwargs["hidden_states"]
-        rec = {
-            "sample": _to_np(sample),
-            "timestep": _to_np(kwargs["timestep"]).astype(np.float32),
-            "encoder_hidden_states": _to_np(kwargs["encoder_hidden_states"]),
-        }
-        if family == "pixart":
-            rec["encoder_attention_mask"] = _to_np(kwargs["encoder_attention_mask"]).astype(np.float32)
-        else:
-            rec["pooled_projections"] = _to_np(kwargs["pooled_projections"])
-        calls.append(rec)
+        rec = {"sample": _to_np(sample), "timestep": _to_np(kwargs["timestep"]).astype(np.float32)}
+        rec.update({name: _to_np(kwargs[name]).astype(np.float32) for name in spec.conditioning})
+        calls.append([rec])
 
     height, width = package.resolution
-    t5_length = package.text_for("text_encoder" if family == "pixart" else "text_encoder_3").max_length
     kwargs = dict(
         prompt=opts.prompt,
         negative_prompt=opts.negative_prompt,
@@ -92,19 +83,25 @@ def run_reference(pipe, package: Package, opts: ValidationOptions, noise: np.nda
         width=width,
         latents=torch.from_numpy(noise.copy()),
         output_type="np",
-        max_sequence_length=t5_length,
+        max_sequence_length=package.text_for(spec.prompt_encoder.component).max_length,
+        **torch_spec.reference_kwargs,
+        **torch_spec.step_callback(lambda step_latents: latents.append(_to_np(step_latents).copy())),
     )
-    if family == "pixart":
-        kwargs.update(clean_caption=False, use_resolution_binning=False, callback=on_step, callback_steps=1)
-    else:
-        kwargs.update(callback_on_step_end=on_step_end)
     hook = pipe.transformer.register_forward_pre_hook(record_inputs, with_kwargs=True)
     try:
         with torch.inference_mode():
             image = pipe(**kwargs).images[0]
     finally:
         hook.remove()
-    return image, latents, calls
+    return Trajectory(
+        prompt=opts.prompt,
+        negative_prompt=opts.negative_prompt,
+        timesteps=np.asarray([c[0]["timestep"].ravel()[0] for c in calls]),
+        calls=calls,
+        latents=latents,
+        image=(image.astype(np.float32).transpose(2, 0, 1)[None] * 2.0 - 1.0).astype(np.float32),
+        source="reference",
+    ), image
 
 
 class TorchComponentBackend:
@@ -148,25 +145,19 @@ def compare_components(
     package: Package,
     runtime: Text2ImagePipeline,
     opts: ValidationOptions,
-    calls: list[dict],
-    ref_latents: np.ndarray,
-    ref_image: np.ndarray,
+    reference: Trajectory,
 ) -> dict:
-    """Each component on identical inputs: the exported graph vs its PyTorch module (the export wrappers)."""
-    inputs: dict[str, list[dict]] = {}
-    for name, tok in runtime.tokenizers.items():
-        enc = tok.encode(runtime._preprocess(opts.prompt))
-        feed = {"input_ids": enc.input_ids}
-        if "attention_mask" in {s.name for s in package.input_specs(name)}:
-            feed["attention_mask"] = enc.attention_mask
-        inputs[name] = [feed]
+    """Each component on identical inputs: the exported graph vs its PyTorch module (the export wrappers), on the
+    reference trajectory's inputs: the prompt's tokens, the transformer at `opts.transformer_checks` steps (first,
+    middle, last, ...), the VAE on the final latents / image."""
+    recorded = reference.inputs(package, runtime.tokenizers)
+    inputs: dict[str, list[dict]] = {
+        name: [feed for label, feed in feeds if label.get("input") != "negative_prompt"]
+        for name, feeds in recorded.items()
+    }
+    calls = inputs["transformer"]
     picks = np.unique(np.linspace(0, len(calls) - 1, min(opts.transformer_checks, len(calls))).round().astype(int))
     inputs["transformer"] = [_batch_rows(calls[i], package.batch) for i in picks]
-    vae = package.vae
-    unscaled = ref_latents / np.float32(vae["scaling_factor"]) + np.float32(vae.get("shift_factor") or 0.0)
-    inputs["vae_decoder"] = [{"latent_sample": unscaled.astype(np.float32)}]
-    image = (ref_image.astype(np.float32).transpose(2, 0, 1)[None] * 2.0 - 1.0).astype(np.float32)
-    inputs["vae_encoder"] = [{"sample": image}]
 
     report = {}
     for name in package.components:
@@ -239,10 +230,11 @@ def validate(
     if pipeline_family(pipe) != package.family:
         raise UserError(f"reference {reference} is a {pipeline_family(pipe)} pipeline, the package {package.family}")
     runtime = Text2ImagePipeline(package, backend=validation_backend(package), threads=threads)
-    guidance = opts.guidance if opts.guidance is not None else DEFAULT_GUIDANCE[package.family]
+    guidance = opts.guidance if opts.guidance is not None else family(package.family).default_guidance
     noise = initial_noise(package, opts.seed)
 
-    ref_image, ref_latents, calls = run_reference(pipe, package, opts, noise, guidance)
+    ref_run, ref_image = run_reference(pipe, package, opts, noise, guidance)
+    ref_latents = ref_run.latents
     result = runtime(opts.prompt, opts.negative_prompt, steps=opts.steps, guidance=guidance, latents=noise)
     if len(ref_latents) != len(result.latents):
         raise RuntimeError(f"diffusers ran {len(ref_latents)} steps, the runtime {len(result.latents)}")
@@ -254,10 +246,10 @@ def validate(
             package.family,
             tuple(package.resolution),
             package.batch,
-            None if package.family == "sd3" else package.text_for("text_encoder").max_length,
+            package.text_for(family(package.family).prompt_encoder.component).max_length,
         )
     }
-    components = compare_components(specs, package, runtime, opts, calls, ref_latents[-1], ref_image)
+    components = compare_components(specs, package, runtime, opts, ref_run)
     for name, entry in components.items():
         # The gate a quantized package recorded for the component (`gate_psnr_db`), else the precision's default.
         recorded = package.components[name].entry.gate_psnr_db
@@ -273,11 +265,9 @@ def validate(
     # fp16 arithmetic elsewhere): a non-finite output fails its component's gate directly.
     fp16 = [n for n, c in package.components.items() if c.precision == "fp16" and package.target != "coreml"]
     if fp16:  # ONNX Runtime's CPU provider hides fp16 overflow: check in true fp16 arithmetic (export/fp16_safety.py)
-        from .fp16_safety import check_fp16, trajectory_inputs
+        from .fp16_safety import check_fp16
 
-        feeds = trajectory_inputs(
-            package, runtime, opts.prompt, opts.negative_prompt, calls, ref_latents[-1], ref_image
-        )
+        feeds = ref_run.inputs(package, runtime.tokenizers)
         for name, safety in check_fp16(specs, fp16, feeds).items():
             components[name]["fp16_safety"] = safety
             components[name]["passed"] = bool(components[name]["passed"] and safety["finite"])

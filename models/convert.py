@@ -6,27 +6,17 @@ import json
 import logging
 from pathlib import Path
 
-from diffusers import DiffusionPipeline, PixArtTransformer2DModel, SD3Transformer2DModel
+from diffusers import DiffusionPipeline
 
 from ..runtime.atomic import atomic_output_dir, check_output_free
 from ..runtime.errors import UserError
 from .edit_attention import EDiTConfig
-from .edit_pixart import EDiTPixArtTransformer2DModel
-from .mm_edit_sd3 import MMEDiTSD3Transformer2DModel
+from .families import ARCHS, SUPPORTED_PIPELINES, pipeline_family
 from .presets import PRESETS
 
 logger = logging.getLogger(__name__)
 
-# arch name -> (teacher transformer class, student class, pipeline family)
-ARCHS = {
-    "edit": (PixArtTransformer2DModel, EDiTPixArtTransformer2DModel, "pixart"),
-    "mm-edit": (SD3Transformer2DModel, MMEDiTSD3Transformer2DModel, "sd3"),
-}
-SUPPORTED_PIPELINES = {
-    "PixArtSigmaPipeline": "pixart",
-    "PixArtAlphaPipeline": "pixart",
-    "StableDiffusion3Pipeline": "sd3",
-}
+__all__ = ["ARCHS", "SUPPORTED_PIPELINES", "convert", "convert_pipeline", "load_pipeline", "pipeline_family"]
 
 
 def load_pipeline(src: str | Path) -> DiffusionPipeline:
@@ -52,16 +42,10 @@ def load_pipeline(src: str | Path) -> DiffusionPipeline:
         raise UserError(f"cannot load the pipeline in {src}: {str(e).splitlines()[0]}") from None
 
 
-def pipeline_family(pipe: DiffusionPipeline) -> str:
-    name = type(pipe).__name__
-    if name not in SUPPORTED_PIPELINES:
-        raise UserError(f"unsupported pipeline class {name}; expected one of {', '.join(SUPPORTED_PIPELINES)}")
-    return SUPPORTED_PIPELINES[name]
-
-
 def convert_pipeline(pipe: DiffusionPipeline, arch: str, edit: EDiTConfig | None = None) -> DiffusionPipeline:
     """Swap the pipeline's transformer for its EDiT / MM-EDiT conversion (teacher weights copied)."""
-    teacher_cls, student_cls, family = ARCHS[arch]
+    family = ARCHS[arch]  # models/families.py
+    teacher_cls, student_cls = family.teacher, family.student
     transformer = pipe.transformer
     if type(transformer) is not teacher_cls:
         raise UserError(

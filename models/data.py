@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from ..runtime.errors import UserError
+from ..runtime.families import family as family_spec
 from ..runtime.scenes import training_scene
 
 logger = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ class PipelineEncoder:
         self, pipe, family: str, device, dtype, max_text_tokens: int | None = None, cache_bytes: int = 4 << 30
     ):
         self.pipe, self.family, self.device, self.dtype = pipe, family, device, dtype
-        self.max_text_tokens = max_text_tokens or (300 if family == "pixart" else 256)
+        self.max_text_tokens = max_text_tokens or family_spec(family).default_text_tokens
         self.cache_bytes, self.cached_bytes = cache_bytes, 0
         self._text: dict[str, tuple] = {}
         self._latents: dict[tuple, object] = {}

@@ -47,13 +47,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, PixArtTransformer2DModel, SD3Transformer2DModel
 
 from ..runtime.errors import UserError
 from .convert import load_pipeline, pipeline_family
 from .data import PipelineEncoder, open_source
-from .edit_pixart import EDiTPixArtTransformer2DModel
-from .mm_edit_sd3 import MMEDiTSD3Transformer2DModel
+from .families import STUDENT_CLASSES, TEACHER_CLASSES, torch_family
 from .presets import PRESETS
 
 logger = logging.getLogger(__name__)
@@ -61,12 +59,7 @@ logger = logging.getLogger(__name__)
 LOSSES = ("task", "output", "feature")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
-# family -> (teacher transformer class, student class, convert --arch)
-FAMILIES = {
-    "pixart": (PixArtTransformer2DModel, EDiTPixArtTransformer2DModel, "edit"),
-    "sd3": (SD3Transformer2DModel, MMEDiTSD3Transformer2DModel, "mm-edit"),
-}
-STUDENT_CLASSES = {cls.__name__: family for family, (_, cls, _) in FAMILIES.items()}
+# Teacher / student classes, convert --arch, noise process and distilled layers per family: models/families.py.
 # Fields a resumed run may change; any other difference from the saved config is refused.
 RESUME_MAY_CHANGE = {"out", "steps", "stage_steps", "checkpoint_every", "keep_checkpoints", "log_every", "cache_mb"}
 CSV_COLUMNS = ["step", "stage", "resolution", "loss", *LOSSES, "lr", "sec_per_step", "sec_per_image"]
@@ -263,20 +256,14 @@ class FeatureTap:
 
 
 def attention_modules(transformer, family: str, student_edit) -> list:
-    """The self-attention modules EDiT replaces: PixArt `attn1`; SD3 joint `attn` (+ SD3.5's image-only `attn2`
-    where the student converted it)."""
-    if family == "pixart":
-        return [b.attn1 for b in transformer.transformer_blocks]
-    mods = []
-    for b in transformer.transformer_blocks:
-        mods.append(b.attn)
-        if b.attn2 is not None and student_edit.convert_dual_attention:
-            mods.append(b.attn2)
-    return mods
+    """The self-attention modules EDiT replaces (the family's `attention_modules`, models/families.py): PixArt
+    `attn1`; SD3 joint `attn` (+ SD3.5's image-only `attn2` where the student converted it)."""
+    return torch_family(family).attention_modules(transformer, student_edit)
 
 
 class Objective:
-    """Noise schedule, transformer calls and the three losses for one pipeline family."""
+    """Noise schedule, transformer calls and the three losses for one pipeline family (its noise process and
+    transformer call come from the family registry, models/families.py)."""
 
     def __init__(
         self,
@@ -293,38 +280,21 @@ class Objective:
         self.teacher_tap, self.student_tap = teacher_tap, student_tap
         self.autocast, self.vae_scale = autocast, vae_scale  # the teacher is not `prepare`d: autocast it here
         self.additional_conditions = False  # PixArt-α 1024's micro-conditions; set by distill() from the config
-        self.num_timesteps = int(scheduler_config.get("num_train_timesteps", 1000))
-        if family == "pixart":
-            self.ddpm = DDPMScheduler.from_config(scheduler_config)
-        else:
-            self.shift = float(scheduler_config.get("shift", 1.0))
+        self._family = torch_family(family)
+        self.noise = self._family.noise(scheduler_config)  # DDPM ε-prediction (PixArt-Σ), flow matching (SD3)
+        self.num_timesteps = self.noise.num_timesteps
 
     def sample_u(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        if self.family == "pixart":
-            return torch.rand(n, generator=generator)  # t uniform over the DDPM timesteps
-        return torch.sigmoid(torch.randn(n, generator=generator))  # SD3's logit-normal(0, 1)
+        """The noise level of `n` samples as u in [0, 1) (the family's timestep density)."""
+        return self.noise.sample_u(n, generator)
 
     def noisy(self, x0, u, noise):
         """u in [0, 1) per sample -> (x_t, timestep, task target)."""
-        if self.family == "pixart":
-            t = (u * self.num_timesteps).long().clamp(max=self.num_timesteps - 1).to(x0.device)
-            return self.ddpm.add_noise(x0, noise, t), t, noise  # ε-prediction
-        sigma = (self.shift * u / (1 + (self.shift - 1) * u)).to(x0.device, x0.dtype)  # shifted, in (0, 1)
-        s = sigma.view(-1, 1, 1, 1)
-        return (1 - s) * x0 + s * noise, sigma * self.num_timesteps, noise - x0  # velocity target
+        return self.noise.noisy(x0, u, noise)
 
     def predict(self, model, x_t, timestep, text):
         kwargs = text.kwargs()
-        if self.family == "pixart":
-            if self.additional_conditions:  # PixArt-α 1024: micro-conditions in pixels
-                b, _, h, w = x_t.shape
-                px = (h * self.vae_scale, w * self.vae_scale)
-                kwargs["added_cond_kwargs"] = {
-                    "resolution": torch.tensor([px] * b, dtype=x_t.dtype, device=x_t.device),
-                    "aspect_ratio": torch.tensor([[h / w]] * b, dtype=x_t.dtype, device=x_t.device),
-                }
-            else:
-                kwargs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+        kwargs.update(self._family.call_kwargs(x_t, self.additional_conditions, self.vae_scale))
         return model(x_t, timestep=timestep, return_dict=False, **kwargs)[0]
 
     def losses(self, student, x0, text, u, noise) -> dict[str, torch.Tensor]:
@@ -360,9 +330,6 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-TEACHER_CLASSES = {cls.__name__: family for family, (cls, _, _) in FAMILIES.items()}
-
-
 def check_teacher(teacher_src: str, class_name: str | None) -> str:
     """The teacher must be an unconverted PixArt-Σ / SD3 transformer; returns its family."""
     if class_name in TEACHER_CLASSES:
@@ -370,7 +337,7 @@ def check_teacher(teacher_src: str, class_name: str | None) -> str:
     if class_name in STUDENT_CLASSES:
         raise UserError(
             f"teacher {teacher_src} has a {class_name} transformer (already converted); a teacher must "
-            f"be the unconverted {FAMILIES[STUDENT_CLASSES[class_name]][0].__name__}"
+            f"be the unconverted {torch_family(STUDENT_CLASSES[class_name]).teacher.__name__}"
         )
     raise UserError(
         f"teacher {teacher_src} has a {class_name or 'missing'} transformer; expected one of "
@@ -394,7 +361,7 @@ def check_student(student_dir: str, family: str, teacher_config, teacher_src: st
     if str(student_dir) in PRESETS or not (path / "model_index.json").is_file():
         raise UserError(
             f"student {student_dir} is not a converted pipeline folder (make one with "
-            f"`edit-mobile convert {teacher_src} --arch {FAMILIES[family][2]} --out DIR`)"
+            f"`edit-mobile convert {teacher_src} --arch {torch_family(family).arch} --out DIR`)"
         )
     config = _read_json(path / "transformer" / "config.json")
     name = config.get("_class_name")
@@ -415,7 +382,7 @@ def check_student(student_dir: str, family: str, teacher_config, teacher_src: st
     ]
     if diffs:
         raise UserError(f"student {student_dir} does not match the teacher's transformer: {'; '.join(diffs[:3])}")
-    return FAMILIES[family][1]
+    return torch_family(family).student
 
 
 def _norm(v):
@@ -631,10 +598,10 @@ def distill(config: DistillConfig, resume: bool = False, overwrite: bool = False
                 f"unknown resolution {r}: must be a multiple of {unit} "
                 f"(VAE downsampling {vae_scale} x patch {arch.patch_size})"
             )
-        if family == "sd3" and r // unit > arch.pos_embed_max_size:
+        grid = torch_family(family).max_latent_grid(arch)
+        if grid is not None and r // unit > grid:
             raise UserError(
-                f"resolution {r} exceeds the transformer's position-embedding grid "
-                f"(at most {arch.pos_embed_max_size * unit} px)"
+                f"resolution {r} exceeds the transformer's position-embedding grid (at most {grid * unit} px)"
             )
     plan = stage_plan(config, native)
 

@@ -25,13 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import BACKENDS, component_backend
+from .backends import backend_class, component_backend
 from .errors import UserError
 from .io_specs import to_numpy_dtype
 from .package import Package, installed_version, load_package
 
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon"
-TEXT_TO_IMAGE = ("text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "vae_decoder")
 
 
 @dataclass(frozen=True)
@@ -47,8 +46,7 @@ class BenchOptions:
     seed: int = 0
 
     def check(self) -> None:
-        if self.backend not in BACKENDS:
-            raise UserError(f"unknown backend {self.backend!r} (choose from {', '.join(BACKENDS)})")
+        backend_class(self.backend)  # UserError naming the registered backends
         if self.runs < 1:
             raise UserError(f"--runs must be >= 1, got {self.runs}")
         if self.warmup < 0:
@@ -237,7 +235,7 @@ def bench_package(package_dir: str | Path, options: BenchOptions = BenchOptions(
     """Run the protocol on the package in `package_dir`; returns the report (see the module docstring).
 
     `progress`: optional callable(str) told what is being measured."""
-    from .pipeline import DEFAULT_GUIDANCE, Text2ImagePipeline
+    from .pipeline import Text2ImagePipeline
 
     options.check()
     say = progress or (lambda msg: None)
@@ -245,7 +243,7 @@ def bench_package(package_dir: str | Path, options: BenchOptions = BenchOptions(
     start = time.perf_counter()
     pkg = load_package(package_dir, verify=True)  # UserError on a missing / broken package
     verify_s = time.perf_counter() - start
-    kw = {"threads": options.threads} if options.backend == "ort" else {}
+    kw = {"threads": options.threads}  # backends without a thread setting (Core ML) ignore it
 
     # 1. cold load, one component at a time
     timed: dict[str, TimedBackend] = {}
@@ -263,10 +261,10 @@ def bench_package(package_dir: str | Path, options: BenchOptions = BenchOptions(
         pkg,
         backend=options.backend,
         progress=False,
-        backends={n: t for n, t in timed.items() if n in TEXT_TO_IMAGE},
+        backends=timed,  # the loop takes the components it runs (the family's text encoders, transformer, decoder)
         **kw,
     )
-    guidance = DEFAULT_GUIDANCE[pkg.family] if options.guidance is None else float(options.guidance)
+    guidance = pipe.family_spec.default_guidance if options.guidance is None else float(options.guidance)
     e2e_runs = options.e2e_runs or options.runs
     e2e, overhead, in_loop, step_ms = [], [], [], []
     transformer_calls = 0

@@ -1,8 +1,8 @@
 """Input specs at run time: manifest dtype names as numpy dtypes, and the check every backend runs on its inputs
 (names, shapes, dtypes) before running, so that a wrong call fails with a message naming the input.
 
-Its own module so that the backends (runtime/backends.py) and the Core ML executors (runtime/coreml_reference.py)
-share it without importing each other.
+Its own module so that every backend (runtime/ort_backend.py, runtime/coreml_backend.py) and the registry
+(runtime/backends.py) share it without importing each other.
 """
 
 from __future__ import annotations

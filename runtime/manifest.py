@@ -20,10 +20,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import UserError
+from .families import FAMILIES as FAMILY_REGISTRY
 from .io_specs import DTYPE_NAMES, TensorSpec
 
 SCHEMA_VERSION = 1
-FAMILIES = ("pixart", "sd3")
+FAMILIES = tuple(FAMILY_REGISTRY)  # the family registry's names (runtime/families.py)
 TARGETS = ("onnx", "ort-mobile", "coreml")
 MANIFEST = "manifest.json"
 REQUIRED = (

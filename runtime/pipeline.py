@@ -18,12 +18,14 @@ from tqdm.auto import tqdm
 
 from .backends import BACKENDS, component_backend
 from .errors import UserError
+from .families import FAMILIES, family, unscale_latents
 from .io_specs import to_numpy_dtype
 from .package import Package, load_package
 from .schedulers import scheduler_from_config
 from .tokenizer import PromptTokenizer
 
-DEFAULT_GUIDANCE = {"pixart": 4.5, "sd3": 7.0}  # diffusers' pipeline defaults
+# diffusers' pipeline defaults, by family (the registry's `default_guidance`; kept for callers that index by name)
+DEFAULT_GUIDANCE = {name: f.default_guidance for name, f in FAMILIES.items()}
 
 
 def initial_noise(package: Package, seed: int) -> np.ndarray:
@@ -67,13 +69,14 @@ class Text2ImagePipeline:
             raise UserError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
         self.package = package if isinstance(package, Package) else load_package(package)
         self.family = self.package.family
+        self.family_spec = family(self.family)  # runtime/families.py: text encoders, conditioning, scaling rules
         self.progress = progress
         try:
             self._scheduler_config = self.package.scheduler_config()
             scheduler_from_config(self._scheduler_config)  # fail now on an unsupported scheduler, not mid-call
         except ValueError as e:
             raise UserError(f"package scheduler: {e}") from None
-        encoders = ["text_encoder"] if self.family == "pixart" else ["text_encoder", "text_encoder_2", "text_encoder_3"]
+        encoders = [e.component for e in self.family_spec.text_encoders]
         kw = dict(threads=threads, optimization=optimization, providers=providers)
         self.tokenizers = {}
         for name in encoders:
@@ -99,39 +102,12 @@ class Text2ImagePipeline:
             k: v.astype(np.float32, copy=False) if np.issubdtype(v.dtype, np.floating) else v for k, v in out.items()
         }
 
-    def _preprocess(self, text: str) -> str:
-        # PixArtSigmaPipeline._text_preprocessing with clean_caption off (its bs4 / ftfy cleaning is not reproduced).
-        return text.lower().strip() if self.family == "pixart" else text
-
     def encode_prompt(self, prompt: str) -> dict[str, np.ndarray]:
-        """One prompt's transformer conditioning, batch 1.
-
+        """One prompt's transformer conditioning, batch 1, by input name (the family's `conditioning`), e.g.
         pixart: {"encoder_hidden_states": (1,T,D), "encoder_attention_mask": f32 (1,T)};
         sd3: {"encoder_hidden_states": (1,77+T,D), "pooled_projections": (1,P_1+P_2)}.
         """
-        prompt = self._preprocess(prompt)
-        if self.family == "pixart":
-            enc = self.tokenizers["text_encoder"].encode(prompt)
-            hidden = self._run("text_encoder", input_ids=enc.input_ids, attention_mask=enc.attention_mask)[
-                "last_hidden_state"
-            ]
-            return {"encoder_hidden_states": hidden, "encoder_attention_mask": enc.attention_mask.astype(np.float32)}
-        clip_hidden, pooled = [], []
-        for name in ("text_encoder", "text_encoder_2"):
-            out = self._run(name, input_ids=self.tokenizers[name].encode(prompt).input_ids)
-            clip_hidden.append(out["hidden_states"])
-            pooled.append(out["text_embeds"])
-        t5 = self._run("text_encoder_3", input_ids=self.tokenizers["text_encoder_3"].encode(prompt).input_ids)[
-            "last_hidden_state"
-        ]
-        clip = np.concatenate(clip_hidden, axis=-1)
-        if clip.shape[-1] > t5.shape[-1]:
-            raise UserError(f"package: CLIP width {clip.shape[-1]} exceeds the T5 width {t5.shape[-1]}")
-        clip = np.pad(clip, ((0, 0), (0, 0), (0, t5.shape[-1] - clip.shape[-1])))
-        return {
-            "encoder_hidden_states": np.concatenate([clip, t5], axis=1),
-            "pooled_projections": np.concatenate(pooled, axis=-1),
-        }
+        return self.family_spec.encode_prompt(prompt, self.tokenizers, self._run)
 
     def _denoise(self, latent_input: np.ndarray, t, cond: dict[str, np.ndarray], record: list | None) -> np.ndarray:
         """Transformer on the (CFG-)batched input; a batch-1 package gets one call per batch row."""
@@ -154,11 +130,7 @@ class Text2ImagePipeline:
 
     def decode(self, latents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Final latents -> (uint8 (H,W,3) image, raw decoder output (1,3,H,W))."""
-        vae = self.package.vae
-        latents = latents / np.float32(vae["scaling_factor"])
-        if vae.get("shift_factor") is not None:
-            latents = latents + np.float32(vae["shift_factor"])
-        decoded = self._run("vae_decoder", latent_sample=latents)["sample"]
+        decoded = self._run("vae_decoder", latent_sample=unscale_latents(latents, self.package.vae))["sample"]
         return to_uint8(decoded), decoded
 
     # --- the loop ------------------------------------------------------------------------------------------------
@@ -177,7 +149,7 @@ class Text2ImagePipeline:
         embeddings, every transformer input and every guided noise prediction (memory: steps x inputs)."""
         if steps < 1:
             raise UserError(f"steps must be >= 1, got {steps}")
-        guidance = DEFAULT_GUIDANCE[self.family] if guidance is None else float(guidance)
+        guidance = self.family_spec.default_guidance if guidance is None else float(guidance)
         do_cfg = guidance > 1.0  # as diffusers: guidance <= 1 runs the conditional branch only
         C = self.package.latent_shape[0]
 
@@ -193,7 +165,7 @@ class Text2ImagePipeline:
         latents = np.asarray(latents, dtype=np.float32)
         if latents.shape != (1, *self.package.latent_shape):
             raise ValueError(f"latents have shape {latents.shape}, expected {(1, *self.package.latent_shape)}")
-        if self.family == "pixart":  # PixArtSigmaPipeline.prepare_latents scales passed latents; SD3's does not
+        if self.family_spec.scales_initial_noise:  # as the family's diffusers pipeline treats passed latents
             latents = latents * np.float32(scheduler.init_noise_sigma)
         result = GenerationResult(image=None, latents=[], initial_latents=latents, timesteps=scheduler.timesteps)
         if record:
@@ -201,7 +173,7 @@ class Text2ImagePipeline:
 
         for i, t in enumerate(tqdm(scheduler.timesteps, desc="generate", unit="step", disable=not self.progress)):
             latent_input = np.concatenate([latents] * 2) if do_cfg else latents
-            if self.family == "pixart":  # SD3's pipeline does not call scale_model_input
+            if self.family_spec.scales_model_input:
                 latent_input = scheduler.scale_model_input(latent_input, t)
             calls = [] if record else None
             noise = self._denoise(latent_input, t, cond, calls)

@@ -1,7 +1,7 @@
 """EDiT vs softmax self-attention on CPU (PyTorch eager, fp32, batch 1): measured time and theoretical cost.
 
-Two levels, PixArt-Σ-XL width (1152 channels, 16 heads of 72), latent grids of 512², 1024² and 2048² images
-(8x VAE, patch 2: 32x32, 64x64, 128x128 tokens):
+Two levels, PixArt-Σ-XL width (the `pixart-sigma-xl` preset's transformer: 1152 channels, 16 heads of 72), latent
+grids of 512², 1024² and 2048² images (8x VAE, patch 2: 32x32, 64x64, 128x128 tokens):
   layer        one diffusers `Attention`: stock SDPA processor (the softmax teacher) vs the same module with
                `add_edit_layers` + `EDiTAttnProcessor` (same weights);
   transformer  a `PixArtTransformer2DModel` at XL width with reduced depth (--depth, default 2) vs
@@ -19,24 +19,53 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import PixArtTransformer2DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from studies import archs
 
 from edit_mobile.models.edit_attention import EDiTAttnProcessor, EDiTConfig, add_edit_layers
 from edit_mobile.models.edit_pixart import EDiTPixArtTransformer2DModel
 
-# PixArt-Σ-XL-2 (the `pixart-sigma-xl` preset's transformer): width, heads, T5-XXL prompt embeddings.
-DIM, HEADS, HEAD_DIM = 1152, 16, 72
-CAPTION_CHANNELS, PROMPT_TOKENS = 4096, 300
-LATENT_CHANNELS, OUT_CHANNELS, VAE_FACTOR, PATCH = 4, 8, 8, 2
+PRESET = "pixart-sigma-xl"  # PixArt-Σ-XL-2: its transformer's width, heads, channels and patch come from the preset
+PROMPT_TOKENS = 300  # T5 prompt tokens PixArt-Σ's pipeline encodes
 RESOLUTIONS = (512, 1024, 2048)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The sizes of the preset's transformer that the cost model and the inputs need."""
+
+    dim: int
+    heads: int
+    head_dim: int
+    caption_channels: int
+    latent_channels: int
+    out_channels: int
+    patch: int
+    vae_factor: int
+
+
+@functools.cache
+def xl() -> Arch:
+    c = archs.transformer_config(PRESET)
+    return Arch(
+        dim=c["num_attention_heads"] * c["attention_head_dim"],
+        heads=c["num_attention_heads"],
+        head_dim=c["attention_head_dim"],
+        caption_channels=c["caption_channels"],
+        latent_channels=c["in_channels"],
+        out_channels=c["out_channels"],
+        patch=c["patch_size"],
+        vae_factor=archs.vae_scale_factor(PRESET),
+    )
 
 
 # --- Theoretical cost: multiply-adds (MACs) of every matmul / convolution, counted analytically -----------------
@@ -58,14 +87,14 @@ def compressed_tokens(grid: tuple[int, int], stride: int) -> int:
     return -(-grid[0] // stride) * -(-grid[1] // stride)  # ceil(h/s) * ceil(w/s), padding 1, kernel 3
 
 
-def softmax_attention_macs(n: int, dim: int = DIM) -> int:
+def softmax_attention_macs(n: int, dim: int) -> int:
     return 4 * n * dim * dim + 2 * n * n * dim
 
 
 def edit_attention_macs(
     grid: tuple[int, int],
-    dim: int = DIM,
-    heads: int = HEADS,
+    dim: int,
+    heads: int,
     config: EDiTConfig = EDiTConfig(),  # noqa: B008 (frozen dataclass: immutable)
 ) -> int:
     n, m, d = grid[0] * grid[1], compressed_tokens(grid, config.kv_stride), dim // heads
@@ -80,15 +109,15 @@ def edit_attention_macs(
     )
 
 
-def transformer_macs(grid: tuple[int, int], depth: int, self_attention_macs: int, dim: int = DIM) -> int:
+def transformer_macs(grid: tuple[int, int], depth: int, self_attention_macs: int, a: Arch) -> int:
     """Whole PixArt forward, batch 1: everything outside the self-attention is the same for teacher and EDiT."""
-    n, L = grid[0] * grid[1], PROMPT_TOKENS
-    embed = n * LATENT_CHANNELS * PATCH * PATCH * dim  # patch embedding (2x2 stride-2 conv)
-    caption = L * (CAPTION_CHANNELS * dim + dim * dim)  # caption_projection: two linears
+    n, L, dim = grid[0] * grid[1], PROMPT_TOKENS, a.dim
+    embed = n * a.latent_channels * a.patch * a.patch * dim  # patch embedding (2x2 stride-2 conv)
+    caption = L * (a.caption_channels * dim + dim * dim)  # caption_projection: two linears
     timestep = 256 * dim + dim * dim + dim * 6 * dim  # timestep MLP + adaLN-single's 6C modulation
     cross = 2 * n * dim * dim + 2 * L * dim * dim + 2 * n * L * dim  # W_q, W_o on N; W_k, W_v on L; QK^T, AV
     mlp = 2 * n * dim * 4 * dim  # GELU MLP C -> 4C -> C
-    final = n * dim * PATCH * PATCH * OUT_CHANNELS  # proj_out
+    final = n * dim * a.patch * a.patch * a.out_channels  # proj_out
     return embed + caption + timestep + depth * (self_attention_macs + cross + mlp) + final
 
 
@@ -146,20 +175,20 @@ def row(
 
 
 def latent_grid(resolution: int) -> tuple[int, int]:
-    side = resolution // VAE_FACTOR // PATCH
+    side = resolution // xl().vae_factor // xl().patch
     return side, side
 
 
 def bench_layer(resolution: int, repeats: int, threads: int, config: EDiTConfig) -> dict:
-    grid = latent_grid(resolution)
+    grid, a = latent_grid(resolution), xl()
     torch.manual_seed(0)
     # The self-attention of a PixArt block (attn1), with diffusers' stock SDPA processor: the softmax teacher.
-    teacher = Attention(query_dim=DIM, heads=HEADS, dim_head=HEAD_DIM, bias=True, out_bias=True).eval()
+    teacher = Attention(query_dim=a.dim, heads=a.heads, dim_head=a.head_dim, bias=True, out_bias=True).eval()
     teacher.set_processor(AttnProcessor2_0())
     student = copy.deepcopy(teacher)  # same W_q / W_k / W_v / W_o
     add_edit_layers(student, config)
     student.set_processor(EDiTAttnProcessor(config))
-    x = torch.randn(1, grid[0] * grid[1], DIM)
+    x = torch.randn(1, grid[0] * grid[1], a.dim)
     soft, edit = time_pair(lambda: teacher(x), lambda: student(x, grid_size=grid), repeats)
     return row(
         "layer",
@@ -167,43 +196,21 @@ def bench_layer(resolution: int, repeats: int, threads: int, config: EDiTConfig)
         grid,
         soft,
         edit,
-        softmax_attention_macs(grid[0] * grid[1]),
-        edit_attention_macs(grid, config=config),
+        softmax_attention_macs(grid[0] * grid[1], a.dim),
+        edit_attention_macs(grid, a.dim, a.heads, config),
         threads,
         depth=1,
     )
 
 
-def pixart_xl(resolution: int, depth: int) -> PixArtTransformer2DModel:
-    """PixArt-Σ-XL-2's transformer (the `pixart-sigma-xl` preset's config) with `depth` blocks, random weights."""
-    sample_size = resolution // VAE_FACTOR
-    return PixArtTransformer2DModel(
-        num_attention_heads=HEADS,
-        attention_head_dim=HEAD_DIM,
-        in_channels=LATENT_CHANNELS,
-        out_channels=OUT_CHANNELS,
-        num_layers=depth,
-        cross_attention_dim=DIM,
-        caption_channels=CAPTION_CHANNELS,
-        sample_size=sample_size,
-        attention_bias=True,
-        norm_type="ada_norm_single",
-        norm_elementwise_affine=False,
-        norm_eps=1e-6,
-        use_additional_conditions=False,
-        interpolation_scale=max(sample_size // 64, 1),
-    ).eval()
-
-
 def bench_transformer(resolution: int, repeats: int, threads: int, config: EDiTConfig, depth: int) -> dict:
-    grid = latent_grid(resolution)
-    torch.manual_seed(0)
-    teacher = pixart_xl(resolution, depth)
+    grid, a = latent_grid(resolution), xl()
+    latent = resolution // a.vae_factor
+    teacher = archs.teacher(PRESET, num_layers=depth, sample_size=latent)  # seed 0
     student = EDiTPixArtTransformer2DModel.from_teacher(teacher, config).eval()
-    latent = resolution // VAE_FACTOR
     inputs = dict(
-        hidden_states=torch.randn(1, LATENT_CHANNELS, latent, latent),
-        encoder_hidden_states=torch.randn(1, PROMPT_TOKENS, CAPTION_CHANNELS),
+        hidden_states=torch.randn(1, a.latent_channels, latent, latent),
+        encoder_hidden_states=torch.randn(1, PROMPT_TOKENS, a.caption_channels),
         encoder_attention_mask=torch.ones(1, PROMPT_TOKENS),  # the pipeline always passes the prompt mask
         timestep=torch.tensor([999]),
         added_cond_kwargs={"resolution": None, "aspect_ratio": None},
@@ -217,8 +224,8 @@ def bench_transformer(resolution: int, repeats: int, threads: int, config: EDiTC
         grid,
         soft,
         edit,
-        transformer_macs(grid, depth, softmax_attention_macs(n)),
-        transformer_macs(grid, depth, edit_attention_macs(grid, config=config)),
+        transformer_macs(grid, depth, softmax_attention_macs(n, a.dim), a),
+        transformer_macs(grid, depth, edit_attention_macs(grid, a.dim, a.heads, config), a),
         threads,
         depth=depth,
     )

@@ -22,43 +22,38 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import PixArtTransformer2DModel
+from studies import archs
 
 from edit_mobile.models.edit_pixart import EDiTPixArtTransformer2DModel
 
-HEADS, HEAD_DIM, CAPTION_CHANNELS, PROMPT_TOKENS = 16, 72, 4096, 300  # PixArt-Σ-XL-2 with T5-XXL prompts
-LATENT_CHANNELS, OUT_CHANNELS, VAE_FACTOR, PATCH = 4, 8, 8, 2
+PRESET = "pixart-sigma-xl"  # PixArt-Σ-XL-2: the architecture is the preset's transformer (studies/archs.py)
+PROMPT_TOKENS = 300  # T5 prompt tokens PixArt-Σ's pipeline encodes
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def pixart_xl(resolution: int, depth: int, heads: int = HEADS) -> PixArtTransformer2DModel:
-    sample = resolution // VAE_FACTOR
-    return PixArtTransformer2DModel(
-        num_attention_heads=heads,
-        attention_head_dim=HEAD_DIM,
-        in_channels=LATENT_CHANNELS,
-        out_channels=OUT_CHANNELS,
-        num_layers=depth,
-        cross_attention_dim=heads * HEAD_DIM,
-        caption_channels=CAPTION_CHANNELS,
-        sample_size=sample,
-        attention_bias=True,
-        norm_type="ada_norm_single",
-        norm_elementwise_affine=False,
-        norm_eps=1e-6,
-        use_additional_conditions=False,
-        interpolation_scale=max(sample // 64, 1),
-    ).eval()
+def xl_config() -> dict:
+    return archs.transformer_config(PRESET)
+
+
+def pixart_xl(resolution: int, depth: int, heads: int | None = None):
+    """The preset's transformer with `depth` blocks for `resolution`² images; `heads` (of the preset's head size)
+    narrows it for smoke tests."""
+    c = xl_config()
+    overrides = {"num_layers": depth, "sample_size": resolution // archs.vae_scale_factor(PRESET)}
+    if heads is not None:
+        overrides.update(num_attention_heads=heads, cross_attention_dim=heads * c["attention_head_dim"])
+    return archs.build_transformer(c, **overrides)
 
 
 def make_inputs(resolution: int, batch: int, device, dtype) -> dict:
     g = torch.Generator().manual_seed(0)
-    latent = resolution // VAE_FACTOR
+    c = xl_config()
+    latent = resolution // archs.vae_scale_factor(PRESET)
     mask = torch.zeros(batch, PROMPT_TOKENS)
     mask[:, :24] = 1  # the pipeline passes the T5 mask of a short prompt
     return dict(
-        hidden_states=torch.randn(batch, LATENT_CHANNELS, latent, latent, generator=g).to(device, dtype),
-        encoder_hidden_states=torch.randn(batch, PROMPT_TOKENS, CAPTION_CHANNELS, generator=g).to(device, dtype),
+        hidden_states=torch.randn(batch, c["in_channels"], latent, latent, generator=g).to(device, dtype),
+        encoder_hidden_states=torch.randn(batch, PROMPT_TOKENS, c["caption_channels"], generator=g).to(device, dtype),
         encoder_attention_mask=mask.to(device, dtype),
         timestep=torch.full((batch,), 999, device=device),
         added_cond_kwargs={"resolution": None, "aspect_ratio": None},
@@ -122,7 +117,7 @@ def bench_resolution(resolution: int, args, device, dtype) -> list[dict]:
             sides = {k: torch.compile(m, mode=args.compile_mode, dynamic=False) for k, m in sides.items()}
         row = {
             "resolution": resolution,
-            "tokens": (resolution // VAE_FACTOR // PATCH) ** 2,
+            "tokens": (resolution // archs.vae_scale_factor(PRESET) // xl_config()["patch_size"]) ** 2,
             "mode": mode,
             "depth": args.depth,
             "batch": args.batch,
@@ -236,7 +231,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     defaults = (
         dict(heads=2, depth=1, resolutions=[128, 256], repeats=2, warmup=1)
         if args.quick
-        else dict(heads=HEADS, depth=28, resolutions=[1024, 2048, 4096], repeats=10, warmup=3)
+        else dict(
+            heads=xl_config()["num_attention_heads"],
+            depth=xl_config()["num_layers"],
+            resolutions=[1024, 2048, 4096],
+            repeats=10,
+            warmup=3,
+        )
     )
     for name, value in defaults.items():
         if getattr(args, name) is None:

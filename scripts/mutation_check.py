@@ -108,14 +108,14 @@ MUTATIONS = [
     ),
     Mutation(
         "vae-scale",
-        "runtime/pipeline.py",
+        "runtime/families.py",
         'latents = latents / np.float32(vae["scaling_factor"])',
         'latents = latents * np.float32(vae["scaling_factor"])',
         "VAE latents multiplied by the scaling factor instead of divided",
     ),
     Mutation(
         "vae-shift",
-        "runtime/pipeline.py",
+        "runtime/families.py",
         'latents = latents + np.float32(vae["shift_factor"])',
         'latents = latents - np.float32(vae["shift_factor"])',
         "SD3's VAE shift factor subtracted instead of added",
@@ -164,8 +164,10 @@ def export_package(model: str, work: Path) -> tuple[Path | None, str | None]:
     """Convert + export `model` with the code as it is now: (package, None) or (None, error)."""
     cli = [sys.executable, "-m", "edit_mobile.cli"]
     package = work / f"{model}-onnx"
-    if model.startswith("tiny-"):
-        folder, arch = work / model, "edit" if "pixart" in model else "mm-edit"
+    if model.startswith("tiny-"):  # the tiny presets are named tiny-<family>
+        from edit_mobile.runtime.families import FAMILIES
+
+        folder, arch = work / model, FAMILIES[model.removeprefix("tiny-")].convert_arch
         proc = run([*cli, "convert", model, "--arch", arch, "--out", str(folder)], 900, ROOT)
         if proc.returncode != 0:
             return None, f"convert error (rc {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"

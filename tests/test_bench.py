@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 from pathlib import Path
 
@@ -18,13 +18,12 @@ def tiny_package(tmp_path_factory):
     return out
 
 
-def _study(name: str):
-    """A study from scripts/ (developer scripts are not installed: loaded from the checkout by path)."""
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"study_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def study(monkeypatch):
+    """Loads a study module from scripts/ (developer scripts are not installed: scripts/ is their import root, put on
+    the path for the test), e.g. study("studies.scaling.report") or study("bench_gpu")."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
+    return importlib.import_module
 
 
 def _positive(x) -> bool:
@@ -108,7 +107,7 @@ def test_bench_missing_package(tmp_path, capsys):
 
 
 # --- the scaling study's and the GPU script's building blocks (no study run: that takes minutes) -----------------
-def test_graph_macs_counts_matmul_gemm_conv(tmp_path):
+def test_graph_macs_counts_matmul_gemm_conv(tmp_path, study):
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -130,12 +129,12 @@ def test_graph_macs_counts_matmul_gemm_conv(tmp_path):
     )
     path = tmp_path / "g.onnx"
     onnx.save(helper.make_model(graph), str(path))
-    assert _study("bench_scaling").graph_macs(path) == {"macs": 5 * 16 * 8 + 4 * 36 * 2 * 9, "uncounted": []}
+    assert study("studies.scaling.report").graph_macs(path) == {"macs": 5 * 16 * 8 + 4 * 36 * 2 * 9, "uncounted": []}
 
 
-def test_study_ratios_stay_inside_a_group():
-    study = _study("bench_scaling")
-    merge_reports, ratios = study.merge_reports, study.ratios
+def test_study_ratios_stay_inside_a_group(study):
+    report = study("studies.scaling.report")
+    merge_reports, ratios = report.merge_reports, report.ratios
 
     def row(group, variant, ms, run="r1", status="ok", rss=100.0):
         r = {
@@ -173,9 +172,56 @@ def test_study_ratios_stay_inside_a_group():
     assert {r["started"] for r in merged["runs"]} == {"r0", "r1"}
 
 
-def test_bench_gpu_runs_on_cpu(capsys):
-    bench_gpu = _study("bench_gpu").main
+def test_bench_gpu_runs_on_cpu(capsys, study):
+    bench_gpu = study("bench_gpu").main
 
     rows = bench_gpu(["--device", "cpu", "--quick", "--modes", "eager", "--resolutions", "128", "--repeats", "1"])
     assert len(rows) == 1 and rows[0]["softmax_status"] == "ok" and rows[0]["edit_status"] == "ok"
     assert rows[0]["softmax_ms"] > 0 and rows[0]["edit_ms"] > 0 and rows[0]["speedup"] > 0
+
+
+def test_scaling_study_parent_is_torch_free():
+    """The study's parent process and its ONNX Runtime workers import the plan, study, worker and report modules
+    without torch (only the export / PyTorch children import it)."""
+    import subprocess
+    import sys
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    code = (
+        f"import sys; sys.path.insert(0, {str(scripts)!r})\n"
+        "import studies.scaling.plan, studies.scaling.study, studies.scaling.worker, studies.scaling.report\n"
+        "import bench_scaling\n"
+        "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_study_architectures_come_from_the_presets(study):
+    """The PixArt-Σ-XL the studies measure is the `pixart-sigma-xl` preset's transformer, at the study's depth and
+    size; the scaling study's timing inputs fit the export spec of that model."""
+    archs, models, plan = study("studies.archs"), study("studies.scaling.models"), study("studies.scaling.plan")
+    from edit_mobile.models.presets import PRESETS
+
+    desc = models.describe("pixart")
+    assert (desc["heads"], desc["head_dim"], desc["context_channels"], desc["full_depth"]) == (16, 72, 4096, 28)
+    assert (desc["vae_factor"], desc["patch"], plan.tokens(1024, desc)) == (8, 2, 4096)
+    model = models.build_model(desc, "edit", 256, 1)
+    assert type(model).__name__ == "EDiTPixArtTransformer2DModel" and len(model.transformer_blocks) == 1
+    teacher_config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    preset_config = archs.transformer_config("pixart-sigma-xl")
+    same = ("num_attention_heads", "attention_head_dim", "caption_channels", "norm_type", "attention_bias")
+    assert all(teacher_config[k] == preset_config[k] for k in same)
+    assert teacher_config["sample_size"] == 32 and preset_config["sample_size"] == 128
+    assert preset_config["_class_name"] == "PixArtTransformer2DModel" and "pixart-sigma-xl" in PRESETS
+    spec = models.transformer_spec(desc, model, 256, 1)
+    feeds = models.timing_inputs(desc, 256, 1)
+    assert {s.name: tuple(s.shape) for s in spec.inputs} == {k: v.shape for k, v in feeds.items()}
+
+    class Args:  # the options plan() reads
+        quick, int8, torch, with_optimum, full_depth_2048 = False, True, False, False, True
+        archs, resolutions, sd3_resolutions, groups = ["pixart"], [256], [], ["attention", "full-depth"]
+        depth, warmup, runs, runs_large, call_timeout = 2, 1, 3, 2, 900.0
+
+    steps = plan.plan(Args, {"pixart": desc})
+    assert [(s["group"], s["depth"]) for s in steps] == [("attention", 2), ("full-depth", 28)]
+    assert steps[0]["variants"] == ["softmax", "softmax-mha", "edit", "edit-mha"]

@@ -1,7 +1,7 @@
 """Core ML: export of every component, the numpy reference executor against PyTorch, compression, bad input.
 
 Core ML itself runs only on macOS; everything here except the `macos`-marked test runs on Linux through the
-reference executor (runtime/coreml_reference.py).
+reference executor (runtime/mil).
 """
 
 from __future__ import annotations
@@ -75,11 +75,11 @@ def test_fp16_package_validates_through_the_reference_executor(packages, tmp_pat
 
 
 def test_programs_have_onnx_names_metadata_and_true_fp16(packages):
-    from edit_mobile.runtime.coreml_reference import CoreMLReferenceProgram
+    from edit_mobile.runtime.mil import MILProgram
 
     manifest = json.loads((packages["sd3"] / "manifest.json").read_text())
     for comp, entry in manifest["components"].items():
-        program = CoreMLReferenceProgram(packages["sd3"] / entry["path"], comp)
+        program = MILProgram(packages["sd3"] / entry["path"], comp)
         assert list(program.inputs) == [i["name"] for i in entry["inputs"]]
         assert program.output_names == [o["name"] for o in entry["outputs"]]
         assert program.compute_precision == "fp16"
@@ -104,7 +104,8 @@ def test_fp32_transformer_matches_pytorch(tiny_dirs, tmp_path, family, src):
 
 def test_runtime_stays_torch_free():
     code = (
-        "import sys; import edit_mobile.runtime.coreml_reference as c; c._proto(); "
+        "import sys; import edit_mobile.runtime.backends; import edit_mobile.runtime.mil.proto as p; "
+        "p.proto_modules(); "
         "assert 'torch' not in sys.modules and 'coremltools' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -115,8 +116,8 @@ def test_planted_fp16_overflow_is_reported_non_finite(tmp_path):
     from edit_mobile.export.components import ComponentSpec, TensorSpec
     from edit_mobile.export.coreml_export import export_coreml
     from edit_mobile.models.edit_attention import relu_linear_attention
-    from edit_mobile.runtime.coreml_reference import CoreMLReferenceProgram
     from edit_mobile.runtime.metrics import compare
+    from edit_mobile.runtime.mil import MILProgram
 
     class SumAttention(torch.nn.Module):  # unnormalised accumulation: S = sum_j k_j^T [v_j | 1]
         def forward(self, q, k, v):
@@ -135,7 +136,7 @@ def test_planted_fp16_overflow_is_reported_non_finite(tmp_path):
     for name, module in (("sum", SumAttention()), ("mean", MeanAttention())):
         spec = ComponentSpec(name, module, inputs, [TensorSpec("y", shape, "float32")])
         path = export_coreml(spec, tmp_path / name, "fp16", "iOS17")
-        results[name] = CoreMLReferenceProgram(path, name).run(feed)["y"]
+        results[name] = MILProgram(path, name).run(feed)["y"]
     with torch.no_grad():  # fp32 PyTorch: both are finite there, the overflow is fp16's
         ref = {
             name: m(*[torch.from_numpy(feed[n]) for n in "qkv"]).numpy()
@@ -213,11 +214,11 @@ def test_compressed_package_through_validate(packages, tmp_path, precision):
 @pytest.mark.parametrize("precision", ["palettize-4", "palettize-6"])
 def test_palettized_weights_expand_as_coremltools_decompresses(packages, tmp_path, precision):
     from edit_mobile.export.coreml_quantize import check_expansion, compress_program
-    from edit_mobile.runtime.coreml_reference import CoreMLReferenceProgram
+    from edit_mobile.runtime.mil import MILProgram
 
     dst = tmp_path / "model.mlpackage"
     compress_program(packages["pixart"] / "transformer" / "model.mlpackage", dst, precision)
-    program = CoreMLReferenceProgram(dst)
+    program = MILProgram(dst)
     assert "constexpr_lut_to_dense" in program.op_types()
     assert check_expansion(dst)["compressed_weights"] > 0  # raises on any difference
 
@@ -227,14 +228,14 @@ def test_w8a8_quantize_ops_follow_coremltools(packages, tmp_path):
     from coremltools.optimize import _utils as ct_utils
 
     from edit_mobile.export.coreml_quantize import compress_program, record_inputs
-    from edit_mobile.runtime.coreml_reference import CoreMLReferenceProgram
+    from edit_mobile.runtime.mil import MILProgram
     from edit_mobile.runtime.package import load_package
 
     package = load_package(packages["pixart"])
     samples = record_inputs(package, ["a red circle"], steps=1)["transformer"]
     dst = tmp_path / "model.mlpackage"
     compress_program(package.components["transformer"].path, dst, "w8a8", samples)
-    program = CoreMLReferenceProgram(dst)
+    program = MILProgram(dst)
     quantize_ops = [op for op in program.ops if op.type == "quantize"]
     assert quantize_ops and "dequantize" in program.op_types()
     values: dict = {}
@@ -386,7 +387,7 @@ def test_ort_backend_refuses_a_core_ml_package(packages, tmp_path, capsys):
 @macos
 def test_core_ml_prediction_matches_the_reference_executor(packages):
     """On macOS: Core ML itself (CPU only, deterministic) against the numpy reference executor."""
-    from edit_mobile.runtime.coreml_reference import CoreMLBackend, CoreMLReferenceBackend
+    from edit_mobile.runtime.coreml_backend import CoreMLBackend, CoreMLReferenceBackend
     from edit_mobile.runtime.metrics import psnr
     from edit_mobile.runtime.package import load_package
 

@@ -117,6 +117,14 @@ def test_one_changed_byte_is_refused(packages, tmp_path, capsys, command):
         (["export", "tiny-pixart", "--resolution", "250"], "must be a multiple of 16"),
         (["export", "tiny-pixart", "--resolution", "big"], "--resolution must be N or HxW"),
         (["export", "no-such-model", "--resolution", "256"], "neither a preset"),
+        (
+            ["export", "tiny-pixart", "--resolution", "256", "--compute-precision", "fp32"],
+            "--compute-precision and --deployment-target apply to --target coreml only (ONNX packages get fp16",
+        ),
+        (
+            ["export", "tiny-pixart", "--target", "ort-mobile", "--resolution", "256", "--deployment-target", "iOS18"],
+            "apply to --target coreml only",
+        ),
     ],
 )
 def test_export_bad_input_writes_nothing(tmp_path, capsys, argv, message):
@@ -143,3 +151,75 @@ def test_runtime_bad_input(packages, tmp_path, capsys, argv, message):
     assert cli(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+# --- export targets: one registry, one loop ----------------------------------------------------------------------
+def test_export_targets_are_the_manifest_targets():
+    import inspect
+
+    from edit_mobile.export import package
+    from edit_mobile.export.targets import EXPORT_TARGETS, export_target
+    from edit_mobile.runtime.errors import UserError
+    from edit_mobile.runtime.manifest import TARGETS
+
+    assert tuple(EXPORT_TARGETS) == TARGETS
+    assert export_target("coreml").resolve_options() == {"compute_precision": "fp16", "deployment_target": "iOS17"}
+    assert export_target("coreml").resolve_options(compute_precision="fp32") == {
+        "compute_precision": "fp32",
+        "deployment_target": "iOS17",
+    }
+    assert export_target("onnx").resolve_options(compute_precision=None, deployment_target=None) == {}
+    with pytest.raises(UserError, match=r"unknown --target 'tflite'; expected one of onnx, ort-mobile, coreml"):
+        export_target("tflite")
+    source = inspect.getsource(package.export_package)
+    assert "target ==" not in source and 'target != "' not in source  # no per-target branch in the export loop
+
+
+def test_export_summaries(packages):
+    from edit_mobile.export.targets import export_target
+
+    manifest = json.loads((packages["pixart"] / "manifest.json").read_text())
+    line = export_target(manifest["target"]).summary(manifest, "PKG")
+    assert line.startswith("wrote PKG: 4 components, max |ONNX - PyTorch| on random inputs ")
+
+
+def test_mha_export_matches_pytorch(tmp_path):
+    """export/mha.py: the softmax teacher with every attention as ONNX Runtime's fused MultiHeadAttention, and an
+    EDiT with its prompt cross-attention as MHA, match PyTorch."""
+    import numpy as np
+    import torch
+
+    from edit_mobile.export.components import ComponentSpec, PixArtTransformer, TensorSpec
+    from edit_mobile.export.mha import export_mha_onnx, use_mha
+    from edit_mobile.models.edit_pixart import EDiTPixArtTransformer2DModel
+    from edit_mobile.models.presets import PRESETS
+
+    teacher = PRESETS["tiny-pixart"].build().transformer
+    heads, width = (
+        teacher.config.num_attention_heads,
+        teacher.config.num_attention_heads * teacher.config.attention_head_dim,
+    )
+    rng = np.random.default_rng(0)
+    mask = np.zeros((1, 8), np.float32)
+    mask[:, :3] = 1.0
+    inputs = {
+        "sample": rng.standard_normal((1, 4, 8, 8)).astype(np.float32),
+        "timestep": np.full((1,), 500.0, np.float32),
+        "encoder_hidden_states": rng.standard_normal((1, 8, teacher.config.caption_channels)).astype(np.float32),
+        "encoder_attention_mask": mask,
+    }
+    student = EDiTPixArtTransformer2DModel.from_teacher(teacher).eval()
+    for name, model, scope in (("softmax", teacher, "all"), ("edit", student, "cross")):
+        use_mha(model, scope)
+        spec = ComponentSpec(
+            "transformer",
+            PixArtTransformer(model),
+            [TensorSpec(k, v.shape, "float32") for k, v in inputs.items()],
+            [TensorSpec("out_sample", (1, 8, 8, 8), "float32")],
+        )
+        with torch.no_grad():
+            info = export_mha_onnx(spec, tmp_path / name, inputs, heads, width)
+        blocks = len(model.transformer_blocks)
+        assert info["multi_head_attention_nodes"] == (2 * blocks if scope == "all" else blocks), (name, info)
+        assert info["onnx_vs_torch_max_abs"] < 1e-4, (name, info)
+        assert (tmp_path / name / "model.onnx").is_file() and not (tmp_path / name / "raw.onnx").exists()

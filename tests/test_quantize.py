@@ -498,3 +498,135 @@ def test_coreml_package_without_coreml_quantizer(tmp_path, monkeypatch, capsys):
     assert cli(["quantize", str(pkg), "--precision", "palettize-4", "--out", str(tmp_path / "q")]) == 2
     assert "Core ML quantization is not available in this build" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
+
+
+# --- ONNX Runtime's quantizers leave process-wide logging state alone -------------------------------------------
+def _small_graph(path):
+    """MatMul + Add and a Conv with constant weights: what the int8 quantizers change."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+            helper.make_node("Add", ["h", "B"], ["y"], name="add"),
+            helper.make_node("Conv", ["img", "K"], ["z"], name="conv", pads=[1, 1, 1, 1]),
+        ],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 64]),
+            helper.make_tensor_value_info("img", TensorProto.FLOAT, [1, 4, 8, 8]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 64]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 8, 8, 8]),
+        ],
+        [
+            numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "W"),
+            numpy_helper.from_array(rng.standard_normal(64).astype(np.float32), "B"),
+            numpy_helper.from_array(rng.standard_normal((8, 4, 3, 3)).astype(np.float32), "K"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    rng = np.random.default_rng(1)
+    return [
+        {"x": rng.standard_normal((1, 8, 64)).astype(np.float32), "img": rng.random((1, 4, 8, 8), np.float32)}
+        for _ in range(3)
+    ]
+
+
+def _logging_state() -> dict:
+    import logging
+
+    root = logging.getLogger()
+    return {
+        "root_level": root.level,
+        "root_filters": list(root.filters),
+        "handlers": list(root.handlers),
+        "handler_filters": [list(h.filters) for h in root.handlers],
+        "disable": logging.root.manager.disable,
+        "ort_level": logging.getLogger("onnxruntime.quantization").level,
+    }
+
+
+@pytest.mark.parametrize("precision", ["int8-dynamic", "int8-static", "int8-weights"])
+def test_quantizers_leave_logging_state_alone(tmp_path, monkeypatch, precision):
+    """No root-logger filter, no logging.disable, the quantizers' own logger restored: after a quantization and
+    after one that raises inside ONNX Runtime's quantizer."""
+    import logging
+
+    import onnxruntime.quantization as ortq
+
+    from edit_mobile.export import quantize_onnx as qo
+
+    feeds = _small_graph(tmp_path / "m.onnx")
+    run = {
+        "int8-dynamic": lambda dst: qo.quantize_dynamic_int8(tmp_path / "m.onnx", dst, qo.Int8Options()),
+        "int8-static": lambda dst: qo.quantize_static_int8(tmp_path / "m.onnx", dst, feeds, qo.Int8Options()),
+        "int8-weights": lambda dst: qo.quantize_weights_int8(tmp_path / "m.onnx", dst, qo.Int8Options()),
+    }[precision]
+    before = _logging_state()
+    run(tmp_path / "q.onnx")
+    assert _logging_state() == before
+    assert (tmp_path / "q.onnx").is_file()
+
+    seen = {}
+
+    def failing(*args, **kwargs):  # inside the quantizer: the scoped settings are in force, then it raises
+        seen["ort_level"] = logging.getLogger("onnxruntime.quantization").getEffectiveLevel()
+        seen["disable"] = logging.root.manager.disable
+        raise RuntimeError("planted failure")
+
+    if precision == "int8-weights":
+        nbits = qo._import_matmul_nbits_quantizer()
+        monkeypatch.setattr(nbits.MatMulNBitsQuantizer, "process", failing)
+    else:
+        monkeypatch.setattr(ortq, "quantize_dynamic" if precision == "int8-dynamic" else "quantize_static", failing)
+    with pytest.raises(RuntimeError, match="planted failure"):
+        run(tmp_path / "q2.onnx")
+    assert seen == {"ort_level": logging.WARNING, "disable": before["disable"]}
+    assert _logging_state() == before
+
+
+def test_quantize_output_has_no_ort_chatter(packages, prompts, tmp_path):
+    """`edit-mobile quantize` in its own process (the CLI logs at INFO to stderr): no per-tensor notes and no
+    pre-processing hint from ONNX Runtime's quantizers, and the log handlers are as before afterwards."""
+    import subprocess
+
+    runs = [
+        ["quantize", str(packages["pixart"]), "--precision", p, "--out", str(tmp_path / p), "--components"]
+        + ["transformer", "--calibration-prompts", str(prompts), *CALIB]
+        for p in ("int8-dynamic", "int8-static")
+    ]
+    code = (
+        "import logging, sys\n"
+        "from edit_mobile.cli.main import main\n"
+        f"for argv in {runs!r}:\n"
+        "    assert main(argv) == 0\n"
+        "    assert [h.filters for h in logging.getLogger().handlers] == [[]], logging.getLogger().handlers\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "INFO transformer -> int8-static" in proc.stderr  # the CLI's own INFO lines do show
+    assert "Quantization parameters for tensor" not in proc.stderr and "pre-process" not in proc.stderr
+
+
+def test_importing_the_weight_quantizer_leaves_the_root_logger_alone(tmp_path):
+    """ONNX Runtime's matmul_nbits_quantizer calls logging.basicConfig(level=INFO) when imported; in a process with
+    an unconfigured root logger, quantizing int8-weights must not leave that handler or level behind."""
+    import subprocess
+
+    _small_graph(tmp_path / "m.onnx")
+    code = (
+        "import logging, sys; from pathlib import Path\n"
+        "from edit_mobile.export import quantize_onnx as qo\n"
+        f"src = Path({str(tmp_path / 'm.onnx')!r})\n"
+        "qo.quantize_weights_int8(src, src.with_name('q.onnx'), qo.Int8Options())\n"
+        "root = logging.getLogger()\n"
+        "assert root.handlers == [] and root.level == logging.WARNING, (root.handlers, root.level)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "complete quantization" not in proc.stderr and "start to quantize" not in proc.stderr

@@ -270,6 +270,43 @@ def test_backend_factory_errors(tmp_path):
         create_backend("ort", model, SPECS[:1], ["y"])
 
 
+def test_backend_registry(tmp_path):
+    """Backends are chosen by name from one registry; which one runs a target is the registry's answer."""
+    from edit_mobile.runtime.backends import BACKENDS, backend_for_target, create_backend
+
+    assert list(BACKENDS) == ["ort", "coreml", "coreml-reference"]
+    assert backend_for_target("onnx") == backend_for_target("ort-mobile") == "ort"
+    assert backend_for_target("coreml", platform="darwin") == "coreml"
+    assert backend_for_target("coreml", platform="linux") == "coreml-reference"
+    for cls in BACKENDS.values():
+        assert {"name", "targets", "platforms", "options", "manifest_options", "run"} <= set(dir(cls))
+    model = tiny_model(tmp_path / "m.onnx")
+    # an option of another backend is ignored (Core ML has no thread setting); one no backend takes is an error
+    with pytest.raises(UserError, match=r"is not a Core ML model"):
+        create_backend("coreml-reference", model, SPECS, ["y"], threads=2, optimization="all")
+    with pytest.raises(TypeError, match="unknown option"):
+        create_backend("ort", model, SPECS, ["y"], thread=2)
+    assert create_backend("ort", model, SPECS, ["y"], compute_units="CPU_ONLY").output_names == ["y"]
+
+
+def test_runtime_and_mil_import_no_backend_circle():
+    """The MIL executor knows nothing about backends; the backends do not import the registry."""
+    import ast
+    from pathlib import Path
+
+    import edit_mobile.runtime as runtime
+
+    root = Path(runtime.__file__).parent
+    for path in [*sorted((root / "mil").glob("*.py")), root / "ort_backend.py", root / "coreml_backend.py"]:
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                imported.add((node.level, node.module or ""))
+        assert not any(m in ("backends", "coreml_reference") for _, m in imported), (path, imported)
+        if path.parent.name == "mil":
+            assert not any("backend" in m or m == "io_specs" for _, m in imported), (path, imported)
+
+
 # --- (b) tokenizer parity with transformers ---------------------------------------------------------------------
 LONG = (
     "a photograph of an astronaut riding a horse on the surface of the moon, highly detailed, dramatic lighting, 8k, "

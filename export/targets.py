@@ -1,0 +1,200 @@
+"""Export targets (`edit-mobile export --target`), one small object each, chosen by name from `EXPORT_TARGETS`.
+
+A target says which options it takes (with their defaults), how one component becomes model files plus its
+manifest entry, what it writes once all components are exported, and how the CLI summarises the result:
+
+  options                     {option: default} (Core ML: compute_precision fp16, deployment_target iOS17)
+  resolve_options(**given)    the options with defaults filled in; UserError for an option of another target or a
+                              bad value (before anything is loaded or written)
+  export_component(spec, root, manifest, options) -> ExportedComponent
+                              the component's files under root/<name>/, its ComponentEntry (the package writer
+                              fills in `files`) and its manifest `export` record
+  finish(root, model_paths)   after the last component (ort-mobile: required_operators.config)
+  summary(manifest, out)      the line `edit-mobile export` prints
+
+`export_package` (export/package.py) runs one loop for every target, writing through the one package writer.
+Adding a target: one class here, registered in EXPORT_TARGETS, plus its name in runtime/manifest.py's TARGETS.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..runtime.errors import UserError
+from ..runtime.io_specs import TensorSpec
+from ..runtime.manifest import TARGETS, ComponentEntry, Manifest
+from .components import ComponentSpec
+
+
+@dataclass
+class ExportedComponent:
+    path: Path  # the model file (or .mlpackage folder) the runtime opens
+    entry: ComponentEntry  # its manifest entry, `files` still empty
+    info: dict  # its manifest `export` record ("seconds" first)
+
+
+def component_entry(spec: ComponentSpec, rel: Path, **fields) -> ComponentEntry:
+    """The manifest entry of an exported component (its `files` are filled in by the package writer)."""
+
+    def specs(tensors) -> tuple[TensorSpec, ...]:
+        return tuple(TensorSpec(name=t.name, shape=tuple(t.shape), dtype=t.dtype) for t in tensors)
+
+    return ComponentEntry(path=rel.as_posix(), inputs=specs(spec.inputs), outputs=specs(spec.outputs), **fields)
+
+
+def _flag(option: str) -> str:
+    return "--" + option.replace("_", "-")
+
+
+class ExportTarget:
+    """Base: no options, nothing to finish."""
+
+    name: str = ""
+    options: dict[str, str] = {}
+    options_note = ""  # appended to the error for an option this target does not take
+
+    def resolve_options(self, **given) -> dict:
+        foreign = [k for k, v in given.items() if v is not None and k not in self.options]
+        if foreign:
+            owners = [t for t in EXPORT_TARGETS.values() if any(k in t.options for k in foreign)]
+            flags = [_flag(k) for t in owners for k in t.options]
+            verb = "apply" if len(flags) > 1 else "applies"
+            raise UserError(
+                f"{' and '.join(flags)} {verb} to --target {', '.join(t.name for t in owners)} only{self.options_note}"
+            )
+        return {k: given.get(k) if given.get(k) is not None else default for k, default in self.options.items()}
+
+    def export_component(self, spec: ComponentSpec, root: Path, manifest: Manifest, options: dict) -> ExportedComponent:
+        raise NotImplementedError
+
+    def finish(self, root: Path, model_paths: list[Path]) -> None:
+        """Called once after every component is exported."""
+
+    def summary(self, manifest: dict, out) -> str:
+        raise NotImplementedError
+
+
+class OnnxTarget(ExportTarget):
+    """model.onnx per component (opset 17, static shapes), checked against PyTorch in ONNX Runtime."""
+
+    name = "onnx"
+    options_note = " (ONNX packages get fp16 / int8 from `edit-mobile quantize`)"
+
+    def export_component(self, spec, root, manifest, options) -> ExportedComponent:
+        from .onnx_export import OPSET, export_onnx, onnx_parity
+
+        start = time.perf_counter()
+        path = export_onnx(spec, root / spec.name)
+        parity = onnx_parity(spec, path)
+        seconds = time.perf_counter() - start
+        path = self.convert(path)
+        entry = component_entry(spec, path.relative_to(root), precision="fp32", opset=OPSET)
+        return ExportedComponent(path, entry, {"seconds": round(seconds, 2), "onnx_vs_torch_max_abs": parity})
+
+    def convert(self, model_path: Path) -> Path:
+        """The file the runtime opens, made from the exported model.onnx (ONNX: model.onnx itself)."""
+        return model_path
+
+    def summary(self, manifest, out) -> str:
+        worst = max(v for e in manifest["export"].values() for v in e["onnx_vs_torch_max_abs"].values())
+        return (
+            f"wrote {out}: {len(manifest['components'])} components, max |ONNX - PyTorch| on random inputs {worst:.2e}"
+        )
+
+
+def convert_to_ort(model_path: Path) -> Path:
+    """ONNX Runtime's own converter: model.onnx -> model.ort (fixed optimizations, for minimal mobile builds)."""
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    convert_onnx_models_to_ort(model_path, output_dir=model_path.parent, optimization_styles=[OptimizationStyle.Fixed])
+    ort_path = model_path.with_suffix(".ort")
+    if not ort_path.is_file():
+        raise RuntimeError(f"ONNX Runtime's converter wrote no {ort_path.name}")
+    return ort_path
+
+
+def write_reduced_operator_config(package: Path, model_paths: list[Path]) -> Path:
+    """The operator list a minimal ONNX Runtime mobile build needs for these models (--include_ops_by_config)."""
+    from onnxruntime.tools.convert_onnx_models_to_ort import create_config_from_models
+
+    config = package / "required_operators.config"
+    create_config_from_models(model_paths, config, enable_type_reduction=False)
+    return config
+
+
+class OrtMobileTarget(OnnxTarget):
+    """The ONNX export, plus ONNX Runtime's .ort format per component and the operator list of a minimal build."""
+
+    name = "ort-mobile"
+
+    def convert(self, model_path: Path) -> Path:
+        return convert_to_ort(model_path)
+
+    def finish(self, root: Path, model_paths: list[Path]) -> None:
+        write_reduced_operator_config(root, model_paths)
+
+
+class CoreMLTarget(ExportTarget):
+    """One Core ML ML program (model.mlpackage) per component, checked against PyTorch in the numpy MIL executor."""
+
+    name = "coreml"
+    options = {"compute_precision": "fp16", "deployment_target": "iOS17"}
+
+    def resolve_options(self, **given) -> dict:
+        from .coreml_export import check_options
+
+        options = super().resolve_options(**given)
+        check_options(options["compute_precision"], options["deployment_target"])
+        return options
+
+    def export_component(self, spec, root, manifest, options) -> ExportedComponent:
+        from ..runtime.mil import MILProgram
+        from .coreml_export import coreml_parity, export_coreml, package_size
+
+        precision, deployment_target = options["compute_precision"], options["deployment_target"]
+        start = time.perf_counter()
+        path = export_coreml(
+            spec,
+            root / spec.name,
+            precision,
+            deployment_target,
+            metadata={"source": manifest.source, "architecture": manifest.architecture},
+        )
+        convert_seconds = time.perf_counter() - start
+        parity = coreml_parity(spec, path, precision)
+        entry = component_entry(spec, path.relative_to(root), precision=precision, deployment_target=deployment_target)
+        twin = json.loads(MILProgram(path).metadata()["user_defined"].get("edit_mobile.ane_twin", "null"))
+        info = {
+            "seconds": round(time.perf_counter() - start, 2),
+            "convert_seconds": round(convert_seconds, 2),
+            "bytes": package_size(path),
+            "ane_twin": twin,
+            "coreml_reference_vs_torch": parity,
+        }
+        return ExportedComponent(path, entry, info)
+
+    def summary(self, manifest, out) -> str:
+        worst = min(
+            o["psnr_db"]
+            for e in manifest["export"].values()
+            for o in e["coreml_reference_vs_torch"]["outputs"].values()
+        )
+        return (
+            f"wrote {out}: {len(manifest['components'])} Core ML components, worst PSNR of the reference "
+            f"executor against PyTorch on random inputs {worst:.1f} dB"
+        )
+
+
+# Same names and order as runtime/manifest.py's TARGETS (the closed set a manifest may name; a test checks it).
+EXPORT_TARGETS: dict[str, ExportTarget] = {t.name: t for t in (OnnxTarget(), OrtMobileTarget(), CoreMLTarget())}
+
+
+def export_target(name: str) -> ExportTarget:
+    """The export target `name`; UserError naming the choices for an unknown one."""
+    try:
+        return EXPORT_TARGETS[name]
+    except KeyError:
+        raise UserError(f"unknown --target {name!r}; expected one of {', '.join(TARGETS)}") from None

@@ -1,0 +1,235 @@
+"""The model families, torch half: per family of `runtime/families.py` (same keys), what needs torch / diffusers.
+
+  pipelines          the diffusers pipeline classes of the family (what `load_pipeline` accepts)
+  teacher, student   the transformer classes `edit-mobile convert --arch` converts between
+  export_transformer the transformer with positional inputs (sample, timestep, *conditioning), as exported
+  reference_kwargs   what `edit-mobile validate` passes to the diffusers pipeline besides prompt, steps, guidance,
+                     size, latents and text length, so that diffusers runs the loop the runtime runs
+  step_callback      how the pipeline reports the latents after each step
+  noise              the distillation objective's noise process: timestep sampling, noisy input, task target
+  call_kwargs        the fixed extra arguments of a transformer call (PixArt's micro-conditions)
+  attention_modules  the attention layers EDiT replaces, whose outputs feature distillation compares
+  max_latent_grid    the largest latent grid (in patches) the transformer accepts, None if unbounded
+
+Adding a family is one `Family` entry in runtime/families.py, one `TorchFamily` entry here, and its models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import DDPMScheduler, PixArtTransformer2DModel, SD3Transformer2DModel
+from torch import nn
+
+from ..runtime.errors import UserError
+from ..runtime.families import FAMILIES, Family
+from .edit_pixart import EDiTPixArtTransformer2DModel
+from .mm_edit_sd3 import MMEDiTSD3Transformer2DModel
+
+
+# --- the transformer with positional inputs (export) -----------------------------------------------------------------
+class PixArtTransformer(nn.Module):
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, sample, timestep, encoder_hidden_states, encoder_attention_mask):
+        return self.transformer(
+            sample,
+            encoder_hidden_states=encoder_hidden_states,
+            timestep=timestep,
+            encoder_attention_mask=encoder_attention_mask,
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            return_dict=False,
+        )[0]
+
+
+class SD3Transformer(nn.Module):
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, sample, timestep, encoder_hidden_states, pooled_projections):
+        return self.transformer(
+            hidden_states=sample,
+            encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections,
+            timestep=timestep,
+            return_dict=False,
+        )[0]
+
+
+# --- the diffusers reference run: per-step latents ------------------------------------------------------------------
+def _legacy_callback(record: Callable) -> dict:
+    """PixArt-Σ's older `callback(step, timestep, latents)`, every step."""
+    return {"callback": lambda _i, _t, latents: record(latents), "callback_steps": 1}
+
+
+def _step_end_callback(record: Callable) -> dict:
+    """`callback_on_step_end(pipe, step, timestep, kwargs)` (SD3)."""
+
+    def on_step_end(_pipe, _i, _t, kwargs):
+        record(kwargs["latents"])
+        return kwargs
+
+    return {"callback_on_step_end": on_step_end}
+
+
+# --- distillation: noise processes ----------------------------------------------------------------------------------
+class DDPMNoise:
+    """PixArt-Σ: DDPM noise with the betas of the pipeline's scheduler config (`DDPMScheduler.from_config`),
+    t ~ U{0..T-1}; the task target is the noise (ε-prediction)."""
+
+    def __init__(self, scheduler_config):
+        self.num_timesteps = int(scheduler_config.get("num_train_timesteps", 1000))
+        self.ddpm = DDPMScheduler.from_config(scheduler_config)
+
+    def sample_u(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.rand(n, generator=generator)  # t uniform over the DDPM timesteps
+
+    def noisy(self, x0, u, noise):
+        """u in [0, 1) per sample -> (x_t, timestep, task target)."""
+        t = (u * self.num_timesteps).long().clamp(max=self.num_timesteps - 1).to(x0.device)
+        return self.ddpm.add_noise(x0, noise, t), t, noise  # ε-prediction
+
+
+class FlowMatchNoise:
+    """SD3: rectified flow, x_t = (1-σ) x0 + σ ε, target ε - x0 (velocity); σ from SD3's logit-normal density
+    (u = sigmoid(n), n ~ N(0, 1)) mapped through the scheduler's shift (σ = s·u / (1 + (s-1)·u), as
+    `FlowMatchEulerDiscreteScheduler`'s shifted sigmas), timestep = σ·T."""
+
+    def __init__(self, scheduler_config):
+        self.num_timesteps = int(scheduler_config.get("num_train_timesteps", 1000))
+        self.shift = float(scheduler_config.get("shift", 1.0))
+
+    def sample_u(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.sigmoid(torch.randn(n, generator=generator))  # SD3's logit-normal(0, 1)
+
+    def noisy(self, x0, u, noise):
+        """u in [0, 1) per sample -> (x_t, timestep, task target)."""
+        sigma = (self.shift * u / (1 + (self.shift - 1) * u)).to(x0.device, x0.dtype)  # shifted, in (0, 1)
+        s = sigma.view(-1, 1, 1, 1)
+        return (1 - s) * x0 + s * noise, sigma * self.num_timesteps, noise - x0  # velocity target
+
+
+# --- distillation: transformer calls and distilled layers -----------------------------------------------------------
+def _pixart_call_kwargs(x_t, additional_conditions: bool, vae_scale: int) -> dict:
+    if additional_conditions:  # PixArt-α 1024: micro-conditions in pixels
+        b, _, h, w = x_t.shape
+        px = (h * vae_scale, w * vae_scale)
+        return {
+            "added_cond_kwargs": {
+                "resolution": torch.tensor([px] * b, dtype=x_t.dtype, device=x_t.device),
+                "aspect_ratio": torch.tensor([[h / w]] * b, dtype=x_t.dtype, device=x_t.device),
+            }
+        }
+    return {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+
+
+def _no_call_kwargs(x_t, additional_conditions: bool, vae_scale: int) -> dict:
+    return {}
+
+
+def _pixart_attention(transformer, edit) -> list:
+    """PixArt: every block's self-attention `attn1` (the prompt cross-attention stays softmax)."""
+    return [b.attn1 for b in transformer.transformer_blocks]
+
+
+def _sd3_attention(transformer, edit) -> list:
+    """SD3: every block's joint attention `attn`, and SD3.5's image-only `attn2` where the student converted it."""
+    mods = []
+    for b in transformer.transformer_blocks:
+        mods.append(b.attn)
+        if b.attn2 is not None and edit.convert_dual_attention:
+            mods.append(b.attn2)
+    return mods
+
+
+def _unbounded(config) -> int | None:
+    return None  # PixArt interpolates its position embeddings to any grid
+
+
+def _pos_embed_grid(config) -> int | None:
+    return config.pos_embed_max_size  # SD3 crops a fixed position-embedding table
+
+
+@dataclass(frozen=True)
+class TorchFamily:
+    """The torch half of one family (see the module docstring); `spec` is its torch-free half."""
+
+    spec: Family
+    pipelines: tuple[str, ...]
+    teacher: type
+    student: type
+    export_transformer: type[nn.Module]
+    step_callback: Callable[[Callable], dict]
+    noise: Callable[[dict], DDPMNoise | FlowMatchNoise]
+    call_kwargs: Callable[[torch.Tensor, bool, int], dict]
+    attention_modules: Callable[[nn.Module, object], list]
+    max_latent_grid: Callable[[object], int | None]
+    reference_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def arch(self) -> str:
+        return self.spec.convert_arch
+
+
+TORCH_FAMILIES: dict[str, TorchFamily] = {
+    f.name: f
+    for f in (
+        TorchFamily(
+            spec=FAMILIES["pixart"],
+            pipelines=("PixArtSigmaPipeline", "PixArtAlphaPipeline"),
+            teacher=PixArtTransformer2DModel,
+            student=EDiTPixArtTransformer2DModel,
+            export_transformer=PixArtTransformer,
+            step_callback=_legacy_callback,
+            noise=DDPMNoise,
+            call_kwargs=_pixart_call_kwargs,
+            attention_modules=_pixart_attention,
+            max_latent_grid=_unbounded,
+            # the runtime neither cleans captions (bs4 / ftfy) nor bins resolutions
+            reference_kwargs={"clean_caption": False, "use_resolution_binning": False},
+        ),
+        TorchFamily(
+            spec=FAMILIES["sd3"],
+            pipelines=("StableDiffusion3Pipeline",),
+            teacher=SD3Transformer2DModel,
+            student=MMEDiTSD3Transformer2DModel,
+            export_transformer=SD3Transformer,
+            step_callback=_step_end_callback,
+            noise=FlowMatchNoise,
+            call_kwargs=_no_call_kwargs,
+            attention_modules=_sd3_attention,
+            max_latent_grid=_pos_embed_grid,
+        ),
+    )
+}
+if set(TORCH_FAMILIES) != set(FAMILIES):  # the two halves of the registry name the same families
+    raise RuntimeError(f"models/families.py has {sorted(TORCH_FAMILIES)}, runtime/families.py {sorted(FAMILIES)}")
+
+# Lookups derived from the registry.
+SUPPORTED_PIPELINES = {p: f.name for f in TORCH_FAMILIES.values() for p in f.pipelines}  # class name -> family
+ARCHS = {f.arch: f for f in TORCH_FAMILIES.values()}  # convert --arch -> family
+TEACHER_CLASSES = {f.teacher.__name__: f.name for f in TORCH_FAMILIES.values()}
+STUDENT_CLASSES = {f.student.__name__: f.name for f in TORCH_FAMILIES.values()}
+
+
+def torch_family(name: str) -> TorchFamily:
+    if name not in TORCH_FAMILIES:
+        raise UserError(f"unknown model family {name!r}; expected one of {', '.join(TORCH_FAMILIES)}")
+    return TORCH_FAMILIES[name]
+
+
+def pipeline_family(pipe) -> str:
+    """The family name of a loaded diffusers pipeline (UserError for a pipeline class no family runs)."""
+    name = type(pipe).__name__
+    if name not in SUPPORTED_PIPELINES:
+        raise UserError(f"unsupported pipeline class {name}; expected one of {', '.join(SUPPORTED_PIPELINES)}")
+    return SUPPORTED_PIPELINES[name]

@@ -1,0 +1,88 @@
+"""The `ort` backend: an ONNX Runtime InferenceSession over one component's model.onnx (or model.ort)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .io_specs import TensorSpec, as_specs, check_inputs
+
+OPT_LEVELS = ("disable", "basic", "extended", "all")
+
+
+class OrtBackend:
+    """ONNX Runtime InferenceSession over one component's model.onnx."""
+
+    name = "ort"
+    description = "ONNX Runtime"
+    targets = ("onnx", "ort-mobile")  # the package targets whose models it runs
+    platforms = None  # every platform
+    options = frozenset({"threads", "optimization", "providers", "session_config"})
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        input_specs: Iterable[TensorSpec | dict],
+        output_names: list[str],
+        threads: int | None = None,
+        optimization: str = "all",
+        providers: list[str] | None = None,
+        session_config: dict[str, str] | None = None,
+    ):
+        import onnxruntime as ort
+
+        self.model_path = Path(model_path)
+        if self.model_path.suffix == ".mlpackage":
+            raise UserError(
+                f"{model_path} is a Core ML model: use --backend coreml (macOS) or --backend "
+                f"coreml-reference (the numpy reference executor)"
+            )
+        self.input_specs = as_specs(input_specs)
+        self.output_names = list(output_names)
+        available = ort.get_available_providers()
+        providers = list(providers) if providers else ["CPUExecutionProvider"]
+        unknown = [p for p in providers if p not in available]
+        if unknown:
+            raise UserError(
+                f"ONNX Runtime provider(s) {', '.join(unknown)} not available here (available: {', '.join(available)})"
+            )
+        if optimization not in OPT_LEVELS:
+            raise UserError(
+                f"unknown ONNX Runtime optimization level {optimization!r} (choose from {', '.join(OPT_LEVELS)})"
+            )
+        if threads is not None and threads < 1:
+            raise UserError(f"threads must be >= 1, got {threads}")
+        opts = ort.SessionOptions()
+        if threads is not None:
+            opts.intra_op_num_threads = int(threads)
+        opts.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[optimization]
+        for key, value in (session_config or {}).items():  # the manifest's `ort_session_config` (quantized models)
+            opts.add_session_config_entry(str(key), str(value))
+        self.session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=providers)
+        model_inputs = {i.name for i in self.session.get_inputs()}
+        model_outputs = {o.name for o in self.session.get_outputs()}
+        spec_inputs = {s.name for s in self.input_specs}
+        if model_inputs != spec_inputs or not set(self.output_names) <= model_outputs:
+            raise UserError(
+                f"{self.model_path}: the model's inputs {sorted(model_inputs)} / outputs "
+                f"{sorted(model_outputs)} do not match the manifest ({sorted(spec_inputs)} / "
+                f"{self.output_names})"
+            )
+
+    @staticmethod
+    def manifest_options(entry) -> dict:
+        """Options a component's manifest entry sets: the session config entries `edit-mobile quantize` recorded."""
+        return {"session_config": dict(entry.ort_session_config)} if entry.ort_session_config else {}
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_inputs(inputs, self.input_specs, where=str(self.model_path))
+        outs = self.session.run(self.output_names, inputs)
+        return dict(zip(self.output_names, outs))

@@ -1,0 +1,130 @@
+"""The scaling study's models: an architecture's description (from its preset), the teacher / student at a given
+depth and resolution, the transformer's export spec and realistic timing inputs.
+
+`describe` and the model builders import torch (they run in child processes); `timing_inputs` is numpy only (ONNX
+Runtime workers use it). A description is a JSON-able dict:
+  arch, preset, config (the preset transformer's diffusers config), heads, head_dim, latent_channels,
+  out_channels, context_channels (PixArt: T5 caption channels; SD3: joint attention width), pooled (SD3),
+  full_depth, dual_layers (SD3: blocks with dual attention at full depth), patch, vae_factor, text_tokens, timestep
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import archs
+from .plan import ARCHS
+
+ROLE_ALIASES = {"hidden_states": "sample"}  # optimum's input names
+
+
+def describe(arch: str) -> dict:
+    """The architecture of `arch` as the study measures it: its preset's transformer config and the sizes derived
+    from it (imports torch: call it in a child process)."""
+    study = ARCHS[arch]
+    config = archs.transformer_config(study["preset"])
+    return {
+        "arch": arch,
+        "preset": study["preset"],
+        "config": config,
+        "heads": config["num_attention_heads"],
+        "head_dim": config["attention_head_dim"],
+        "latent_channels": config["in_channels"],
+        "out_channels": config["out_channels"],
+        "context_channels": config.get("caption_channels") or config.get("joint_attention_dim"),
+        "pooled": config.get("pooled_projection_dim"),
+        "full_depth": config["num_layers"],
+        "dual_layers": len(config.get("dual_attention_layers") or ()),
+        "patch": config["patch_size"],
+        "vae_factor": archs.vae_scale_factor(study["preset"]),
+        "text_tokens": study["text_tokens"],
+        "timestep": study["timestep"],
+    }
+
+
+def dual_layers(depth: int, desc: dict) -> tuple[int, ...]:
+    """SD3.5-M has dual attention in its first 13 of 24 blocks: keep that share at reduced depth."""
+    full, dual = desc["full_depth"], desc["dual_layers"]
+    return tuple(range(max(1, round(depth * dual / full)))) if depth < full else tuple(range(dual))
+
+
+def build_model(desc: dict, family: str, res: int, depth: int, seed: int = 0):
+    """The teacher (family "softmax") or its conversion (family "edit" / "mm-edit"), random weights, eval mode."""
+    overrides = {"num_layers": depth, "sample_size": res // desc["vae_factor"]}
+    if desc["dual_layers"]:
+        overrides["dual_attention_layers"] = dual_layers(depth, desc)
+    teacher = archs.build_transformer(desc["config"], seed=seed, **overrides)
+    if family == "softmax":
+        return teacher
+    if family == "edit":
+        from edit_mobile.models.edit_pixart import EDiTPixArtTransformer2DModel
+
+        return EDiTPixArtTransformer2DModel.from_teacher(teacher).eval()
+    if family == "mm-edit":
+        from edit_mobile.models.mm_edit_sd3 import MMEDiTSD3Transformer2DModel
+
+        return MMEDiTSD3Transformer2DModel.from_teacher(teacher).eval()
+    raise ValueError(f"unknown model family {family!r}")
+
+
+def transformer_spec(desc: dict, model, res: int, batch: int):
+    """The export spec of the transformer component (docs/package.md), for this resolution and batch."""
+    from edit_mobile.export.components import ComponentSpec, PixArtTransformer, SD3Transformer, TensorSpec
+
+    h = res // desc["vae_factor"]
+
+    def f32(name, *shape):
+        return TensorSpec(name, tuple(shape), "float32")
+
+    common = [f32("sample", batch, desc["latent_channels"], h, h), f32("timestep", batch)]
+    context = f32("encoder_hidden_states", batch, desc["text_tokens"], desc["context_channels"])
+    output = [f32("out_sample", batch, desc["out_channels"], h, h)]
+    if desc["arch"] == "pixart":
+        mask = f32("encoder_attention_mask", batch, desc["text_tokens"])
+        return ComponentSpec("transformer", PixArtTransformer(model), [*common, context, mask], output)
+    pooled = f32("pooled_projections", batch, desc["pooled"])
+    return ComponentSpec("transformer", SD3Transformer(model), [*common, context, pooled], output)
+
+
+def timing_inputs(desc: dict, res: int, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Realistic inputs by role: a noisy latent, a mid-schedule timestep, prompt embeddings (PixArt: the T5 mask
+    of a 24-token prompt, as the pipeline passes it)."""
+    h = res // desc["vae_factor"]
+    rng = np.random.default_rng(seed)
+    out = {
+        "sample": rng.standard_normal((batch, desc["latent_channels"], h, h), dtype=np.float32),
+        "timestep": np.full((batch,), desc["timestep"], dtype=np.float32),
+        "encoder_hidden_states": rng.standard_normal(
+            (batch, desc["text_tokens"], desc["context_channels"]), dtype=np.float32
+        ),
+    }
+    if desc["arch"] == "pixart":
+        mask = np.zeros((batch, desc["text_tokens"]), dtype=np.float32)
+        mask[:, :24] = 1.0
+        out["encoder_attention_mask"] = mask
+    else:
+        out["pooled_projections"] = rng.standard_normal((batch, desc["pooled"]), dtype=np.float32)
+    return out
+
+
+def export_mha_variant(desc: dict, family: str, res: int, depth: int, batch: int, out_dir) -> dict:
+    """The teacher ("softmax") with every attention as fused MHA, or EDiT ("edit") with its softmax prompt
+    cross-attention as fused MHA, then ONNX Runtime's basic folding and transformer optimizer (export/mha.py)."""
+    from edit_mobile.export.mha import export_mha_onnx, use_mha
+
+    if family not in ("softmax", "edit"):
+        raise ValueError("MM-EDiT's softmax terms live inside its processor: no MHA form")
+    model = build_model(desc, family, res, depth)
+    use_mha(model, "all" if family == "softmax" else "cross")
+    spec = transformer_spec(desc, model, res, batch)
+    return export_mha_onnx(
+        spec, out_dir, timing_inputs(desc, res, batch, seed=1), desc["heads"], desc["heads"] * desc["head_dim"]
+    )
+
+
+def optimize_ortopt(desc: dict, src, out_dir) -> dict:
+    """Our teacher graph through ONNX Runtime's transformer optimizer in the mode made for this architecture."""
+    from edit_mobile.export.mha import optimize_transformer
+
+    mode = "mmdit" if desc["arch"] == "sd3" else "bert"
+    return optimize_transformer(src, out_dir / "model.onnx", mode, desc["heads"], desc["heads"] * desc["head_dim"])

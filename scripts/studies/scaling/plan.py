@@ -1,0 +1,203 @@
+"""The scaling study's plan: which architectures, variants, groups and resolutions are measured, and the options.
+
+Torch-free. The architectures' sizes come from the model presets (studies/archs.py), described once per work folder
+by a child process (`describe` in models.py, cached as JSON): `ARCHS` holds only what the study itself chooses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+# What the study chooses per architecture; the architecture itself is the preset's transformer (studies/archs.py).
+ARCHS = {
+    "pixart": {
+        "preset": "pixart-sigma-xl",
+        "title": "PixArt-Σ-XL",
+        "student": "edit",
+        "text_tokens": 300,  # T5 prompt tokens PixArt-Σ's pipeline encodes
+        "timestep": 999.0,
+    },
+    "sd3": {
+        "preset": "sd35-medium",
+        "title": "SD3.5-Medium",
+        "student": "mm-edit",
+        "text_tokens": 77 + 256,  # CLIP tokens + T5 tokens, as SD3's pipeline concatenates them
+        "timestep": 500.0,
+    },
+}
+GROUPS = {
+    "attention": ["softmax", "softmax-mha", "softmax-ortopt", "@student", "@student-mha"],
+    "int8": ["@student", "@student-int8", "softmax-int8"],
+    "torch": ["@student", "torch-@student", "torch-softmax"],
+    "optimum": ["softmax", "optimum", "@student"],
+    # ONNX Runtime's CPU memory arena (BFC, on by default) vs plain malloc / free: the peak-memory question
+    "arena": ["@student", "@student+noarena"],
+}
+ALL_GROUPS = ["attention", "int8", "torch", "optimum", "arena", "full-depth", "full-depth-noarena"]
+
+
+def tokens(res: int, desc: dict) -> int:
+    """Image tokens of the transformer at `res`² pixels (VAE factor, then patches)."""
+    return (res // desc["vae_factor"] // desc["patch"]) ** 2
+
+
+def plan(args, descs: dict[str, dict]) -> list[dict]:
+    """The measured points: (arch, resolution, depth, group, variants, warm-up, runs, call timeout). `descs`: the
+    architecture descriptions (models.describe) by arch."""
+    steps = []
+    student_groups = [g for g in ("attention", "int8") if g in args.groups and (g != "int8" or args.int8)]
+
+    def add(arch, res, depth, group, warmup=None, runs=None):
+        student = ARCHS[arch]["student"]
+        variants = [v.replace("@student", student) for v in GROUPS[group]]
+        if arch == "pixart":
+            variants = [v for v in variants if v != "softmax-ortopt"]  # pixart: no attention fusion exists
+        else:
+            variants = [v for v in variants if v != "mm-edit-mha"]  # its softmax terms are inside its processor
+        if res >= 2048:
+            # Memory: the workers of a group are alive together; at 2048² an EDiT worker holds ~6 GB, so the group
+            # keeps one EDiT graph per precision (the fused-cross-attention EDiT is measured up to 1024²).
+            variants = [v for v in variants if v != f"{student}-mha"]
+            runs = args.runs_large if runs is None else runs
+        if res >= 4096:  # minutes per call: one cold call each; the fp32 EDiT is not repeated in the int8 group
+            warmup, runs = 0, 1
+            if group == "int8":
+                variants = [v for v in variants if v != student]
+        steps.append(
+            {
+                "arch": arch,
+                "res": res,
+                "depth": depth,
+                "group": group,
+                "variants": variants,
+                "warmup": args.warmup if warmup is None else warmup,
+                "runs": args.runs if runs is None else runs,
+                "call_timeout": args.call_timeout,
+            }
+        )
+
+    if args.quick:
+        for res in (256, 512):
+            add("pixart", res, args.depth or 1, "attention")
+        if args.int8:
+            add("pixart", 512, args.depth or 1, "int8")
+        return steps
+    depth = args.depth or 2
+    for arch in args.archs:
+        for res in args.resolutions if arch == "pixart" else args.sd3_resolutions:
+            for group in student_groups:
+                add(arch, res, depth, group)
+            if "torch" in args.groups and args.torch and res in args.torch_resolutions and arch in args.torch_archs:
+                add(arch, res, depth, "torch")
+            if "optimum" in args.groups and arch == "sd3" and args.with_optimum and res == args.optimum_resolution:
+                add(arch, res, depth, "optimum")
+    if "arena" in args.groups and "pixart" in args.archs:
+        for res in args.arena_resolutions:
+            add("pixart", res, depth, "arena")
+    if args.full_depth_2048 and "pixart" in args.archs:
+        # The complete PixArt-Σ-XL EDiT (the preset's depth, 28 blocks) at 2048²: one cold call each (its time and
+        # its peak memory), with ONNX Runtime's default CPU arena and without it, one after the other (~8 GB each).
+        for group, variant in (("full-depth", "edit"), ("full-depth-noarena", "edit+noarena")):
+            if group not in args.groups:
+                continue
+            steps.append(
+                {
+                    "arch": "pixart",
+                    "res": 2048,
+                    "depth": descs["pixart"]["full_depth"],
+                    "group": group,
+                    "variants": [variant],
+                    "warmup": 0,
+                    "runs": 1,
+                    "call_timeout": 3 * args.call_timeout,
+                }
+            )
+    return steps
+
+
+def build_parser(description: str = "") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="PixArt-XL width, 1 layer, 256² and 512², softmax / fused-MHA teacher / EDiT (minutes)",
+    )
+    p.add_argument("--archs", nargs="+", choices=list(ARCHS), default=list(ARCHS))
+    p.add_argument(
+        "--resolutions",
+        nargs="+",
+        type=int,
+        default=[256, 512, 1024, 2048, 4096],
+        help="PixArt resolutions (default 256 512 1024 2048 4096)",
+    )
+    p.add_argument(
+        "--sd3-resolutions", nargs="+", type=int, default=[512, 1024], help="SD3.5-M resolutions (default 512 1024)"
+    )
+    p.add_argument("--depth", type=int, default=None, help="transformer blocks (default 2; --quick: 1)")
+    p.add_argument("--batch", type=int, default=1, help="transformer batch (default 1: one CFG half)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads (default: all cores)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per variant (default 1)")
+    p.add_argument("--runs", type=int, default=3, help="timed calls per variant (default 3)")
+    p.add_argument("--runs-large", type=int, default=2, help="timed calls at 2048² and above (default 2)")
+    p.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 group")
+    p.add_argument("--no-torch", dest="torch", action="store_false", help="skip the PyTorch eager group")
+    p.add_argument("--torch-resolutions", nargs="+", type=int, default=[512, 1024])
+    p.add_argument("--torch-archs", nargs="+", choices=list(ARCHS), default=["pixart"])
+    p.add_argument(
+        "--arena-resolutions",
+        nargs="+",
+        type=int,
+        default=[2048],
+        help="PixArt resolutions of the arena group (default 2048)",
+    )
+    p.add_argument(
+        "--groups", nargs="+", choices=ALL_GROUPS, default=ALL_GROUPS, help="which groups to run (default all)"
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge into the existing output JSON: rows of the groups measured now replace the same "
+        "(arch, resolution, depth, group) rows of earlier runs, the others are kept (each row names "
+        "its run; ratios stay within one group of one run)",
+    )
+    p.add_argument(
+        "--no-full-depth",
+        dest="full_depth_2048",
+        action="store_false",
+        help="skip the 28-layer PixArt-Σ-XL EDiT call at 2048²",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="ONNX Runtime per-op profile of every ONNX variant (default: on for the attention group up to 1024²)",
+    )
+    p.add_argument(
+        "--with-optimum",
+        action="store_true",
+        help="also export the SD3 teacher with optimum-onnx in its own venv and time it",
+    )
+    p.add_argument("--optimum-resolution", type=int, default=1024)
+    p.add_argument("--optimum-venv", default="out/optimum-venv")
+    p.add_argument(
+        "--mem-limit-gb",
+        type=float,
+        default=16.0,
+        help="per-worker memory limit: address space and RSS watchdog (default 16)",
+    )
+    p.add_argument("--call-timeout", type=float, default=900.0, help="seconds per call before 'timeout'")
+    p.add_argument("--export-timeout", type=float, default=3600.0)
+    p.add_argument("--work-dir", default="out/bench_scaling", help="exported graphs, results, profiles")
+    p.add_argument("--retry-failed", action="store_true", help="retry exports that failed in an earlier run")
+    p.add_argument(
+        "--render-only",
+        action="store_true",
+        help="measure nothing: re-render the plot and Markdown from the output JSON",
+    )
+    p.add_argument(
+        "--docs",
+        action="store_true",
+        help="write docs/bench_scaling.json, docs/bench_scaling.png and the section of docs/benchmarks.md"
+        " (default: only into the work folder)",
+    )
+    return p
