@@ -136,7 +136,7 @@ def compress_program(src: Path, dst: Path, precision: str, samples: list[dict[st
     ct = import_coremltools()
     import coremltools.optimize.coreml as cto
 
-    from ..runtime.coreml_reference import CoreMLReferenceProgram
+    from ..runtime.mil import MILProgram
 
     with quiet_coremltools():
         mlmodel = ct.models.MLModel(str(src), skip_model_load=True)
@@ -144,7 +144,7 @@ def compress_program(src: Path, dst: Path, precision: str, samples: list[dict[st
             if not samples:
                 raise UserError("w8a8 needs calibration inputs")
             try:
-                mlmodel = _quantize_activations(mlmodel, activation_ranges(CoreMLReferenceProgram(src), samples))
+                mlmodel = _quantize_activations(mlmodel, activation_ranges(MILProgram(src), samples))
             except ValueError as e:  # e.g. a quantize op inserted on an int32 tensor (T5's position buckets)
                 raise UserError(
                     f"coremltools cannot quantize the activations of {src.parent.name}: "
@@ -163,16 +163,16 @@ def check_expansion(path: Path) -> dict:
     ct = import_coremltools()
     import coremltools.optimize.coreml as cto
 
-    from ..runtime.coreml_reference import CoreMLReferenceProgram
+    from ..runtime.mil import MILProgram
 
-    program = CoreMLReferenceProgram(path)
+    program = MILProgram(path)
     ours = program.constants()
     compressed = [op.outputs[0].name for op in program.ops if op.type.startswith("constexpr_")]
     with quiet_coremltools():
         decompressed = cto.decompress_weights(ct.models.MLModel(str(path), skip_model_load=True))
     with tempfile.TemporaryDirectory() as tmp:  # the decompressed program, read back like any saved package
         decompressed.save(str(Path(tmp) / "decompressed.mlpackage"))
-        reference = CoreMLReferenceProgram(Path(tmp) / "decompressed.mlpackage").constants()
+        reference = MILProgram(Path(tmp) / "decompressed.mlpackage").constants()
     for name in compressed:
         if name not in reference:
             raise RuntimeError(f"{path}: coremltools' decompression has no constant {name!r}")
@@ -311,9 +311,9 @@ def _size(path: Path) -> int:
 
 def _compare_programs(src: Path, dst: Path, samples: list[dict]) -> dict:
     """Worst output PSNR of the compressed program against the source program on recorded inputs."""
-    from ..runtime.coreml_reference import CoreMLReferenceProgram
+    from ..runtime.mil import MILProgram
 
-    a, b = CoreMLReferenceProgram(src), CoreMLReferenceProgram(dst)
+    a, b = MILProgram(src), MILProgram(dst)
     worst = float("inf")
     for sample in samples:
         ra, rb = a.run(sample), b.run(sample)

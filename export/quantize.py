@@ -30,6 +30,7 @@ from .calibration import (
     record_calibration,
 )
 from .package_writer import write_package
+from .targets import export_target
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,7 @@ def quantize_package(
     calib = record_calibration(package, prompts, steps=calibration_steps, seed=seed, threads=threads)
     logger.info("calibration recorded in %.1f s", time.perf_counter() - start)
     new = copy.deepcopy(package.manifest)
+    packaging = export_target(package.target)  # what an ONNX file becomes in this target (ort-mobile: .ort)
     new.validation = None
     with write_package(out, overwrite=overwrite) as writer:
         tmp = writer.root
@@ -151,21 +153,14 @@ def quantize_package(
                 sensitivity=sensitivity,
                 threads=threads,
             )
-            path = tmp / name / "model.onnx"
-            if package.target == "ort-mobile":
-                from .package import convert_to_ort
-
-                path = convert_to_ort(path)
+            path = packaging.convert(tmp / name / "model.onnx")  # ort-mobile: model.ort beside it
             entry.path = path.relative_to(tmp).as_posix()
             entry.precision = prec
             entry.gate_psnr_db = GATES_DB[prec]
             if prec in ("int8-dynamic", "int8-weights"):
                 entry.ort_session_config = dict(qo.WEIGHT_DQ_SESSION_CONFIG)
             entry.quantization = info
-        if package.target == "ort-mobile":
-            from .package import write_reduced_operator_config
-
-            write_reduced_operator_config(tmp, [tmp / e.path for e in new.components.values()])
+        packaging.finish(tmp, [tmp / e.path for e in new.components.values()])  # ort-mobile: the operator list
         new.quantization = {
             "from": str(package_dir),
             "components": dict(plan),

@@ -4,7 +4,6 @@ package, compared per component, per denoising step and on the final image, with
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 
 from ..models.convert import load_pipeline, pipeline_family
 from ..models.families import torch_family
-from ..runtime.backends import component_backend
+from ..runtime.backends import backend_for_target, component_backend
 from ..runtime.errors import UserError
 from ..runtime.families import family
 from ..runtime.metrics import compare, psnr
@@ -50,9 +49,7 @@ class ValidationOptions:
 
 def validation_backend(package: Package) -> str:
     """ONNX Runtime for ONNX packages; Core ML on macOS, else the numpy reference executor, for Core ML ones."""
-    if package.target != "coreml":
-        return "ort"
-    return "coreml" if sys.platform == "darwin" else "coreml-reference"
+    return backend_for_target(package.target)
 
 
 def _to_np(x) -> np.ndarray:
