@@ -28,11 +28,11 @@ def build_parser(parser):
 
 
 def main(args) -> int:
-    import shutil
     from pathlib import Path
 
     from ..export.package import export_package
     from ..export.validate import ValidationOptions, validate
+    from ..runtime.atomic import atomic_output_dir
     from ..runtime.errors import UserError
     from ..runtime.evaluate import evaluate_with_images, format_report, image_grid, write_json_atomic
     from ..runtime.pipeline import save_png
@@ -45,13 +45,8 @@ def main(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"cannot write {out}: it exists and is not a folder")
-    if not out.resolve().parent.is_dir():
-        raise UserError(f"cannot write {out}: folder {out.resolve().parent} does not exist")
-    # Everything is made in a sibling temporary folder and moved into place at the end: no half-written demo.
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    # Everything is made in a temporary sibling folder that becomes DIR at the end: no half-written demo.
+    with atomic_output_dir(out, overwrite=True) as tmp:
         package = tmp / "package"
         # Single-shape captions need at most 26 of the shapes models' T5 tokens.
         export_package(args.model, package, target="onnx", resolution=args.resolution, max_text_tokens=32)
@@ -66,11 +61,6 @@ def main(args) -> int:
         write_json_atomic(validation, tmp / "validation.json")
         passed = validation["passed"]
         print(f"validation against PyTorch: {'passed' if passed else 'FAILED'} (report in validation.json)")
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     accuracy = report["accuracy"]
     print(
         f"demo done: {out / 'grid.png'}; prompt accuracy {accuracy['all']:.0%} with every attribute right "

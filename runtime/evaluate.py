@@ -21,7 +21,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import random
 import textwrap
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .atomic import write_file_atomic
 from .errors import UserError
 from .scenes import ATTRIBUTES, RADIUS, Scene, Shape, evaluation_scenes, parse_caption
 
@@ -360,21 +360,7 @@ def evaluate(
 # --- output ------------------------------------------------------------------------------------------------------
 def write_json_atomic(data: dict, path: str | Path) -> Path:
     """Write JSON to a temporary file in the same folder, then rename it into place."""
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"cannot write {path}: folder {parent} does not exist")
-    tmp = parent / f".{path.name}.{os.getpid()}.tmp"
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return write_file_atomic(path, lambda f: f.write((json.dumps(data, indent=2) + "\n").encode("utf-8")))
 
 
 def image_grid(images: Sequence[Image.Image], report: dict, tile: int = 160, columns: int = 4) -> np.ndarray:

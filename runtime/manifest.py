@@ -13,12 +13,12 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import posixpath
 from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .atomic import write_file_atomic
 from .errors import UserError
 from .families import FAMILIES as FAMILY_REGISTRY
 from .io_specs import DTYPE_NAMES, TensorSpec
@@ -460,22 +460,8 @@ class Manifest:
         return out
 
     def save(self, root: str | Path) -> Path:
-        """Write `root/manifest.json` atomically (manifest.json.tmp, fsync, then os.replace); returns its path.
+        """Write `root/manifest.json` atomically (a temporary file, fsync, then os.replace); returns its path.
 
         On any error (also a field that is not JSON-serialisable) the previous manifest.json stays as it was."""
-        final = Path(root) / MANIFEST
-        tmp = final.with_name(MANIFEST + ".tmp")
-        try:
-            with open(tmp, "w", encoding="utf-8") as out:
-                json.dump(self.to_dict(), out, indent=2)
-                out.write("\n")
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, final)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise UserError(f"cannot write {final}: {e.strerror}") from None
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return final
+        text = json.dumps(self.to_dict(), indent=2) + "\n"  # fails before anything is written
+        return write_file_atomic(Path(root) / MANIFEST, lambda f: f.write(text.encode("utf-8")))

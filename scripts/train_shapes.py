@@ -61,15 +61,11 @@ def stage_pipeline(work: Path, family: str) -> None:
     tmp.rename(work / f"{family}-untrained")
 
 
-# The teachers' recipe (docs/shapes.md): identical for both families.
-TEACHER_ARGS = [
+# The recipe (docs/shapes.md), identical for both families. Teachers and students share the data, batch, schedule
+# shape, EMA, caption dropout, text length and checkpointing; they differ in resolutions, length and learning rate.
+TRAINING_ARGS = [
     "--data", "synthetic-single:100000",
-    "--resolution", "32", "64",
-    "--stage-steps", "3000", "6000",
-    "--steps", "9000",
     "--batch-size", "32",
-    "--lr", "1e-3",
-    "--warmup-steps", "300",
     "--lr-schedule", "cosine",
     "--ema-decay", "0.999",
     "--caption-dropout", "0.1",
@@ -77,6 +73,15 @@ TEACHER_ARGS = [
     "--checkpoint-every", "250",
     "--keep-checkpoints", "1",
 ]  # fmt: skip
+TEACHER_ARGS = [
+    *TRAINING_ARGS,
+    "--resolution", "32", "64",
+    "--stage-steps", "3000", "6000",
+    "--steps", "9000",
+    "--lr", "1e-3",
+    "--warmup-steps", "300",
+]  # fmt: skip
+STUDENT_ARGS = [*TRAINING_ARGS, "--resolution", "64", "--steps", "3000", "--lr", "3e-4", "--warmup-steps", "100"]
 
 
 def stage_teacher(work: Path, family: str) -> None:
@@ -85,22 +90,6 @@ def stage_teacher(work: Path, family: str) -> None:
     cmd = [sys.executable, "-m", "edit_mobile.cli", "distill", "--student", str(work / f"{family}-untrained")]
     cmd += ["--out", str(out), *TEACHER_ARGS, "--resume"]
     subprocess.run(cmd, check=True)
-
-
-STUDENT_ARGS = [
-    "--data", "synthetic-single:100000",
-    "--resolution", "64",
-    "--steps", "3000",
-    "--batch-size", "32",
-    "--lr", "3e-4",
-    "--warmup-steps", "100",
-    "--lr-schedule", "cosine",
-    "--ema-decay", "0.999",
-    "--caption-dropout", "0.1",
-    "--max-text-tokens", "32",
-    "--checkpoint-every", "250",
-    "--keep-checkpoints", "1",
-]  # fmt: skip
 
 
 def stage_student(work: Path, family: str, arch: str) -> None:

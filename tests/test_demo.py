@@ -25,7 +25,7 @@ def test_demo_writes_package_grid_and_reports(tmp_path, capsys):
     assert all(0 <= v <= 1 for v in evaluation["accuracy"].values())
     assert json.loads((out / "validation.json").read_text())["passed"] is True
     assert "demo done" in capsys.readouterr().out
-    assert not (tmp_path / ".demo.tmp").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]  # no temporary folder left
 
 
 @pytest.mark.parametrize(
@@ -41,4 +41,4 @@ def test_demo_bad_input_is_one_line_exit_2(tmp_path, capsys, extra, expected):
     assert cli(["demo", "--out", str(out), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert expected in err and len(err.splitlines()) == 1, err
-    assert not out.exists() and not (tmp_path / ".demo.tmp").exists()
+    assert not list(tmp_path.iterdir())  # neither DIR nor a temporary folder
