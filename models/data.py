@@ -31,8 +31,8 @@ import numpy as np
 from PIL import Image
 
 from ..runtime.errors import UserError
-from ..runtime.families import family as family_spec
 from ..runtime.scenes import training_scene
+from .families import torch_family
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,8 @@ class PipelineEncoder:
         self, pipe, family: str, device, dtype, max_text_tokens: int | None = None, cache_bytes: int = 4 << 30
     ):
         self.pipe, self.family, self.device, self.dtype = pipe, family, device, dtype
-        self.max_text_tokens = max_text_tokens or family_spec(family).default_text_tokens
+        self.rules = torch_family(family)  # how this family encodes and batches captions
+        self.max_text_tokens = max_text_tokens or self.rules.spec.default_text_tokens
         self.cache_bytes, self.cached_bytes = cache_bytes, 0
         self._text: dict[str, tuple] = {}
         self._latents: dict[tuple, object] = {}
@@ -165,42 +166,11 @@ class PipelineEncoder:
         import torch
 
         with torch.no_grad():
-            if self.family == "pixart":
-                # Encode at the caption's own length: under T5's attention mask the padding to max_text_tokens
-                # that the pipeline adds changes nothing for the caption's tokens, and costs up to 300 tokens.
-                text = self.pipe._text_preprocessing(caption, clean_caption=False)[0]
-                n_tokens = len(self.pipe.tokenizer(text, truncation=True, max_length=self.max_text_tokens).input_ids)
-                emb, mask, _, _ = self.pipe.encode_prompt(
-                    caption,
-                    do_classifier_free_guidance=False,
-                    device=self.device,
-                    clean_caption=False,
-                    max_sequence_length=n_tokens,
-                )
-                n = max(int(mask[0].sum()), 1)
-                return (emb[0, :n].to(self.dtype),)  # (n, D): the caption's tokens only
-            emb, _, pooled, _ = self.pipe.encode_prompt(
-                caption,
-                caption,
-                caption,
-                device=self.device,
-                do_classifier_free_guidance=False,
-                max_sequence_length=self.max_text_tokens,
-            )
-            return emb[0].to(self.dtype), pooled[0].to(self.dtype)  # (T, D), (P,)
+            return self.rules.encode_caption(self.pipe, caption, self.device, self.dtype, self.max_text_tokens)
 
     def text(self, captions: list[str]) -> TextBatch:
-        import torch
-
         items = [self._text.get(c) or self._remember(self._text, c, self._encode_caption(c)) for c in captions]
-        if self.family == "pixart":
-            n = max(item[0].shape[0] for item in items)
-            emb = torch.zeros(len(items), n, items[0][0].shape[-1], dtype=self.dtype, device=self.device)
-            mask = torch.zeros(len(items), n, dtype=torch.long, device=self.device)
-            for i, (e,) in enumerate(items):
-                emb[i, : e.shape[0]], mask[i, : e.shape[0]] = e, 1
-            return TextBatch(emb, encoder_attention_mask=mask)
-        return TextBatch(torch.stack([e for e, _ in items]), pooled_projections=torch.stack([p for _, p in items]))
+        return TextBatch(**self.rules.collate_text(items, self.dtype, self.device))
 
     def _encode_image(self, source, index: int, resolution: int):
         import torch

@@ -155,6 +155,43 @@ def _pos_embed_grid(config) -> int | None:
     return config.pos_embed_max_size  # SD3 crops a fixed position-embedding table
 
 
+def _pixart_encode_caption(pipe, caption: str, device, dtype, max_tokens: int) -> tuple:
+    """T5 states of the caption's own tokens: under T5's attention mask the padding to max_tokens that the pipeline
+    adds changes nothing for them, and would cost up to 300 tokens per caption."""
+    text = pipe._text_preprocessing(caption, clean_caption=False)[0]
+    n_tokens = len(pipe.tokenizer(text, truncation=True, max_length=max_tokens).input_ids)
+    emb, mask, _, _ = pipe.encode_prompt(
+        caption, do_classifier_free_guidance=False, device=device, clean_caption=False, max_sequence_length=n_tokens
+    )
+    n = max(int(mask[0].sum()), 1)
+    return (emb[0, :n].to(dtype),)  # (n, D)
+
+
+def _pixart_collate(items: list[tuple], dtype, device) -> dict:
+    """Pad a batch to its longest caption, with the attention mask (equal to the pipeline's fixed-length padding)."""
+    n = max(item[0].shape[0] for item in items)
+    emb = torch.zeros(len(items), n, items[0][0].shape[-1], dtype=dtype, device=device)
+    mask = torch.zeros(len(items), n, dtype=torch.long, device=device)
+    for i, (e,) in enumerate(items):
+        emb[i, : e.shape[0]], mask[i, : e.shape[0]] = e, 1
+    return {"encoder_hidden_states": emb, "encoder_attention_mask": mask}
+
+
+def _sd3_encode_caption(pipe, caption: str, device, dtype, max_tokens: int) -> tuple:
+    """The joint CLIP-L/G + T5 prompt embeddings and the pooled projections (SD3 has no text mask)."""
+    emb, _, pooled, _ = pipe.encode_prompt(
+        caption, caption, caption, device=device, do_classifier_free_guidance=False, max_sequence_length=max_tokens
+    )
+    return emb[0].to(dtype), pooled[0].to(dtype)  # (T, D), (P,)
+
+
+def _sd3_collate(items: list[tuple], dtype, device) -> dict:
+    return {
+        "encoder_hidden_states": torch.stack([e for e, _ in items]),
+        "pooled_projections": torch.stack([p for _, p in items]),
+    }
+
+
 @dataclass(frozen=True)
 class TorchFamily:
     """The torch half of one family (see the module docstring); `spec` is its torch-free half."""
@@ -169,6 +206,9 @@ class TorchFamily:
     call_kwargs: Callable[[torch.Tensor, bool, int], dict]
     attention_modules: Callable[[nn.Module, object], list]
     max_latent_grid: Callable[[object], int | None]
+    # Distillation data: one caption -> its cached encoding (tensors), a batch of those -> the transformer's kwargs.
+    encode_caption: Callable[..., tuple]
+    collate_text: Callable[[list[tuple], object, object], dict]
     reference_kwargs: dict = field(default_factory=dict)
 
     @property
@@ -194,6 +234,8 @@ TORCH_FAMILIES: dict[str, TorchFamily] = {
             call_kwargs=_pixart_call_kwargs,
             attention_modules=_pixart_attention,
             max_latent_grid=_unbounded,
+            encode_caption=_pixart_encode_caption,
+            collate_text=_pixart_collate,
             # the runtime neither cleans captions (bs4 / ftfy) nor bins resolutions
             reference_kwargs={"clean_caption": False, "use_resolution_binning": False},
         ),
@@ -208,6 +250,8 @@ TORCH_FAMILIES: dict[str, TorchFamily] = {
             call_kwargs=_no_call_kwargs,
             attention_modules=_sd3_attention,
             max_latent_grid=_pos_embed_grid,
+            encode_caption=_sd3_encode_caption,
+            collate_text=_sd3_collate,
         ),
     )
 }
