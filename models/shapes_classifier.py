@@ -27,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import ImageFilter
 from torch import nn
 
 from ..runtime.atomic import atomic_output_dir
+from ..runtime.evaluate import to_input
 from ..runtime.scenes import ATTRIBUTES, RADIUS, Scene, Shape, all_combinations, evaluation_scenes
 
 logger = logging.getLogger(__name__)
@@ -113,17 +114,6 @@ def random_scene(rng: random.Random, combo: tuple[str, str, str, str]) -> Scene:
     radius = rng.uniform(*RADIUS[size])
     cx, cy = rng.uniform(radius, 1 - radius), rng.uniform(radius, 1 - radius)
     return Scene(background, (Shape(shape, color, size, cx, cy, radius),))
-
-
-def to_input(images: list[Image.Image], resolution: int = 64) -> np.ndarray:
-    """PIL images -> float32 (N, 3, R, R) in [0, 1] (resized with PIL bilinear, as the runtime does)."""
-    arrays = []
-    for im in images:
-        im = im.convert("RGB")
-        if im.size != (resolution, resolution):
-            im = im.resize((resolution, resolution), Image.BILINEAR)
-        arrays.append(np.asarray(im, dtype=np.uint8))
-    return np.stack(arrays).transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
 
 
 def augmented_batch(

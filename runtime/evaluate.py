@@ -51,6 +51,18 @@ def default_classifier_path() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "assets" / CLASSIFIER_ONNX
 
 
+def to_input(images: Sequence[Image.Image], resolution: int = 64) -> np.ndarray:
+    """PIL images (any size) -> float32 (N, 3, R, R) in [0, 1], resized with PIL bilinear: the classifier's input,
+    the same in its training (models/shapes_classifier.py) and in scoring."""
+    arrays = []
+    for im in images:
+        im = im.convert("RGB")
+        if im.size != (resolution, resolution):
+            im = im.resize((resolution, resolution), Image.BILINEAR)
+        arrays.append(np.asarray(im, dtype=np.uint8))
+    return np.stack(arrays).transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
+
+
 class ShapesClassifier:
     """The shipped attribute classifier on ONNX Runtime: PIL images -> per-attribute probabilities and features."""
 
@@ -80,15 +92,7 @@ class ShapesClassifier:
             raise UserError(f"{self.path}: outputs {sorted(missing)} missing")
 
     def preprocess(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """PIL images (any size) -> float32 (N, 3, R, R) in [0, 1], resized with PIL bilinear."""
-        r = self.resolution
-        arrays = []
-        for im in images:
-            im = im.convert("RGB")
-            if im.size != (r, r):
-                im = im.resize((r, r), Image.BILINEAR)
-            arrays.append(np.asarray(im, dtype=np.uint8))
-        return np.stack(arrays).transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
+        return to_input(images, self.resolution)
 
     def __call__(self, images: Sequence[Image.Image], batch: int = 64) -> dict:
         """{"probabilities": {attribute: (N, values)}, "predicted": [{attribute: value}], "confidence":

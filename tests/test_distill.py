@@ -32,6 +32,15 @@ def _weights(folder):
     return EDiTPixArtTransformer2DModel.from_pretrained(folder / "transformer").state_dict()
 
 
+def _interrupted_at_step_2(full, part):
+    """An interrupted run: its folder holds the config, the step-2 checkpoint and losses logged past it."""
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step-2", part / "checkpoints" / "step-2")
+    for name in ("distill_config.json", "losses.csv"):
+        shutil.copy(full / name, part / name)
+    return part
+
+
 def test_cli_distill_lowers_loss_and_writes_an_exportable_pipeline(tiny_dirs, tmp_path):
     from edit_mobile.export.package import export_package
     from edit_mobile.models.convert import load_pipeline
@@ -113,12 +122,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_dirs, tmp_path):
 
     full = tmp_path / "full"
     distill(config(full))
-    # An interrupted run: its folder holds the config, the step-2 checkpoint and losses logged past it.
-    part = tmp_path / "part"
-    (part / "checkpoints").mkdir(parents=True)
-    shutil.copytree(full / "checkpoints" / "step-2", part / "checkpoints" / "step-2")
-    for name in ("distill_config.json", "losses.csv"):
-        shutil.copy(full / name, part / name)
+    part = _interrupted_at_step_2(full, tmp_path / "part")
     distill(config(part), resume=True)
 
     a, b = _weights(full), _weights(part)
@@ -156,11 +160,7 @@ def test_training_from_scratch_resumes_exactly_and_writes_the_ema_weights(tiny_d
 
     full = tmp_path / "full"
     distill(config(full))
-    part = tmp_path / "part"
-    (part / "checkpoints").mkdir(parents=True)
-    shutil.copytree(full / "checkpoints" / "step-2", part / "checkpoints" / "step-2")
-    for name in ("distill_config.json", "losses.csv"):
-        shutil.copy(full / name, part / name)
+    part = _interrupted_at_step_2(full, tmp_path / "part")
     distill(config(part), resume=True)
 
     written, resumed = weights(full), weights(part)
