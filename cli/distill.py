@@ -113,7 +113,8 @@ def main(args) -> int:
     import sys
     from pathlib import Path
 
-    from ..models.distill import DistillConfig, distill, parse_loss_weights, parse_resolutions
+    from ..models.distill import distill
+    from ..models.distill_config import DistillConfig, parse_loss_weights, parse_resolutions
 
     def absolute(p):  # folders are recorded as absolute paths, so that --resume from elsewhere compares equal
         return str(Path(p).resolve()) if Path(p).exists() else p

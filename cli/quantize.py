@@ -26,6 +26,7 @@ example:
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 
 HELP = "quantize a package's components (fp16, int8 dynamic / static / weight-only) into a new package"
@@ -92,7 +93,7 @@ def main(args) -> int:
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     steps = DEFAULT_STEPS if args.calibration_steps is None else args.calibration_steps
-    with _without_ort_quantizer_notes():
+    with _quiet_ort_quantizers():
         new = quantize_package(
             args.package,
             args.out,
@@ -119,16 +120,18 @@ def main(args) -> int:
 
 
 @contextlib.contextmanager
-def _without_ort_quantizer_notes():
+def _quiet_ort_quantizers():
     """While the command runs, its log handlers (the root logger's, set up by cli/main.py) drop the per-tensor INFO
-    notes ONNX Runtime's quantizers log on the root logger; the handlers are as before afterwards."""
+    notes ONNX Runtime's quantizers log on the root logger, and the progress its histogram calibrators `print` goes
+    nowhere; the handlers and stdout are as before afterwards."""
     from ..export.quantize_onnx import OrtQuantizerNotes
 
     notes, handlers = OrtQuantizerNotes(), list(logging.getLogger().handlers)
     for handler in handlers:
         handler.addFilter(notes)
     try:
-        yield
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
     finally:
         for handler in handlers:
             handler.removeFilter(notes)

@@ -1,7 +1,7 @@
 """Core ML export of one component: model + spec -> model.mlpackage (an ML program with static shapes), checked.
 
 Conversion path: `torch.export.export` -> `run_decompositions(table)` -> `coremltools.convert`. The older
-`torch.jit.trace` route of coremltools fails with numpy >= 2.4 (DESIGN.md §4), and torch.export is the path
+`torch.jit.trace` route of coremltools fails with numpy >= 2.4, and torch.export is the path
 coremltools develops for new torch releases, so it is the only one used. `run_decompositions` is given the empty
 (= keep ATen ops) table that coremltools asks for, plus decompositions of the few ATen ops its torch frontend
 does not know (listed in `_decompositions`); anything else would lower ops such as layer_norm into primitives

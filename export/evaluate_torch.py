@@ -19,7 +19,8 @@ from PIL import Image
 from ..models.convert import load_pipeline, pipeline_family
 from ..models.families import torch_family
 from ..runtime.errors import UserError
-from ..runtime.pipeline import DEFAULT_GUIDANCE, initial_noise
+from ..runtime.families import family as family_spec
+from ..runtime.pipeline import initial_noise
 
 
 def generate_with_diffusers(
@@ -34,7 +35,7 @@ def generate_with_diffusers(
     """A preset name or diffusers pipeline folder -> (PIL images, {"kind", "family", "resolution", "guidance"})."""
     pipe = load_pipeline(src)
     family = pipeline_family(pipe)
-    guidance = DEFAULT_GUIDANCE[family] if guidance is None else float(guidance)
+    guidance = family_spec(family).default_guidance if guidance is None else float(guidance)
     config = pipe.transformer.config
     scale = pipe.vae_scale_factor
     side = resolution if resolution is not None else int(config.sample_size) * scale

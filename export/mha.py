@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .components import ComponentSpec
-from .onnx_export import OPSET, inline_initializer_identities
+from .onnx_export import trace_onnx
 
 
 def _mha_function():
@@ -170,21 +170,7 @@ def export_mha_onnx(
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = spec.module(*example).numpy()
-        torch.onnx.export(
-            spec.module.eval(),
-            example,
-            str(raw),
-            input_names=[s.name for s in spec.inputs],
-            output_names=[s.name for s in spec.outputs],
-            opset_version=OPSET,
-            dynamo=False,
-            do_constant_folding=True,
-            custom_opsets={"com.microsoft": 1},
-        )
-    # As our exporter does: the tracer turns equal constants (a fresh EDiT's GroupNorm weights in every block)
-    # into Identity nodes that ONNX Runtime's optimizer then drops while later nodes still read them.
-    proto = onnx.load(str(raw))
-    inline_initializer_identities(proto)
+        proto = trace_onnx(spec.module.eval(), example, spec, raw, custom_opsets={"com.microsoft": 1})
     onnx.save_model(proto, str(raw))
     del proto
     opts = ort.SessionOptions()

@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 # Opset 17: the first with LayerNormalization as one op (every transformer block uses it), supported by every
 # ONNX Runtime >= 1.14 including the mobile builds and by the Core ML / NNAPI execution providers' op lists.
 # The TorchScript exporter (dynamo=False) is used because it exports diffusers' PixArt and SD3 transformers with
-# error <= 1e-6, whereas the dynamo exporter's PixArt graph fails to load in ONNX Runtime (DESIGN.md §4).
+# error <= 1e-6, whereas the dynamo exporter's PixArt graph fails to load in ONNX Runtime.
 OPSET = 17
 # ONNX protobufs are limited to 2 GB: larger models keep their weights in one external data file.
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
@@ -39,19 +39,7 @@ def export_onnx(spec: ComponentSpec, out_dir: Path, seed: int = 0) -> Path:
         warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
         # PixArt's final squeeze(1) is a no-op at our static shapes; the exporter drops it and says so.
         warnings.filterwarnings("ignore", message="This model contains a squeeze operation")
-        raw = Path(tmp) / "model.onnx"
-        torch.onnx.export(
-            module,
-            example,
-            str(raw),
-            input_names=[s.name for s in spec.inputs],
-            output_names=[s.name for s in spec.outputs],
-            opset_version=OPSET,
-            dynamo=False,
-            do_constant_folding=True,
-        )
-        model = onnx.load(str(raw))  # also loads any external data the exporter scattered into tmp
-        inline_initializer_identities(model)
+        model = trace_onnx(module, example, spec, Path(tmp) / "model.onnx")
         large = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
         gathered = Path(tmp) / "gathered" / "model.onnx"
         gathered.parent.mkdir()
@@ -61,6 +49,25 @@ def export_onnx(spec: ComponentSpec, out_dir: Path, seed: int = 0) -> Path:
     check_onnx(path, spec)
     logger.info("exported %s: %.1f MB", spec.name, sum(f.stat().st_size for f in out_dir.iterdir()) / 1e6)
     return path
+
+
+def trace_onnx(module, example: tuple, spec: ComponentSpec, path: Path, custom_opsets=None) -> onnx.ModelProto:
+    """The TorchScript exporter at OPSET with constant folding, to `path`; returns the model loaded back (with any
+    external data the exporter scattered beside it) and its Identity(initializer) aliases inlined."""
+    torch.onnx.export(
+        module,
+        example,
+        str(path),
+        input_names=[s.name for s in spec.inputs],
+        output_names=[s.name for s in spec.outputs],
+        opset_version=OPSET,
+        dynamo=False,
+        do_constant_folding=True,
+        custom_opsets=custom_opsets,
+    )
+    model = onnx.load(str(path))
+    inline_initializer_identities(model)
+    return model
 
 
 def inline_initializer_identities(model: onnx.ModelProto) -> None:

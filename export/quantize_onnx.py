@@ -16,7 +16,6 @@ they get int8 Conv weights behind a DequantizeLinear (`int8_conv_weights`, weigh
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
 import re
@@ -114,7 +113,9 @@ def topological_sort(model: onnx.ModelProto) -> None:
 #     puts the root logger's handlers and level back as they were.
 # The per-tensor notes ONNX Runtime's quantizers log with `logging.info` on the root logger itself show only where
 # the application has set the root logger to INFO; such an application can filter them out of its own handlers
-# with `OrtQuantizerNotes` (`edit-mobile quantize` does, cli/quantize.py).
+# with `OrtQuantizerNotes` (`edit-mobile quantize` does, cli/quantize.py). Likewise the histogram calibrators
+# (entropy, percentile) `print` their progress to stdout; only the application may swap sys.stdout, and
+# `edit-mobile quantize` does.
 ORT_QUANTIZATION_LOGGER = "onnxruntime.quantization"
 _ORT_QUANTIZATION_DIR = os.path.join("onnxruntime", "quantization", "")
 
@@ -434,7 +435,7 @@ FP16_BLOCK_REASONS = {
     "linear-attention": "EDiT linear-attention accumulators [S|z] = K^T[V|1] / M, Q[S|z] and the numerator / "
     "denominator division: sums over all compressed tokens, and the denominator decides the "
     "scale of the output; kept fp32 as the PyTorch model does (EDiTConfig.accumulate_fp32), "
-    "DESIGN.md §1",
+    "docs/method.md",
     "normalization": "normalisation statistics (LayerNorm, GroupNorm / InstanceNorm, T5 RMSNorm, ConvFusion "
     "GroupNorm): a mean of squares overflows fp16 once |x| > 256, and the reference kernels "
     "(torch LayerNorm / GroupNorm, transformers' T5LayerNorm) accumulate in fp32",
@@ -545,7 +546,7 @@ def calibrate_ranges(src: Path, feeds: list[dict], method: str, cache: Path) -> 
         "entropy": {"num_bins": 2048, "num_quantized_bins": 128},
         "percentile": {"num_bins": 2048, "percentile": 99.999},
     }[method]
-    with tempfile.TemporaryDirectory(dir=cache.parent) as tmp, contextlib.redirect_stdout(io.StringIO()):
+    with tempfile.TemporaryDirectory(dir=cache.parent) as tmp:
         calibrator = create_calibrator(
             Path(src),
             list(STATIC_OP_TYPES),

@@ -1,4 +1,4 @@
-"""EDiT linear compressed attention (arXiv 2503.16726, DESIGN.md §1), as diffusers attention processors.
+"""EDiT linear compressed attention (arXiv 2503.16726, docs/method.md), as diffusers attention processors.
 
 The new layers (ConvFusion, Spatial Compressor) are attached to diffusers' own `Attention` module, so the
 teacher's `to_q / to_k / to_v / to_out` weights stay where they are and the model is still a diffusers model.

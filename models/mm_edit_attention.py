@@ -1,4 +1,4 @@
-"""MM-EDiT hybrid attention (DESIGN.md §1): replaces the joint attention of an SD3 MM-DiT block.
+"""MM-EDiT hybrid attention (docs/method.md): replaces the joint attention of an SD3 MM-DiT block.
 
 Image rows:  y_I = eta * LinAttn(Q_I^CF, K_I^SC, V_I^SC) + (1 - eta) * Softmax(Q_I, K_P, V_P)
 Prompt rows: y_P = Softmax(Q_P, [K_I; K_P], [V_I; V_P])            (the teacher's exact joint softmax)

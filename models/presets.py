@@ -152,10 +152,11 @@ def pixart_pipeline(
     t5_layers: int,
     t5_heads: int,
     t5_ff: int,
-    vae_blocks,
-    vae_layers: int,
-    vae_groups: int,
+    vae_blocks=(),
+    vae_layers: int = 0,
+    vae_groups: int = 0,
     seed: int,
+    vae: AutoencoderKL | None = None,
 ) -> PixArtSigmaPipeline:
     torch.manual_seed(seed)
     tokenizer = build_t5_tokenizer()
@@ -176,7 +177,8 @@ def pixart_pipeline(
         use_additional_conditions=False,
         interpolation_scale=max(sample_size // 64, 1),
     ).eval()
-    vae = _vae(4, tuple(vae_blocks), vae_layers, vae_groups, sd3=False)
+    if vae is None:  # a random VAE of this layout (built after the transformer: the presets' weights depend on it)
+        vae = _vae(4, tuple(vae_blocks), vae_layers, vae_groups, sd3=False)
     return PixArtSigmaPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=pixart_scheduler()
     )
@@ -197,10 +199,11 @@ def sd3_pipeline(
     t5_layers: int,
     t5_heads: int,
     t5_ff: int,
-    vae_blocks,
-    vae_layers: int,
-    vae_groups: int,
+    vae_blocks=(),
+    vae_layers: int = 0,
+    vae_groups: int = 0,
     seed: int,
+    vae: AutoencoderKL | None = None,
 ) -> StableDiffusion3Pipeline:
     torch.manual_seed(seed)
     clip_tok, t5_tok = build_clip_tokenizer(), build_t5_tokenizer()
@@ -222,7 +225,8 @@ def sd3_pipeline(
         dual_attention_layers=dual_layers,
         qk_norm="rms_norm",
     ).eval()
-    vae = _vae(16, tuple(vae_blocks), vae_layers, vae_groups, sd3=True)
+    if vae is None:
+        vae = _vae(16, tuple(vae_blocks), vae_layers, vae_groups, sd3=True)
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=sd3_scheduler(),

@@ -18,18 +18,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, PixArtSigmaPipeline, PixArtTransformer2DModel, SD3Transformer2DModel
+from diffusers import AutoencoderKL, PixArtSigmaPipeline
 
 from ..runtime.scenes import training_scene
 from .data import image_to_tensor
-from .presets import (
-    _clip_encoder,
-    _t5_encoder,
-    build_clip_tokenizer,
-    build_t5_tokenizer,
-    pixart_scheduler,
-    sd3_scheduler,
-)
+from .presets import pixart_pipeline, sd3_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -113,64 +106,17 @@ def train_vae(config: VAETrainConfig) -> tuple[AutoencoderKL, list[float]]:
 
 def shapes_pixart_pipeline(vae: AutoencoderKL, seed: int = 0) -> PixArtSigmaPipeline:
     """PixArt-Σ architecture: width 128 (4 heads x 32), 6 blocks, patch 2 on 32x32 latents; T5 width 64, 2 layers."""
-    torch.manual_seed(seed)
-    tokenizer = build_t5_tokenizer()
-    text_encoder = _t5_encoder(len(tokenizer), 64, 2, 4, 128)
-    transformer = PixArtTransformer2DModel(
-        num_attention_heads=4,
-        attention_head_dim=32,
-        in_channels=4,
-        out_channels=8,
-        num_layers=6,
-        cross_attention_dim=128,
-        caption_channels=64,
-        sample_size=RESOLUTION // 2,
-        patch_size=2,
-        attention_bias=True,
-        norm_type="ada_norm_single",
-        norm_elementwise_affine=False,
-        norm_eps=1e-6,
-        use_additional_conditions=False,
-        interpolation_scale=1,
-    )
-    return PixArtSigmaPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=pixart_scheduler()
-    )
+    return pixart_pipeline(
+        width=128, heads=4, head_dim=32, layers=6, sample_size=RESOLUTION // 2,
+        t5_width=64, t5_layers=2, t5_heads=4, t5_ff=128, seed=seed, vae=vae,
+    )  # fmt: skip
 
 
 def shapes_sd3_pipeline(vae: AutoencoderKL, seed: int = 0):
     """SD3.5 architecture (one dual-attention block): width 128, 6 blocks, patch 2 on 32x32 latents; CLIP-L/G
     widths 32/64 and T5 width 64, 2 layers each."""
-    from diffusers import StableDiffusion3Pipeline
-
-    torch.manual_seed(seed)
-    clip_tok, t5_tok = build_clip_tokenizer(), build_t5_tokenizer()
-    clip_l = _clip_encoder(len(clip_tok), 32, 2, 4, 32)
-    clip_g = _clip_encoder(len(clip_tok), 64, 2, 4, 64)
-    t5 = _t5_encoder(len(t5_tok), 64, 2, 4, 128)
-    transformer = SD3Transformer2DModel(
-        sample_size=RESOLUTION // 2,
-        patch_size=2,
-        in_channels=16,
-        out_channels=16,
-        num_layers=6,
-        attention_head_dim=32,
-        num_attention_heads=4,
-        joint_attention_dim=64,
-        caption_projection_dim=128,
-        pooled_projection_dim=96,
-        pos_embed_max_size=32,
-        dual_attention_layers=(0,),
-        qk_norm="rms_norm",
-    )
-    return StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=sd3_scheduler(),
-        vae=vae,
-        text_encoder=clip_l,
-        tokenizer=clip_tok,
-        text_encoder_2=clip_g,
-        tokenizer_2=clip_tok,
-        text_encoder_3=t5,
-        tokenizer_3=t5_tok,
-    )
+    return sd3_pipeline(
+        heads=4, head_dim=32, layers=6, dual_layers=(0,), sample_size=RESOLUTION // 2, pos_embed_max_size=32,
+        clip_widths=(32, 64), clip_layers=2, clip_heads=(4, 4), t5_width=64, t5_layers=2, t5_heads=4, t5_ff=128,
+        seed=seed, vae=vae,
+    )  # fmt: skip

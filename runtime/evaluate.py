@@ -223,13 +223,14 @@ def generate_with_package(
     progress: bool = False,
 ) -> tuple[list[Image.Image], dict]:
     """One image per prompt through the numpy runtime (Text2ImagePipeline), seed i -> its numpy initial noise."""
-    from .pipeline import DEFAULT_GUIDANCE, Text2ImagePipeline
+    from .families import family
+    from .pipeline import Text2ImagePipeline
 
     pipe = Text2ImagePipeline(package_dir, backend=backend, threads=threads, progress=progress)
     h, w = pipe.package.resolution
     if resolution is not None and (resolution, resolution) != (h, w):
         raise UserError(f"package was exported for {h}x{w}, not {resolution}x{resolution}")
-    guidance = DEFAULT_GUIDANCE[pipe.family] if guidance is None else float(guidance)
+    guidance = family(pipe.family).default_guidance if guidance is None else float(guidance)
     images = []
     for prompt, seed in zip(prompts, seeds):
         result = pipe(prompt, steps=steps, guidance=guidance, seed=seed)

@@ -18,14 +18,11 @@ from tqdm.auto import tqdm
 from .atomic import write_file_atomic
 from .backends import BACKENDS, component_backend
 from .errors import UserError
-from .families import FAMILIES, family, unscale_latents
+from .families import family, unscale_latents
 from .io_specs import to_numpy_dtype
 from .package import Package, load_package
 from .schedulers import scheduler_from_config
 from .tokenizer import PromptTokenizer
-
-# diffusers' pipeline defaults, by family (the registry's `default_guidance`; kept for callers that index by name)
-DEFAULT_GUIDANCE = {name: f.default_guidance for name, f in FAMILIES.items()}
 
 
 def initial_noise(package: Package, seed: int) -> np.ndarray:

@@ -61,7 +61,7 @@ def test_edit_processor_matches_naive_formula(grid):
     x = torch.randn(2, grid[0] * grid[1], 32)
     with torch.no_grad():
         y = attn(x, grid_size=grid)
-        # Reference: DESIGN.md §1 written out with explicit convolutions on the (B, C, h, w) grid.
+        # Reference: docs/method.md written out with explicit convolutions on the (B, C, h, w) grid.
         g = x.transpose(1, 2).reshape(2, 32, *grid)
         cf = attn.conv_fusion
         z = F.conv2d(
@@ -138,7 +138,7 @@ def test_true_fp16_kernel_long_sequence_stays_finite_and_accurate():
     """The kernel itself in true fp16 arithmetic (accumulate_fp32=False) over M = 4096 keys at activation scale 10.
 
     With sums instead of means, z = sum_j k_j reaches ~1.6e4 and q . z ~ 1e6 > 65504 (fp16 max): the output becomes
-    NaN (inf / inf) or 0 (x / inf). The means keep every intermediate at activation scale (DESIGN.md §1).
+    NaN (inf / inf) or 0 (x / inf). The means keep every intermediate at activation scale (docs/method.md).
     torch's CPU fp16 matmul rounds its result to fp16, so the overflow is not hidden (unlike ONNX Runtime's CPU).
     """
     g = torch.Generator().manual_seed(0)
@@ -174,7 +174,7 @@ def joint_attention(dim=32, heads=2, context_pre_only=False):
 
 
 def reference_mm_image_rows(attn, img, txt, grid, eta_mode, eps=1e-6):
-    """MM-EDiT image rows written from DESIGN.md §1: eta * linear(image) + (1 - eta) * softmax(image -> prompt),
+    """MM-EDiT image rows written from docs/method.md: eta * linear(image) + (1 - eta) * softmax(image -> prompt),
     through to_out. The softmax term uses the teacher's projections with SD3's QK-norm; the linear term the EDiT
     feature maps (edit_qkv, checked against explicit convolutions above) and the naive float64 formula."""
     b, n_i, c = img.shape

@@ -72,7 +72,7 @@ def test_save_load_is_bit_identical(tiny_dirs, tmp_path, name, arch, pipe_cls, s
 
 
 class _ReferenceEDiTSelfAttention:
-    """EDiT self-attention at its conversion init, written from DESIGN.md §1 without models/edit_attention.py.
+    """EDiT self-attention at its conversion init, written from docs/method.md without models/edit_attention.py.
 
     At init ConvFusion adds exactly zero (its last conv is zero) and each Spatial Compressor is a 3x3 stride-2
     local average with zero padding (weights 1/9, zero bias), i.e. avg_pool2d(3, 2, 1, count_include_pad=True).

@@ -18,7 +18,9 @@ import edit_mobile.models  # noqa: F401  (registers the EDiT classes for diffuse
 from edit_mobile.cli.main import main as cli
 from edit_mobile.models import EDiTPixArtTransformer2DModel
 from edit_mobile.models.data import FolderSource, SyntheticSource
-from edit_mobile.models.distill import DistillConfig, distill, parse_loss_weights, stage_plan, state_digest
+from edit_mobile.models.distill import distill
+from edit_mobile.models.distill_checkpoint import state_digest
+from edit_mobile.models.distill_config import DistillConfig, parse_loss_weights, stage_plan
 from edit_mobile.runtime.errors import UserError
 
 FAST = ["--resolution", "64", "--batch-size", "2", "--data", "synthetic:8"]  # 64 px: 4x4 tokens on the tiny presets
@@ -283,7 +285,7 @@ def test_mm_edit_sd3_distills_from_an_image_folder(tiny_dirs, tmp_path, monkeypa
     assert _state(out)["eval"] == {"0": start, "2": end}
 
     # Parameters: the whole student is trained except the weights its forward never reaches, which
-    # `_freeze_unused` freezes at the teacher's values: the last (context_pre_only) block's prompt queries and its
+    # `freeze_unused` freezes at the teacher's values: the last (context_pre_only) block's prompt queries and its
     # image-key norm (token-count eta needs no image keys in the softmax), and the QK-norm of SD3.5's converted
     # image-only attn2 (EDiT's linear attention has no QK-norm).
     before = MMEDiTSD3Transformer2DModel.from_pretrained(tiny_dirs["tiny-sd3-mm-edit"], subfolder="transformer")

@@ -13,7 +13,7 @@ from edit_mobile.runtime import schedulers as np_sched
 from edit_mobile.runtime.errors import UserError
 
 # Tolerances are in units of float32 precision (ulps) at the magnitude of the values compared, never absolute: an
-# absolute 1e-6 failed on an AMD EPYC machine (DESIGN.md §4) because latents of magnitude ~4 have a float32 spacing of
+# absolute 1e-6 failed on an AMD EPYC machine because latents of magnitude ~4 have a float32 spacing of
 # 2.4e-7..4.8e-7 and which SIMD kernels (exp/log, FMA) numpy and torch pick on a CPU decides the last bits.
 # Measured here (AMD EPYC), worst error over every case and step, in ulps of the step's largest |value| (see
 # `_assert_step_close`): 8.75 (dpm-leading-offset-heun-sigmamin, 15 steps, last step); 7 for ddim-default (the case
