@@ -29,10 +29,9 @@ import contextlib
 import io
 import logging
 
-HELP = "quantize a package's components (fp16, int8 dynamic / static / weight-only) into a new package"
+from ..runtime.manifest import COREML_PRECISIONS, ONNX_PRECISIONS
 
-ONNX_PRECISIONS = ("fp16", "int8-dynamic", "int8-static", "int8-weights")
-COREML_PRECISIONS = ("int8-weights", "palettize-4", "palettize-6", "w8a8")
+HELP = "quantize a package's components (fp16, int8 dynamic / static / weight-only) into a new package"
 
 
 def build_parser(parser):

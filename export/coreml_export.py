@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..runtime.errors import UserError
+from ..runtime.manifest import GATES_DB
 from ..runtime.metrics import compare
 from ..runtime.package import installed_version
 from .components import ComponentSpec
@@ -38,8 +39,6 @@ COMPUTE_PRECISIONS = ("fp16", "fp32")
 # blockwise / grouped compression and the fused scaled_dot_product_attention op.
 DEPLOYMENT_TARGETS = {"iOS17": "iOS17", "iOS18": "iOS18", "macOS14": "macOS14", "macOS15": "macOS15"}
 MLPACKAGE = "model.mlpackage"
-# Minimum PSNR (dB) of the converted program (run by the numpy reference executor) against PyTorch at export time.
-EXPORT_GATES_DB = {"fp32": 60.0, "fp16": 40.0}
 
 
 @contextlib.contextmanager
@@ -213,7 +212,7 @@ def coreml_parity(
     program = MILProgram(path, spec.name)
     got = program.run({s.name: t.numpy() for s, t in zip(spec.inputs, example)})
     seconds = time.perf_counter() - start
-    gate = EXPORT_GATES_DB[compute_precision] if gate_db is None else gate_db
+    gate = GATES_DB[compute_precision] if gate_db is None else gate_db
     report = {"executor_seconds": round(seconds, 2), "gate_db": gate, "outputs": {}}
     for s, r in zip(spec.outputs, ref):
         g = got[s.name]

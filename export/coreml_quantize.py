@@ -34,6 +34,7 @@ import numpy as np
 
 from ..runtime.atomic import check_output_free
 from ..runtime.errors import UserError
+from ..runtime.manifest import COREML_PRECISIONS, GATES_DB
 from ..runtime.metrics import psnr
 from ..runtime.package import load_package, read_manifest
 from .coreml_export import import_coremltools, quiet_coremltools
@@ -41,7 +42,6 @@ from .package_writer import write_package
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("int8-weights", "palettize-4", "palettize-6", "w8a8")
 WEIGHT_THRESHOLD = 512  # elements: a 32x32 matrix of the tiny presets is compressed, biases and norm weights are not
 COMPRESSED_OPS = ("linear", "conv", "matmul", "gather")  # consumers whose constant weights are compressed
 MIN_RANGE = 1e-5  # smallest activation range: int8 scale 1e-5 / 127 stays above fp16's smallest subnormal (6e-8)
@@ -224,11 +224,10 @@ def quantize_coreml_package(
 ) -> dict:
     """Compress the Core ML programs of `components` (default: transformer and text encoders) of a Core ML package
     into a new package at `out_dir` (written atomically); returns its manifest."""
-    from .validate import COMPONENT_GATES_DB
 
     package_dir, out_dir = Path(package_dir), Path(out_dir)
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown Core ML precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if precision not in COREML_PRECISIONS:
+        raise UserError(f"unknown Core ML precision {precision!r}; expected one of {', '.join(COREML_PRECISIONS)}")
     if out_dir.resolve() == package_dir.resolve():
         raise UserError("--out must differ from the input package (the quantized package is a new folder)")
     check_output_free(out_dir, overwrite)
@@ -265,7 +264,7 @@ def quantize_coreml_package(
             check = _compare_programs(comp.path, dst, samples[: max(1, min(len(samples), 4))])
             entry = new.components[name]
             entry.precision = precision
-            entry.gate_psnr_db = COMPONENT_GATES_DB.get(precision)
+            entry.gate_psnr_db = GATES_DB[precision]
             entry.quantization = {
                 "method": f"coremltools.optimize.coreml ({_describe(precision)})",
                 "source_precision": comp.precision,

@@ -19,6 +19,7 @@ import onnx
 
 from ..runtime.atomic import check_output_free
 from ..runtime.errors import UserError
+from ..runtime.manifest import GATES_DB, ONNX_PRECISIONS
 from ..runtime.package import Package, installed_version, load_package, read_manifest
 from . import quantize_onnx as qo
 from .calibration import (
@@ -34,11 +35,7 @@ from .targets import export_target
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = qo.PRECISIONS
 CALIBRATION_METHODS = qo.CALIBRATION_METHODS
-# Minimum PSNR (dB) of a component against PyTorch fp32, written into the manifest as `gate_psnr_db`
-# (the issue's defaults; validate.COMPONENT_GATES_DB holds the same values for manifests without the field).
-GATES_DB = {"fp16": 40.0, "int8-weights": 35.0, "int8-dynamic": 25.0, "int8-static": 25.0}
 # Components quantized when --components is not given. fp16: every model. int8: the transformer (most weights and
 # all the per-step compute) and the text encoders (run once); the VAE stays fp32: its convolutions do not
 # quantize with the dynamic / weight-only ONNX Runtime quantizers, and static int8 of the decoder costs the most
@@ -53,7 +50,7 @@ def parse_plan(precision: str, components: str | None, available: list[str]) -> 
     """`--precision` (one name, or `comp=prec,...`) and `--components` -> {component: precision}."""
     text = (precision or "").strip()
     if not text:
-        raise UserError(f"--precision is empty; expected one of {', '.join(PRECISIONS)}")
+        raise UserError(f"--precision is empty; expected one of {', '.join(ONNX_PRECISIONS)}")
     plan: dict[str, str] = {}
     if "=" in text:
         if components:
@@ -62,8 +59,8 @@ def parse_plan(precision: str, components: str | None, available: list[str]) -> 
             name, _, prec = (s.strip() for s in item.partition("="))
             plan[name] = prec
     else:
-        if text not in PRECISIONS:
-            raise UserError(f"unknown precision {text!r}; expected one of {', '.join(PRECISIONS)}")
+        if text not in ONNX_PRECISIONS:
+            raise UserError(f"unknown precision {text!r}; expected one of {', '.join(ONNX_PRECISIONS)}")
         if components:
             names = [c.strip() for c in components.split(",") if c.strip()]
             if not names:
@@ -76,8 +73,8 @@ def parse_plan(precision: str, components: str | None, available: list[str]) -> 
     for name, prec in plan.items():
         if name not in available:
             raise UserError(f"unknown component {name!r}; this package has {', '.join(available)}")
-        if prec not in PRECISIONS:
-            raise UserError(f"unknown precision {prec!r} for {name}; expected one of {', '.join(PRECISIONS)}")
+        if prec not in ONNX_PRECISIONS:
+            raise UserError(f"unknown precision {prec!r} for {name}; expected one of {', '.join(ONNX_PRECISIONS)}")
     return plan
 
 

@@ -32,7 +32,6 @@ from .onnx_export import EXTERNAL_DATA_FILE, EXTERNAL_DATA_THRESHOLD
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp16", "int8-dynamic", "int8-static", "int8-weights")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 FP16_MAX = 65504.0
 # A tensor whose calibrated magnitude exceeds FP16_MAX / FP16_HEADROOM keeps fp32: calibration prompts are few,

@@ -14,6 +14,7 @@ from ..models.families import torch_family
 from ..runtime.backends import backend_for_target, component_backend
 from ..runtime.errors import UserError
 from ..runtime.families import family
+from ..runtime.manifest import GATES_DB
 from ..runtime.metrics import compare, psnr
 from ..runtime.package import Package, load_package, write_validation
 from ..runtime.pipeline import Text2ImagePipeline, initial_noise
@@ -22,12 +23,6 @@ from .components import pipeline_components
 
 logger = logging.getLogger(__name__)
 
-# Minimum PSNR (dB) of every component against PyTorch fp32, by the component's precision in the manifest.
-COMPONENT_GATES_DB = {"fp32": 60.0, "fp16": 40.0, "int8-weights": 35.0, "int8-dynamic": 25.0, "int8-static": 25.0}
-# Core ML compression (docs/coreml.md): set from the tiny presets through the reference executor (their random
-# weights are the hard case for palettization): palettize-6 measured 37.5 / 43.8 dB (text encoder / transformer),
-# palettize-4 26.1 / 34.4 dB; w8a8 is static int8 activations, gated as ONNX's int8-static.
-COMPONENT_GATES_DB.update({"palettize-6": 30.0, "palettize-4": 20.0, "w8a8": 25.0})
 IMAGE_GATE_DB = 40.0  # final image of an all-fp32 package against the PyTorch image
 # Latents after every denoising step of an all-fp32 package against diffusers' (the worst step). Float noise of an
 # exact export scores >= 133 dB on the tiny, mid-size and 28-block PixArt-Σ-XL models; a planted guidance /
@@ -255,7 +250,7 @@ def validate(
             if opts.min_component_psnr is not None
             else float(recorded)
             if recorded is not None
-            else COMPONENT_GATES_DB.get(entry["precision"], COMPONENT_GATES_DB["fp32"])
+            else GATES_DB.get(entry["precision"], GATES_DB["fp32"])
         )
         entry.update(gate_db=gate, passed=bool(entry["finite"] and entry["psnr_db"] >= gate))
     # A Core ML package's fp16 programs already run in fp16 here (Core ML on macOS, the reference executor's true

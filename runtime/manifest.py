@@ -26,6 +26,25 @@ from .io_specs import DTYPE_NAMES, TensorSpec
 SCHEMA_VERSION = 1
 FAMILIES = tuple(FAMILY_REGISTRY)  # the family registry's names (runtime/families.py)
 TARGETS = ("onnx", "ort-mobile", "coreml")
+# What `edit-mobile quantize` makes of an fp32 package's components, per format.
+ONNX_PRECISIONS = ("fp16", "int8-dynamic", "int8-static", "int8-weights")
+COREML_PRECISIONS = ("int8-weights", "palettize-4", "palettize-6", "w8a8")
+# Minimum PSNR (dB) of a component's output against PyTorch fp32, by its precision: checked when the component is
+# written (export, quantize) and by `validate`, and recorded as the component's `gate_psnr_db`. Core ML compression
+# (docs/coreml.md) was set from the tiny presets through the reference executor (their random weights are the hard
+# case for palettization): palettize-6 measured 37.5 / 43.8 dB (text encoder / transformer), palettize-4
+# 26.1 / 34.4 dB; w8a8 is static int8 activations, gated as ONNX's int8-static.
+GATES_DB = {
+    "fp32": 60.0,
+    "fp16": 40.0,
+    "int8-weights": 35.0,
+    "int8-dynamic": 25.0,
+    "int8-static": 25.0,
+    "palettize-6": 30.0,
+    "palettize-4": 20.0,
+    "w8a8": 25.0,
+}
+PRECISIONS = tuple(GATES_DB)
 MANIFEST = "manifest.json"
 REQUIRED = (
     "schema_version",
@@ -203,7 +222,7 @@ class ComponentEntry:
         return cls(
             path=rel,
             files=files,
-            precision=f.string(c.get("precision"), f"{where}.precision", optional=True),
+            precision=f.choice(c.get("precision"), f"{where}.precision", PRECISIONS, optional=True),
             opset=opset,
             deployment_target=f.string(c.get("deployment_target"), f"{where}.deployment_target", optional=True),
             inputs=f.tensors(c.get("inputs"), f"{where}.inputs"),

@@ -191,7 +191,7 @@ def test_compressed_package_through_validate(packages, tmp_path, precision):
     """Palettized and w8a8 packages go through `validate` like any other: each compressed component is held to its
     precision's gate, and the package's loop is checked with the fp32 PyTorch components."""
     from edit_mobile.export.coreml_quantize import quantize_coreml_package
-    from edit_mobile.export.validate import COMPONENT_GATES_DB
+    from edit_mobile.runtime.manifest import GATES_DB
 
     out = tmp_path / precision
     quantize_coreml_package(
@@ -204,7 +204,7 @@ def test_compressed_package_through_validate(packages, tmp_path, precision):
     )
     report = _validate(out, tmp_path)
     transformer = report["components"]["transformer"]
-    assert transformer["precision"] == precision and transformer["gate_db"] == COMPONENT_GATES_DB[precision]
+    assert transformer["precision"] == precision and transformer["gate_db"] == GATES_DB[precision]
     assert report["loop"]["passed"] and report["trajectory_gate"]["gate_db"] is None
     assert transformer["passed"] == (transformer["finite"] and transformer["psnr_db"] >= transformer["gate_db"])
     if precision != "w8a8":  # palettization passes on these weights (docs/coreml.md); w8a8's figure is reported there

@@ -12,10 +12,11 @@ import onnx
 import pytest
 
 from edit_mobile.cli.main import main as cli
+from edit_mobile.runtime.manifest import GATES_DB, ONNX_PRECISIONS
 
 FAMILIES = {"pixart": "tiny-pixart-edit-trained", "sd3": "tiny-sd3-mm-edit-trained"}
-PRECISIONS = ["fp16", "int8-dynamic", "int8-static", "int8-weights"]
-GATES = {"fp16": 40.0, "int8-weights": 35.0, "int8-dynamic": 25.0, "int8-static": 25.0}
+PRECISIONS = list(ONNX_PRECISIONS)
+GATES = {p: GATES_DB[p] for p in PRECISIONS}
 CALIB = ["--calibration-steps", "2"]
 VALIDATE = ["--steps", "2"]
 
@@ -301,7 +302,7 @@ def test_sensitivity_pass_reports_exclusions(packages, prompts, tmp_path, monkey
     )
     q = _manifest(out)["components"]["text_encoder_2"]["quantization"]
     s = q["sensitivity"]
-    assert s["target_psnr_db"] == quantize_module.GATES_DB["int8-static"] + margin
+    assert s["target_psnr_db"] == GATES_DB["int8-static"] + margin
     groups = s["group_psnr_db"]
     assert len(groups) >= 4
     worst_first = sorted(groups, key=groups.get)
