@@ -1,8 +1,8 @@
-"""Quantize the components of an fp32 package (fp16 / int8) into a new package.
+"""Quantize the components of an fp32 package (fp16 / int8 / int4) into a new package.
 
 PKG is a package written by `edit-mobile export`. The result PKG2 is a complete package: quantized components
 get new files, sha256 hashes, their precision, how they were made and the PSNR gate `edit-mobile validate`
-applies to them (fp16 40 dB, int8-weights 35 dB, int8-dynamic / int8-static 25 dB); the other components,
+applies to them (fp16 40 dB, int8-weights 35 dB, int8-dynamic / int8-static / int4-weights 25 dB); the others,
 tokenizers and scheduler are copied. Calibration inputs are real: the package's own sampling loop runs on the
 calibration prompts (default: 4 prompts of the shipped list) and records every transformer input at every step,
 the tokenized prompts and the final latents.
@@ -13,10 +13,12 @@ precisions:
   int8-dynamic  int8 weights, activations quantized at run time (fastest on CPU)
   int8-static   int8 weights and activations (QDQ), activation ranges calibrated on the recorded inputs
   int8-weights  int8 weights (blocks of 128), fp32 compute
+  int4-weights  4-bit weights (blocks of 32 with zero points), fp32 compute; --keep-8bit K gives the K most
+                sensitive node groups 8 bits
   Core ML packages: int8-weights, palettize-4, palettize-6, w8a8
 
 Mixed precisions: `--precision transformer=int8-dynamic,vae_decoder=fp16`. Default components: all for fp16,
-the transformer and text encoders for int8.
+the transformer and text encoders for int8 / int4.
 
 example:
   edit-mobile quantize pkg --precision int8-dynamic --out pkg-int8
@@ -31,7 +33,7 @@ import logging
 
 from ..runtime.manifest import COREML_PRECISIONS, ONNX_PRECISIONS
 
-HELP = "quantize a package's components (fp16, int8 dynamic / static / weight-only) into a new package"
+HELP = "quantize a package's components (fp16, int8 dynamic / static / weight-only, int4 weights) into a new package"
 
 
 def build_parser(parser):
@@ -74,6 +76,14 @@ def build_parser(parser):
         help="int8: quantize one node group at a time, measure PSNR, keep the worst groups in "
         "float until the component reaches its gate + 10 dB; the excluded nodes are reported",
     )
+    parser.add_argument(
+        "--keep-8bit",
+        type=int,
+        default=0,
+        metavar="K",
+        help="int4-weights: measure each node group alone at 4 bits and give the K worst 8 bits "
+        "(recorded in the manifest)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing PKG2 folder")
     return parser
@@ -105,6 +115,7 @@ def main(args) -> int:
             sensitivity=args.sensitivity,
             overwrite=args.overwrite,
             threads=args.threads,
+            keep_8bit=args.keep_8bit,
         )
     print(f"wrote {args.out}")
     print(f"{'component':<16}{'precision':<14}{'size':>8}{'PSNR vs fp32':>14}{'excluded':>10}")

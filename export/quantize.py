@@ -39,8 +39,13 @@ CALIBRATION_METHODS = qo.CALIBRATION_METHODS
 # Components quantized when --components is not given. fp16: every model. int8: the transformer (most weights and
 # all the per-step compute) and the text encoders (run once); the VAE stays fp32: its convolutions do not
 # quantize with the dynamic / weight-only ONNX Runtime quantizers, and static int8 of the decoder costs the most
-# image PSNR per byte saved (docs/quantization.md).
-INT8_DEFAULT_COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+# image PSNR per byte saved (docs/quantization.md). int4: the transformer only; a text encoder at 4 bits is a choice
+# to make per model with its gate in view (tiny presets' random CLIP encoders: 16-21 dB, under the 25 dB gate;
+# the trained shapes T5: 27 dB), so it is named explicitly: --precision text_encoder=int4-weights,...
+DEFAULT_COMPONENTS = {
+    "int8": ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3"),
+    "int4": ("transformer",),
+}
 CHECK_SAMPLES = 8  # recorded inputs per component on which each result is compared with its fp32 graph
 SENSITIVITY_MARGIN_DB = 10.0  # the sensitivity pass excludes node groups until PSNR >= gate + this margin
 SENSITIVITY_MAX_FRACTION = 0.25  # ... or until this share of the node groups is excluded
@@ -68,7 +73,7 @@ def parse_plan(precision: str, components: str | None, available: list[str]) -> 
         elif text == "fp16":
             names = list(available)
         else:
-            names = [c for c in INT8_DEFAULT_COMPONENTS if c in available]
+            names = [c for c in DEFAULT_COMPONENTS[text.split("-")[0]] if c in available]
         plan = {name: text for name in names}
     for name, prec in plan.items():
         if name not in available:
@@ -105,6 +110,7 @@ def quantize_package(
     overwrite: bool = False,
     threads: int | None = None,
     seed: int = 0,
+    keep_8bit: int = 0,
 ) -> dict:
     """Write a quantized copy of the package in `package_dir` to `out`; returns the new manifest."""
     package_dir, out = Path(package_dir), Path(out)
@@ -126,6 +132,8 @@ def quantize_package(
         )
     if calibration_steps < 1:
         raise UserError(f"--calibration-steps must be >= 1, got {calibration_steps}")
+    if keep_8bit < 0 or keep_8bit and "int4-weights" not in plan.values():
+        raise UserError(f"--keep-8bit K needs K >= 0 and an int4-weights component, got {keep_8bit}")
     prompts = read_prompt_file(calibration_prompts) if calibration_prompts is not None else default_prompts()
 
     start = time.perf_counter()
@@ -149,12 +157,13 @@ def quantize_package(
                 calibration_method=calibration_method,
                 sensitivity=sensitivity,
                 threads=threads,
+                keep_8bit=keep_8bit if prec == "int4-weights" else 0,
             )
             path = packaging.convert(tmp / name / "model.onnx")  # ort-mobile: model.ort beside it
             entry.path = path.relative_to(tmp).as_posix()
             entry.precision = prec
             entry.gate_psnr_db = GATES_DB[prec]
-            if prec in ("int8-dynamic", "int8-weights"):
+            if prec == "int8-dynamic" or prec in qo.WEIGHT_ONLY:
                 entry.ort_session_config = dict(qo.WEIGHT_DQ_SESSION_CONFIG)
             entry.quantization = info
         packaging.finish(tmp, [tmp / e.path for e in new.components.values()])  # ort-mobile: the operator list
@@ -184,6 +193,7 @@ def quantize_component(
     calibration_method: str = "minmax",
     sensitivity: bool = False,
     threads: int | None = None,
+    keep_8bit: int = 0,
 ) -> dict:
     """Quantize one component into `out_dir/model.onnx` (+ external data); returns its manifest `quantization`."""
     start = time.perf_counter()
@@ -221,7 +231,7 @@ def quantize_component(
             )
             excluded = {}
         else:
-            opts = qo.Int8Options(
+            opts = qo.QuantOptions(
                 per_channel=per_channel,
                 calibration_method=calibration_method,
                 exclude=default_int8_exclusions(model, precision),
@@ -234,7 +244,17 @@ def quantize_component(
                 opts.exclude.update({n: "sensitivity" for n in info["sensitivity"]["excluded_nodes"]})
             else:
                 info["sensitivity"] = None
-            result_info = quantize(opts.exclude, dst)
+            keep: list[str] = []
+            if keep_8bit:  # the K node groups that lose the most alone at 4 bits get 8 bits
+                groups, scores = group_scores(model, precision, quantize, opts, reference, check_feeds, threads)
+                worst = sorted(groups, key=lambda k: scores[k])[:keep_8bit]
+                keep = [n for g in worst for n in groups[g]]
+                info["keep_8bit"] = {
+                    "k": keep_8bit,
+                    "groups": worst,
+                    "group_psnr_db_at_4bit": dict(sorted(scores.items(), key=lambda kv: kv[1])),
+                }
+            result_info = quantize(opts.exclude, dst, keep)
             info.update(result_info, per_channel=per_channel)
             if precision == "int8-static":
                 info["calibration"]["method"] = calibration_method
@@ -298,20 +318,20 @@ def default_int8_exclusions(model: onnx.ModelProto, precision: str) -> dict[str,
     return excl
 
 
-def _int8_quantizer(precision: str, src: Path, work: Path, feeds: list[dict], opts: qo.Int8Options):
+def _int8_quantizer(precision: str, src: Path, work: Path, feeds: list[dict], opts: qo.QuantOptions):
     """A function (exclude: dict, dst: Path) -> info dict for this precision (static ranges calibrated once)."""
     cache = work / "calibration.json"
 
-    def run(exclude: dict, dst: Path) -> dict:
-        o = qo.Int8Options(
+    def run(exclude: dict, dst: Path, keep_8bit=()) -> dict:
+        o = qo.QuantOptions(
             per_channel=opts.per_channel, calibration_method=opts.calibration_method, exclude=dict(exclude)
         )
         if precision == "int8-dynamic":
             return qo.quantize_dynamic_int8(src, dst, o)
         if precision == "int8-static":
             return qo.quantize_static_int8(src, dst, feeds, o, cache=cache)
-        if precision == "int8-weights":
-            return qo.quantize_weights_int8(src, dst, o)
+        if precision in qo.WEIGHT_ONLY:
+            return qo.quantize_weights(src, dst, o, precision, keep_8bit=keep_8bit)
         raise ValueError(precision)
 
     return run
@@ -325,11 +345,34 @@ def quantizable_nodes(model: onnx.ModelProto, precision: str) -> list[str]:
     return qo.weighted_nodes(model, ("Gemm", "MatMul", "Conv"))
 
 
+def group_scores(
+    model: onnx.ModelProto,
+    precision: str,
+    quantize,
+    opts: qo.QuantOptions,
+    reference: list,
+    feeds: list[dict],
+    threads: int | None = None,
+) -> tuple[dict[str, list[str]], dict[str, float]]:
+    """The quantizable nodes by group (qo.node_groups), and each group's output PSNR against fp32 on `feeds` when it
+    alone is quantized (everything else float)."""
+    candidates = [n for n in quantizable_nodes(model, precision) if n not in opts.exclude]
+    groups = qo.node_groups(candidates)
+    scores = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        trial = Path(tmp) / "trial.onnx"
+        for key, nodes in groups.items():
+            others = {n: "sensitivity-trial" for n in candidates if n not in set(nodes)}
+            quantize({**opts.exclude, **others}, trial)
+            scores[key] = round(qo.output_psnr(reference, qo.run_feeds(trial, feeds, threads)), 2)
+    return groups, scores
+
+
 def sensitivity_pass(
     model: onnx.ModelProto,
     precision: str,
     quantize,
-    opts: qo.Int8Options,
+    opts: qo.QuantOptions,
     reference: list,
     feeds: list[dict],
     gate_db: float,
@@ -337,16 +380,10 @@ def sensitivity_pass(
 ) -> dict:
     """Quantize one node group at a time (everything else float), measure its PSNR against fp32 on recorded
     inputs, then exclude groups worst-first until the whole quantized model reaches gate + margin."""
-    candidates = [n for n in quantizable_nodes(model, precision) if n not in opts.exclude]
-    groups = qo.node_groups(candidates)
+    groups, scores = group_scores(model, precision, quantize, opts, reference, feeds, threads)
+    order = sorted(groups, key=lambda k: scores[k])
     with tempfile.TemporaryDirectory() as tmp:
         trial = Path(tmp) / "trial.onnx"
-        scores = {}
-        for key, nodes in groups.items():
-            others = {n: "sensitivity-trial" for n in candidates if n not in set(nodes)}
-            quantize({**opts.exclude, **others}, trial)
-            scores[key] = round(qo.output_psnr(reference, qo.run_feeds(trial, feeds, threads)), 2)
-        order = sorted(groups, key=lambda k: scores[k])
         target = gate_db + SENSITIVITY_MARGIN_DB
         limit = max(1, int(len(groups) * SENSITIVITY_MAX_FRACTION))
         excluded: list[str] = []

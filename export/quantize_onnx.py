@@ -6,7 +6,9 @@ module only chooses what they apply to and says why:
                 nodes that stay fp32 (`fp16_block_list`, reasons below and in docs/quantization.md);
   int8-dynamic  `quantize_dynamic`: int8 weights, activations quantized at run time (MatMulInteger);
   int8-static   `quantize_static`, QDQ format, activation ranges calibrated on recorded denoiser inputs;
-  int8-weights  `MatMulNBitsQuantizer(bits=8)`: int8 weights in blocks, dequantized and computed in fp32.
+  int8-weights  `MatMulNBitsQuantizer(bits=8)`: int8 weights in blocks, dequantized and computed in fp32;
+  int4-weights  the same with 4 bits (blocks of 32 with zero points; RTN or HQQ), the most sensitive layers
+                optionally kept at 8 bits.
 ONNX Runtime's basic graph optimisation (run at export) fuses MatMul + Add into `Gemm`. The dynamic and weight-only
 quantizers have no Gemm entry (their registries quantize MatMul), so `unfuse_gemm` turns those Gemms back into
 MatMul + Add first; the static QDQ quantizer handles Gemm itself. Neither of those two has a usable Conv form, so
@@ -475,7 +477,7 @@ def convert_fp16(src: Path, dst: Path, block: dict[str, str]) -> list[Path]:
 
 # --- int8 ----------------------------------------------------------------------------------------------------------
 @dataclass
-class Int8Options:
+class QuantOptions:
     per_channel: bool = False
     calibration_method: str = "minmax"
     exclude: dict[str, str] = field(default_factory=dict)  # node name -> reason
@@ -492,7 +494,7 @@ def prepare_weight_only(src: Path, dst: Path, exclude=()) -> dict:
     return {"gemm_unfused": gemms, "conv_weights_int8": convs}
 
 
-def quantize_dynamic_int8(src: Path, dst: Path, opts: Int8Options) -> dict:
+def quantize_dynamic_int8(src: Path, dst: Path, opts: QuantOptions) -> dict:
     """int8 weights of every MatMul with a constant weight (Linear layers), activations quantized at run time.
 
     Conv weights are stored int8 but computed in fp32 (`int8_conv_weights`): ONNX Runtime's dynamic ConvInteger
@@ -572,7 +574,9 @@ def collect_in_chunks(calibrator, feeds: list[dict]) -> None:
         calibrator.collect_data(feed_reader(feeds[start : start + CALIBRATION_CHUNK]))
 
 
-def quantize_static_int8(src: Path, dst: Path, feeds: list[dict], opts: Int8Options, cache: Path | None = None) -> dict:
+def quantize_static_int8(
+    src: Path, dst: Path, feeds: list[dict], opts: QuantOptions, cache: Path | None = None
+) -> dict:
     """QDQ static int8: weights int8, activations uint8 with ranges calibrated on `feeds` (once per `cache`)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -610,39 +614,85 @@ def quantize_static_int8(src: Path, dst: Path, feeds: list[dict], opts: Int8Opti
     }
 
 
-WEIGHT_ONLY_BLOCK = 128  # ONNX Runtime's default block along K for MatMulNBits
+# Weight-only precisions: MatMulNBits bits, block size along K, and whether the blocks are symmetric (no zero
+# point). int8 keeps ONNX Runtime's default block (128). int4: blocks of 32 with a zero point, chosen by
+# scripts/bench_int4.py (docs/quantization.md: on the shapes transformer, 32 asymmetric is the best PSNR per byte).
+WEIGHT_ONLY = {"int8-weights": (8, 128, True), "int4-weights": (4, 32, False)}
+WEIGHT_ONLY_ALGORITHMS = ("rtn", "hqq")  # round-to-nearest; HQQ (half-quadratic, fits the zero points; 4 bits)
 
 
-def quantize_weights_int8(src: Path, dst: Path, opts: Int8Options) -> dict:
-    """Weight-only int8: `MatMulNBits` (bits=8) holds int8 weights in blocks of 128 along K, each block with its own
-    scale (finer than per-channel), dequantizes them and computes in fp32 (accuracy_level unset)."""
+def quantize_weights(
+    src: Path,
+    dst: Path,
+    opts: QuantOptions,
+    precision: str = "int8-weights",
+    block_size: int | None = None,
+    algorithm: str = "rtn",
+    keep_8bit=(),
+    symmetric: bool | None = None,
+) -> dict:
+    """Weight-only: `MatMulNBits` holds the weights of every constant-weight MatMul in blocks along K (each block with
+    its own scale, and for int4 a zero point), dequantizes them and computes in fp32 (accuracy_level unset). Conv
+    weights are stored int8 per output channel (`int8_conv_weights`: MatMulNBits has no Conv form). `keep_8bit`
+    names MatMuls that get 8 bits in an int4 model (the sensitivity pass picks the worst ones). Block size, symmetry
+    and algorithm default to the precision's measured choice (WEIGHT_ONLY); scripts/bench_int4.py varies them."""
     from onnxruntime.quantization import QuantFormat
 
-    MatMulNBitsQuantizer = _import_matmul_nbits_quantizer().MatMulNBitsQuantizer  # noqa: N806 (a class)
-
+    nbits = _import_matmul_nbits_quantizer()
+    bits, default_block, default_symmetric = WEIGHT_ONLY[precision]
+    block = block_size or default_block
+    symmetric = default_symmetric if symmetric is None else symmetric
+    # MatMul only. Embedding tables (Gather) stay fp32: ONNX Runtime 1.32's 4-bit Gather (GatherBlockQuantized)
+    # raises the graph's ONNX opset past 17, which our exported ReduceMean / Split nodes are not valid in.
+    op_types = ("MatMul",)
+    if algorithm == "hqq":
+        algo = nbits.HQQWeightOnlyQuantConfig(block_size=block, bits=bits, op_types_to_quantize=op_types)
+    else:
+        algo = nbits.DefaultWeightOnlyQuantConfig(
+            block_size=block, is_symmetric=symmetric, bits=bits, op_types_to_quantize=op_types
+        )
+    keep = _unfused_names(keep_8bit)
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         unfused = Path(tmp) / "unfused.onnx"
         changed = prepare_weight_only(src, unfused, opts.exclude)
         model = load_model(unfused)
         with quiet_ort_quantization():
-            quantizer = MatMulNBitsQuantizer(
+            quantizer = nbits.MatMulNBitsQuantizer(
                 model,
-                bits=8,
-                block_size=WEIGHT_ONLY_BLOCK,
-                is_symmetric=True,
-                nodes_to_exclude=_unfused_names(opts.exclude),
+                bits=bits,
+                block_size=block,
+                is_symmetric=symmetric,
+                nodes_to_exclude=_unfused_names(opts.exclude) + keep,
                 quant_format=QuantFormat.QOperator,
-                op_types_to_quantize=("MatMul",),
+                op_types_to_quantize=op_types,
+                algo_config=algo,
             )
             quantizer.process()
-        save_model(quantizer.model.model, dst)
+            model = quantizer.model.model
+            if keep:  # the only constant-weight MatMuls still float, apart from the excluded ones: 8 bits for them
+                quantizer = nbits.MatMulNBitsQuantizer(
+                    model,
+                    bits=8,
+                    block_size=WEIGHT_ONLY["int8-weights"][1],
+                    is_symmetric=True,
+                    nodes_to_exclude=_unfused_names(opts.exclude),
+                    quant_format=QuantFormat.QOperator,
+                    op_types_to_quantize=("MatMul",),
+                )
+                quantizer.process()
+                model = quantizer.model.model
+        save_model(model, dst)
+    zero_point = "symmetric" if symmetric and algorithm == "rtn" else "asymmetric (zero point per block)"
     return {
         "method": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
-        "format": "QOperator (com.microsoft MatMulNBits, bits=8)",
-        "weights": f"int8, symmetric, blocks of {WEIGHT_ONLY_BLOCK} along K per output channel (Conv: per "
+        "format": f"QOperator (com.microsoft MatMulNBits, bits={bits})",
+        "algorithm": algorithm,
+        "block_size": block,
+        "weights": f"int{bits}, {zero_point}, blocks of {block} along K per output channel (Conv: int8 per "
         "output channel through DequantizeLinear)",
         "activations": "fp32 (weights dequantized, fp32 compute)",
         "op_types": ["MatMul", "Conv"],
+        "kept_8bit": sorted(keep_8bit),
         **changed,
     }
 

@@ -27,7 +27,7 @@ SCHEMA_VERSION = 1
 FAMILIES = tuple(FAMILY_REGISTRY)  # the family registry's names (runtime/families.py)
 TARGETS = ("onnx", "ort-mobile", "coreml")
 # What `edit-mobile quantize` makes of an fp32 package's components, per format.
-ONNX_PRECISIONS = ("fp16", "int8-dynamic", "int8-static", "int8-weights")
+ONNX_PRECISIONS = ("fp16", "int8-dynamic", "int8-static", "int8-weights", "int4-weights")
 COREML_PRECISIONS = ("int8-weights", "palettize-4", "palettize-6", "w8a8")
 # Minimum PSNR (dB) of a component's output against PyTorch fp32, by its precision: checked when the component is
 # written (export, quantize) and by `validate`, and recorded as the component's `gate_psnr_db`. Core ML compression
@@ -40,6 +40,7 @@ GATES_DB = {
     "int8-weights": 35.0,
     "int8-dynamic": 25.0,
     "int8-static": 25.0,
+    "int4-weights": 25.0,
     "palettize-6": 30.0,
     "palettize-4": 20.0,
     "w8a8": 25.0,

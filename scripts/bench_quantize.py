@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-PRECISIONS = ("fp16", "int8-dynamic", "int8-static", "int8-weights")
+from edit_mobile.runtime.manifest import ONNX_PRECISIONS as PRECISIONS
+
 # name -> (teacher preset or "mid", converter arch)
 MODELS = {
     "tiny-pixart": ("tiny-pixart", "edit"),

@@ -161,6 +161,38 @@ def test_int8_weights_are_int8_with_fp32_compute(quantized):
     assert nbits and all(a.i == 8 for n in nbits for a in n.attribute if a.name == "bits")
 
 
+def _nbits(pkg, component="transformer") -> dict[str, int]:
+    model = onnx.load(str(pkg / component / "model.onnx"))
+    nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    return {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in nodes}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_int4_weights_are_4bit_and_smaller_than_int8(quantized, family):
+    int4, int8 = quantized(family, "int4-weights"), quantized(family, "int8-weights")
+    assert _nbits(int4) and set(_nbits(int4).values()) == {4}
+    q4, q8 = (_manifest(p)["components"]["transformer"]["quantization"] for p in (int4, int8))
+    assert q4["block_size"] == 32 and q4["kept_8bit"] == [] and q8["block_size"] == 128
+    assert q4["size_bytes"]["quantized"] < 0.8 * q8["size_bytes"]["quantized"]
+
+
+def test_keep_8bit_gives_the_most_sensitive_groups_8_bits(packages, prompts, quantized, tmp_path):
+    out = tmp_path / "int4-keep"
+    argv = ["quantize", str(packages["pixart"]), "--precision", "int4-weights", "--components", "transformer"]
+    assert cli([*argv, "--keep-8bit", "2", "--calibration-prompts", str(prompts), *CALIB, "--out", str(out)]) == 0
+    q = _manifest(out)["components"]["transformer"]["quantization"]
+    scores = q["keep_8bit"]["group_psnr_db_at_4bit"]
+    worst = sorted(scores, key=scores.get)[:2]
+    assert q["keep_8bit"]["groups"] == worst and len(scores) > 4
+    bits = _nbits(out)
+    in_worst = {n: b for n, b in bits.items() if any(n.startswith(g + "/") for g in worst)}
+    assert in_worst and set(in_worst.values()) == {8}
+    assert set(b for n, b in bits.items() if n not in in_worst) == {4}
+    # The 8-bit layers are the ones that lost the most alone: the whole model is no worse than all-4-bit.
+    all4 = _manifest(quantized("pixart", "int4-weights"))["components"]["transformer"]["quantization"]
+    assert q["check"]["psnr_db"] >= all4["check"]["psnr_db"] - 0.5
+
+
 def test_fp16_keeps_linear_attention_and_norm_statistics_fp32(quantized):
     pkg = quantized("pixart", "fp16")
     q = _manifest(pkg)["components"]["transformer"]["quantization"]
@@ -421,6 +453,8 @@ def test_quantizing_a_quantized_component_is_refused(quantized, tmp_path, capsys
         (["--precision", "fp16", "--components", "transformer,unet"], "unknown component 'unet'"),
         (["--precision", "int8-static", "--calibration-method", "kl"], "unknown --calibration-method 'kl'"),
         (["--precision", "int8-static", "--calibration-steps", "0"], "--calibration-steps must be >= 1"),
+        (["--precision", "int8-dynamic", "--keep-8bit", "2"], "--keep-8bit K needs K >= 0 and an int4-weights"),
+        (["--precision", "int4-weights", "--keep-8bit", "-1"], "--keep-8bit K needs K >= 0"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(packages, tmp_path, tmp_path_factory, capsys, extra, message):
@@ -564,9 +598,9 @@ def test_quantizers_leave_logging_state_alone(tmp_path, monkeypatch, precision):
 
     feeds = _small_graph(tmp_path / "m.onnx")
     run = {
-        "int8-dynamic": lambda dst: qo.quantize_dynamic_int8(tmp_path / "m.onnx", dst, qo.Int8Options()),
-        "int8-static": lambda dst: qo.quantize_static_int8(tmp_path / "m.onnx", dst, feeds, qo.Int8Options()),
-        "int8-weights": lambda dst: qo.quantize_weights_int8(tmp_path / "m.onnx", dst, qo.Int8Options()),
+        "int8-dynamic": lambda dst: qo.quantize_dynamic_int8(tmp_path / "m.onnx", dst, qo.QuantOptions()),
+        "int8-static": lambda dst: qo.quantize_static_int8(tmp_path / "m.onnx", dst, feeds, qo.QuantOptions()),
+        "int8-weights": lambda dst: qo.quantize_weights(tmp_path / "m.onnx", dst, qo.QuantOptions()),
     }[precision]
     before = _logging_state()
     run(tmp_path / "q.onnx")
@@ -624,7 +658,7 @@ def test_importing_the_weight_quantizer_leaves_the_root_logger_alone(tmp_path):
         "import logging, sys; from pathlib import Path\n"
         "from edit_mobile.export import quantize_onnx as qo\n"
         f"src = Path({str(tmp_path / 'm.onnx')!r})\n"
-        "qo.quantize_weights_int8(src, src.with_name('q.onnx'), qo.Int8Options())\n"
+        "qo.quantize_weights_int8(src, src.with_name('q.onnx'), qo.QuantOptions())\n"
         "root = logging.getLogger()\n"
         "assert root.handlers == [] and root.level == logging.WARNING, (root.handlers, root.level)\n"
     )

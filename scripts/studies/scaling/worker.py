@@ -65,7 +65,7 @@ def child_export(args) -> None:
     elif kind == "int8":
         from edit_mobile.export import quantize_onnx as qo
 
-        info = qo.quantize_dynamic_int8(Path(args.src), out / "model.onnx", qo.Int8Options())
+        info = qo.quantize_dynamic_int8(Path(args.src), out / "model.onnx", qo.QuantOptions())
     else:
         raise SystemExit(f"unknown export kind {kind}")
     info["export_s"] = round(time.perf_counter() - start, 1)
