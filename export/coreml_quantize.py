@@ -3,8 +3,11 @@
 precisions (weights of linear / conv / matmul / gather ops with at least WEIGHT_THRESHOLD elements; biases,
 norms and position tables stay as they are):
   int8-weights  linear symmetric int8, one scale per output channel (constexpr_affine_dequantize)
-  palettize-4   4-bit k-means palettization, one 16-entry table per tensor (constexpr_lut_to_dense)
-  palettize-6   6-bit k-means palettization, one 64-entry table per tensor
+  int4-weights  linear int4 with zero points in blocks of 32 input channels (constexpr_blockwise_shift_scale;
+                programs for iOS18 / macOS15 and later)
+  palettize-4   4-bit k-means palettization (constexpr_lut_to_dense), one 16-entry table per group of 16 output
+                channels in programs for iOS18 / macOS15 and later, one per tensor before
+  palettize-6   the same with 6 bits (64-entry tables)
   w8a8          int8 activations (quantize / dequantize pairs, ranges calibrated on recorded inputs) + int8-weights
 
 Activation ranges for w8a8: coremltools' `linear_quantize_activations` measures them with `MLModel.predict`, which
@@ -53,19 +56,36 @@ CALIBRATION_PROMPTS = (
 )
 
 
-def _configs(precision: str):
+# Programs for iOS18 / macOS15 and later can hold finer-grained compressed weights (constexpr_blockwise_shift_scale,
+# per-block LUTs): int4 in blocks of 32 along the input axis (as ONNX's int4-weights), and palettization with one
+# table per group of 16 output channels instead of one per tensor (Apple's recipe for 4-bit Stable Diffusion).
+IOS18_TARGETS = ("iOS18", "macOS15")
+INT4_BLOCK = 32
+PALETTE_GROUP = 16
+
+
+def _configs(precision: str, ios18: bool):
     import coremltools.optimize.coreml as cto
 
     if precision in ("int8-weights", "w8a8"):
         op = cto.OpLinearQuantizerConfig(
             mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=WEIGHT_THRESHOLD
         )
+    elif precision == "int4-weights":
+        op = cto.OpLinearQuantizerConfig(
+            mode="linear",
+            dtype="int4",
+            granularity="per_block",
+            block_size=INT4_BLOCK,
+            weight_threshold=WEIGHT_THRESHOLD,
+        )
     else:
+        grouped = {"granularity": "per_grouped_channel", "group_size": PALETTE_GROUP} if ios18 else {}
         op = cto.OpPalettizerConfig(
             mode="kmeans",
             nbits=int(precision.split("-")[1]),
-            granularity="per_tensor",
             weight_threshold=WEIGHT_THRESHOLD,
+            **({"granularity": "per_tensor"} | grouped),
         )
     return cto.OptimizationConfig(op_type_configs={name: op for name in COMPRESSED_OPS})
 
@@ -131,8 +151,20 @@ def _quantize_activations(mlmodel, stats: dict):
     )
 
 
-def compress_program(src: Path, dst: Path, precision: str, samples: list[dict[str, np.ndarray]] | None = None) -> None:
+def compress_program(
+    src: Path,
+    dst: Path,
+    precision: str,
+    samples: list[dict[str, np.ndarray]] | None = None,
+    deployment_target: str = "iOS17",
+) -> None:
     """src .mlpackage -> dst .mlpackage compressed to `precision` (samples: calibration inputs, w8a8 only)."""
+    ios18 = deployment_target in IOS18_TARGETS
+    if precision == "int4-weights" and not ios18:
+        raise UserError(
+            f"int4-weights needs a program for iOS18 / macOS15 or later ({src.parent.name} is for "
+            f"{deployment_target}): export with --deployment-target iOS18"
+        )
     ct = import_coremltools()
     import coremltools.optimize.coreml as cto
 
@@ -150,10 +182,10 @@ def compress_program(src: Path, dst: Path, precision: str, samples: list[dict[st
                     f"coremltools cannot quantize the activations of {src.parent.name}: "
                     f"{str(e).splitlines()[0]} (use int8-weights for it)"
                 ) from None
-        if precision in ("int8-weights", "w8a8"):
-            mlmodel = cto.linear_quantize_weights(mlmodel, _configs(precision))
+        if precision in ("int8-weights", "w8a8", "int4-weights"):
+            mlmodel = cto.linear_quantize_weights(mlmodel, _configs(precision, ios18))
         else:
-            mlmodel = cto.palettize_weights(mlmodel, _configs(precision))
+            mlmodel = cto.palettize_weights(mlmodel, _configs(precision, ios18))
         mlmodel.save(str(dst))
 
 
@@ -258,7 +290,7 @@ def quantize_coreml_package(
             dst = tmp / comp.relpath
             dst.parent.mkdir(parents=True, exist_ok=True)
             samples = feeds[name]
-            compress_program(comp.path, dst, precision, samples)
+            compress_program(comp.path, dst, precision, samples, comp.entry.deployment_target or "iOS17")
             seconds = time.perf_counter() - t0
             expansion = check_expansion(dst)
             check = _compare_programs(comp.path, dst, samples[: max(1, min(len(samples), 4))])
@@ -266,7 +298,7 @@ def quantize_coreml_package(
             entry.precision = precision
             entry.gate_psnr_db = GATES_DB[precision]
             entry.quantization = {
-                "method": f"coremltools.optimize.coreml ({_describe(precision)})",
+                "method": f"coremltools.optimize.coreml ({_describe(precision, comp.entry.deployment_target)})",
                 "source_precision": comp.precision,
                 "weight_threshold": WEIGHT_THRESHOLD,
                 "compressed_ops": list(COMPRESSED_OPS),
@@ -295,11 +327,14 @@ def quantize_coreml_package(
     return new.to_dict()
 
 
-def _describe(precision: str) -> str:
+def _describe(precision: str, deployment_target: str | None) -> str:
+    if precision.startswith("palettize"):
+        grouped = deployment_target in IOS18_TARGETS
+        tables = f"one table per {PALETTE_GROUP} output channels" if grouped else "per tensor"
+        return f"palettize_weights, k-means {precision.split('-')[1]} bits, {tables}"
     return {
         "int8-weights": "linear_quantize_weights, int8 symmetric per channel",
-        "palettize-4": "palettize_weights, k-means 4 bits per tensor",
-        "palettize-6": "palettize_weights, k-means 6 bits per tensor",
+        "int4-weights": f"linear_quantize_weights, int4 with zero points, blocks of {INT4_BLOCK} input channels",
         "w8a8": "int8 activations calibrated with the reference executor + linear_quantize_weights int8",
     }[precision]
 

@@ -28,7 +28,7 @@ FAMILIES = tuple(FAMILY_REGISTRY)  # the family registry's names (runtime/famili
 TARGETS = ("onnx", "ort-mobile", "coreml")
 # What `edit-mobile quantize` makes of an fp32 package's components, per format.
 ONNX_PRECISIONS = ("fp16", "int8-dynamic", "int8-static", "int8-weights", "int4-weights")
-COREML_PRECISIONS = ("int8-weights", "palettize-4", "palettize-6", "w8a8")
+COREML_PRECISIONS = ("int8-weights", "int4-weights", "palettize-4", "palettize-6", "w8a8")
 # Minimum PSNR (dB) of a component's output against PyTorch fp32, by its precision: checked when the component is
 # written (export, quantize) and by `validate`, and recorded as the component's `gate_psnr_db`. Core ML compression
 # (docs/coreml.md) was set from the tiny presets through the reference executor (their random weights are the hard

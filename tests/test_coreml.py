@@ -211,6 +211,52 @@ def test_compressed_package_through_validate(packages, tmp_path, precision):
         assert report["passed"], report["components"]
 
 
+@pytest.fixture(scope="module")
+def ios18_package(tiny_dirs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("coreml18") / "pixart"
+    argv = ["export", str(tiny_dirs["tiny-pixart-edit-trained"]), "--target", "coreml", "--resolution", "256"]
+    assert cli([*argv, "--compute-precision", "fp16", "--deployment-target", "iOS18", "--out", str(out)]) == 0
+    return out
+
+
+def test_int4_and_grouped_palettes_on_ios18(ios18_package, tmp_path):
+    """iOS18 programs: int4 in blocks of 32 (constexpr_blockwise_shift_scale) and 4-bit palettes per group of 16
+    output channels (per-block LUTs). The reference executor expands both exactly as coremltools' own decompression
+    (`check_expansion` raises on any difference), and the int4 package passes its gate in `validate`."""
+    from edit_mobile.export.coreml_quantize import quantize_coreml_package
+    from edit_mobile.runtime.manifest import GATES_DB
+    from edit_mobile.runtime.mil import MILProgram
+
+    kinds = {"int4-weights": "constexpr_blockwise_shift_scale", "palettize-4": "constexpr_lut_to_dense"}
+    for precision, op in kinds.items():
+        out = tmp_path / precision
+        manifest = quantize_coreml_package(ios18_package, out, precision, components="transformer")
+        q = manifest["components"]["transformer"]["quantization"]
+        assert q["expansion_check"]["equal_to_coremltools_decompression"] and q["expansion_check"]["compressed_weights"]
+        program = MILProgram(out / "transformer" / "model.mlpackage")
+        compressed = [o for o in program.ops if o.type == op]
+        assert compressed
+        if precision == "palettize-4":  # one table per 16 output channels: the LUT has a leading group axis > 1
+            assert "16 output channels" in q["method"]
+            luts = [
+                [d.constant.size for d in o.inputs["lut"].arguments[0].value.type.tensorType.dimensions]
+                for o in compressed
+            ]  # (output channels / 16, 1, ..., 16 entries, vector size 1)
+            assert all(shape[-2:] == [16, 1] and shape[0] > 1 for shape in luts), luts
+        else:
+            report = _validate(out, tmp_path)
+            transformer = report["components"]["transformer"]
+            assert transformer["gate_db"] == GATES_DB["int4-weights"] and report["passed"], transformer
+
+
+def test_int4_needs_an_ios18_program(packages, tmp_path):
+    from edit_mobile.export.coreml_quantize import quantize_coreml_package
+
+    with pytest.raises(UserError, match="int4-weights needs a program for iOS18 / macOS15 or later"):
+        quantize_coreml_package(packages["pixart"], tmp_path / "q", "int4-weights", components="transformer")
+    assert not (tmp_path / "q").exists()
+
+
 @pytest.mark.parametrize("precision", ["palettize-4", "palettize-6"])
 def test_palettized_weights_expand_as_coremltools_decompresses(packages, tmp_path, precision):
     from edit_mobile.export.coreml_quantize import check_expansion, compress_program
