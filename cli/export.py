@@ -10,6 +10,7 @@ the numpy reference executor (docs/coreml.md).
 example:
   edit-mobile export tiny-pixart --target onnx --resolution 256 --out pkg
   edit-mobile export tiny-pixart --target coreml --resolution 256 --compute-precision fp16 --out pkg-coreml
+  edit-mobile export pixart-folder --max-component-mb 2048 --out pkg   # T5-XXL as chunks of <= 2 GB
 """
 
 from __future__ import annotations
@@ -51,6 +52,14 @@ def build_parser(parser):
         metavar="iOS17|iOS18|macOS14|macOS15",
         help="Core ML only: minimum deployment target (default iOS17)",
     )
+    parser.add_argument(
+        "--max-component-mb",
+        type=float,
+        default=None,
+        metavar="MB",
+        help="a T5 text encoder with more fp32 weights than this is exported as a chain of graphs within it, "
+        "one chunk in memory at a time (a folder's T5 is never loaded whole: T5-XXL on a 24 GB machine)",
+    )
     parser.add_argument("--out", required=True, help="package folder to write (atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing package folder")
     return parser
@@ -70,6 +79,7 @@ def main(args) -> int:
         overwrite=args.overwrite,
         compute_precision=args.compute_precision,
         deployment_target=args.deployment_target,
+        max_component_mb=args.max_component_mb,
     )
     print(export_target(manifest["target"]).summary(manifest, args.out))
     return 0

@@ -73,9 +73,13 @@ class CalibrationSet:
 
     def subset(self, name: str, count: int) -> list[dict[str, np.ndarray]]:
         """Up to `count` feeds of one component, spread evenly (over prompts and timesteps for the transformer)."""
-        feeds = self.feeds[name]
-        picks = np.unique(np.linspace(0, len(feeds) - 1, min(count, len(feeds))).round().astype(int))
-        return [feeds[i] for i in picks]
+        return spread(self.feeds[name], count)
+
+
+def spread(feeds: list, count: int) -> list:
+    """Up to `count` items of `feeds`, evenly spaced (first and last included)."""
+    picks = np.unique(np.linspace(0, len(feeds) - 1, min(count, len(feeds))).round().astype(int))
+    return [feeds[i] for i in picks]
 
 
 def record_calibration(

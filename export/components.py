@@ -6,6 +6,7 @@ registry (runtime/families.py, models/families.py); text encoders are built by k
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,10 +42,13 @@ class TensorSpec:
 @dataclass
 class ComponentSpec:
     name: str  # folder name in the package: text_encoder, transformer, vae_decoder, ...
-    module: nn.Module  # takes the inputs positionally, returns a tensor or a tuple of tensors
+    module: nn.Module | None  # takes the inputs positionally, returns a tensor or a tuple of tensors
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     extra: dict = field(default_factory=dict)  # e.g. tokenizer folder and max length for text encoders
+    # A component exported as a chain of graphs (module None): one builder per chunk, each materialising its own
+    # weights only when called (export/t5_chunks.py)
+    chunks: list[Callable[[], ComponentSpec]] = field(default_factory=list)
 
     def io_dict(self) -> dict:
         return {"inputs": [s.to_dict() for s in self.inputs], "outputs": [s.to_dict() for s in self.outputs]}
@@ -109,16 +113,29 @@ def _clip(enc, spec: TextEncoder, length: int) -> tuple[nn.Module, list[TensorSp
 TEXT_ENCODER_KINDS = {"t5": _t5, "clip": _clip}
 
 
-def text_encoder_component(pipe, spec: TextEncoder, max_text_tokens: int | None) -> ComponentSpec:
+def text_encoder_component(
+    pipe, spec: TextEncoder, max_text_tokens: int | None, max_component_mb: float | None = None, parts=None
+) -> ComponentSpec:
     """One text encoder at its static length: the family's default (T5; `max_text_tokens` overrides it) or the
-    tokenizer's own (CLIP's 77)."""
+    tokenizer's own (CLIP's 77). A T5 whose fp32 weights exceed `max_component_mb` becomes a chain of graphs within
+    that size (export/t5_chunks.py), read from `parts` (a folder the pipeline did not load) or from the pipeline's
+    own encoder."""
+    from .t5_chunks import ModuleParts, t5_bytes, t5_chunk_specs
+
     if spec.max_length is None:
         length = getattr(pipe, spec.tokenizer).model_max_length
     else:
         length = max_text_tokens or spec.max_length
-    module, outputs = TEXT_ENCODER_KINDS[spec.kind](getattr(pipe, spec.component), spec, length)
+    extra = {"tokenizer": spec.tokenizer, "max_length": length}
     inputs = [_i64(name, 1, length) for name in spec.inputs]
-    return ComponentSpec(spec.component, module, inputs, outputs, {"tokenizer": spec.tokenizer, "max_length": length})
+    if spec.kind == "t5" and max_component_mb is not None:
+        parts = parts or ModuleParts(getattr(pipe, spec.component))
+        if t5_bytes(parts.config) > max_component_mb * 2**20:
+            chunks = t5_chunk_specs(parts, spec.component, length, "attention_mask" in spec.inputs, max_component_mb)
+            outputs = [_f32("last_hidden_state", 1, length, parts.config.d_model)]
+            return ComponentSpec(spec.component, None, inputs, outputs, extra, chunks=chunks)
+    module, outputs = TEXT_ENCODER_KINDS[spec.kind](getattr(pipe, spec.component), spec, length)
+    return ComponentSpec(spec.component, module, inputs, outputs, extra)
 
 
 def conditioning_specs(family: Family, text_encoders: list[ComponentSpec], batch: int) -> list[TensorSpec]:
@@ -135,10 +152,17 @@ def conditioning_specs(family: Family, text_encoders: list[ComponentSpec], batch
 
 
 def pipeline_components(
-    pipe, family: str, resolution: tuple[int, int], batch: int, max_text_tokens: int | None
+    pipe,
+    family: str,
+    resolution: tuple[int, int],
+    batch: int,
+    max_text_tokens: int | None,
+    max_component_mb: float | None = None,
+    streamed: dict | None = None,
 ) -> list[ComponentSpec]:
     """Every component the runtime's loop needs, with static shapes for this resolution and batch: the family's
-    text encoders and transformer (runtime/families.py, models/families.py), the VAE decoder and encoder."""
+    text encoders and transformer (runtime/families.py, models/families.py), the VAE decoder and encoder.
+    `streamed`: {text encoder: T5 parts} for encoders the pipeline did not load (export/t5_chunks.py)."""
     spec, torch_spec = family_spec(family), torch_family(family)
     height, width = resolution
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
@@ -150,7 +174,11 @@ def pipeline_components(
     ):
         raise UserError(f"{spec.title} models with additional (resolution / aspect) conditions are not supported")
     c_lat, h, w = pipe.vae.config.latent_channels, height // factor, width // factor
-    specs = [text_encoder_component(pipe, enc, max_text_tokens) for enc in spec.text_encoders]
+    streamed = streamed or {}
+    specs = [
+        text_encoder_component(pipe, enc, max_text_tokens, max_component_mb, streamed.get(enc.component))
+        for enc in spec.text_encoders
+    ]
     specs.append(
         ComponentSpec(
             "transformer",

@@ -69,10 +69,12 @@ def inspect_package(package: str | Path) -> dict:
         )
     report = {}
     for name, comp in pkg.components.items():
-        onnx_path = comp.path.with_suffix(".onnx")  # .ort packages keep their source .onnx beside the .ort file
-        if not onnx_path.is_file():
-            raise UserError(f"{name}: {onnx_path} is missing")
-        report[name] = {"precision": comp.precision, **inspect_model(onnx_path)}
+        for path in comp.chunk_paths or (comp.path,):  # a chunked component: one entry per chunk
+            onnx_path = path.with_suffix(".onnx")  # .ort packages keep their source .onnx beside the .ort file
+            if not onnx_path.is_file():
+                raise UserError(f"{name}: {onnx_path} is missing")
+            key = f"{name}/{path.parent.name}" if comp.chunk_paths else name
+            report[key] = {"precision": comp.precision, **inspect_model(onnx_path)}
     return report
 
 

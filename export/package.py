@@ -14,6 +14,7 @@ from ..runtime.manifest import Manifest, SchedulerEntry, TokenizerEntry, VaeConf
 from ..runtime.package import installed_version, parse_resolution
 from .components import pipeline_components
 from .package_writer import write_package
+from .t5_chunks import streamed_t5_parts
 from .targets import convert_to_ort, export_target, write_reduced_operator_config
 
 __all__ = ["convert_to_ort", "export_package", "tool_versions", "write_reduced_operator_config"]
@@ -36,22 +37,28 @@ def export_package(
     overwrite: bool = False,
     compute_precision: str | None = None,
     deployment_target: str | None = None,
+    max_component_mb: float | None = None,
 ) -> dict:
     """Export every component of the pipeline in `src`; returns the manifest.
 
     `compute_precision` (fp16 | fp32, default fp16) and `deployment_target` (iOS17 | iOS18 | macOS14 | macOS15,
-    default iOS17) apply to target "coreml" only: each target takes its own options (export/targets.py)."""
+    default iOS17) apply to target "coreml" only: each target takes its own options (export/targets.py).
+    `max_component_mb`: a T5 text encoder with more fp32 weights than this is exported as a chain of graphs within
+    it, built one chunk at a time (from a folder: never loaded whole; export/t5_chunks.py)."""
     exporter = export_target(target)
     options = exporter.resolve_options(compute_precision=compute_precision, deployment_target=deployment_target)
     if batch not in (1, 2):
         raise UserError(f"--batch must be 1 or 2, got {batch}")
     if max_text_tokens is not None and max_text_tokens < 1:
         raise UserError(f"--max-text-tokens must be positive, got {max_text_tokens}")
+    if max_component_mb is not None and not max_component_mb > 0:
+        raise UserError(f"--max-component-mb must be positive, got {max_component_mb}")
     height, width = parse_resolution(resolution)
     check_output_free(out, overwrite)
-    pipe = load_pipeline(src)
+    streamed = streamed_t5_parts(str(src), max_component_mb)
+    pipe = load_pipeline(src, skip=tuple(streamed))
     family = pipeline_family(pipe)
-    specs = pipeline_components(pipe, family, (height, width), batch, max_text_tokens)
+    specs = pipeline_components(pipe, family, (height, width), batch, max_text_tokens, max_component_mb, streamed)
     vae = pipe.vae.config
     manifest = Manifest(
         source=str(src),
@@ -75,7 +82,7 @@ def export_package(
         model_paths = []
         for spec in tqdm(specs, desc="export", unit="component"):
             exported = exporter.export_component(spec, tmp, manifest, options)
-            model_paths.append(exported.path)
+            model_paths += [tmp / rel for rel in exported.entry.model_paths]
             manifest.components[spec.name] = exported.entry
             manifest.export[spec.name] = exported.info
             _save_tokenizer(pipe, spec, tmp, manifest)

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import copy
 import logging
+import posixpath
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from ..runtime.atomic import check_output_free
@@ -29,6 +32,7 @@ from .calibration import (
     default_prompts,
     read_prompt_file,
     record_calibration,
+    spread,
 )
 from .package_writer import write_package
 from .targets import export_target
@@ -83,9 +87,8 @@ def parse_plan(precision: str, components: str | None, available: list[str]) -> 
     return plan
 
 
-def _source_onnx(package: Package, name: str) -> Path:
-    """The component's ONNX graph (an ort-mobile package keeps model.onnx next to model.ort)."""
-    path = package.component_path(name)
+def _source_onnx(path: Path, name: str) -> Path:
+    """The ONNX graph of a component's model file (an ort-mobile package keeps model.onnx next to model.ort)."""
     if path.suffix == ".ort":
         path = path.with_suffix(".onnx")
         if not path.is_file():
@@ -159,14 +162,20 @@ def quantize_package(
                 threads=threads,
                 keep_8bit=keep_8bit if prec == "int4-weights" else 0,
             )
-            path = packaging.convert(tmp / name / "model.onnx")  # ort-mobile: model.ort beside it
-            entry.path = path.relative_to(tmp).as_posix()
+            # ort-mobile: model.ort beside each model.onnx
+            rels = [
+                packaging.convert(tmp / posixpath.dirname(rel) / "model.onnx").relative_to(tmp).as_posix()
+                for rel in entry.model_paths
+            ]
+            entry.path = rels[0]
+            entry.chunks = tuple(replace(c, path=rel) for c, rel in zip(entry.chunks, rels))
             entry.precision = prec
             entry.gate_psnr_db = GATES_DB[prec]
             if prec == "int8-dynamic" or prec in qo.WEIGHT_ONLY:
                 entry.ort_session_config = dict(qo.WEIGHT_DQ_SESSION_CONFIG)
             entry.quantization = info
-        packaging.finish(tmp, [tmp / e.path for e in new.components.values()])  # ort-mobile: the operator list
+        # ort-mobile: the operator list
+        packaging.finish(tmp, [tmp / rel for e in new.components.values() for rel in e.model_paths])
         new.quantization = {
             "from": str(package_dir),
             "components": dict(plan),
@@ -189,21 +198,86 @@ def quantize_component(
     precision: str,
     out_dir: Path,
     calib: CalibrationSet,
+    threads: int | None = None,
+    **options,
+) -> dict:
+    """Quantize one component into `out_dir` (model.onnx, or chunk-NN/model.onnx for a chunked component); returns
+    its manifest `quantization`. `options`: quantize_graph's per_channel, calibration_method, sensitivity,
+    keep_8bit."""
+    comp = package.component(name)
+    feeds = calib.feeds[name]
+    if not feeds:
+        raise UserError(f"no calibration inputs were recorded for {name}")
+    about = {"prompts": len(calib.prompts), "steps": calib.steps}
+    if not comp.entry.chunks:
+        src = _source_onnx(comp.path, name)
+        check = calib.subset(name, CHECK_SAMPLES)
+        return quantize_graph(src, name, precision, out_dir, feeds, check, about, threads=threads, **options)
+    # A chunked component: each chunk quantized on its own inputs along the recorded trajectories (what the fp32
+    # chain computes from the component's recorded inputs), then the whole chain checked against the fp32 chain.
+    start = time.perf_counter()
+    sources = [_source_onnx(path, name) for path in comp.chunk_paths]
+    fp32 = [qo.make_session(src, threads) for src in sources]
+    chunk_feeds = [[] for _ in sources]
+    for feed in feeds:
+        _run_chain(fp32, comp.entry.chunks, feed, record=chunk_feeds)
+    chunks = {}
+    for k, src in enumerate(sources):
+        label = f"{name}.{src.parent.name}"
+        check = spread(chunk_feeds[k], CHECK_SAMPLES)
+        chunks[label] = quantize_graph(
+            src, label, precision, out_dir / src.parent.name, chunk_feeds[k], check, about, threads=threads, **options
+        )
+    quantized = [qo.make_session(out_dir / src.parent.name / "model.onnx", threads) for src in sources]
+    check_feeds = calib.subset(name, CHECK_SAMPLES)
+    outputs = comp.output_names
+    reference = [[_run_chain(fp32, comp.entry.chunks, f)[n] for n in outputs] for f in check_feeds]
+    got = [[_run_chain(quantized, comp.entry.chunks, f)[n] for n in outputs] for f in check_feeds]
+    return {
+        "source_precision": "fp32",
+        "chunks": chunks,
+        "excluded_nodes": {n: r for c in chunks.values() for n, r in c["excluded_nodes"].items()},
+        "check": {
+            "psnr_db": round(qo.output_psnr(reference, got), 2),
+            "samples": len(check_feeds),
+            "against": "the fp32 chain of chunks on ONNX Runtime CPU, recorded inputs",
+        },
+        "size_bytes": {k: sum(c["size_bytes"][k] for c in chunks.values()) for k in ("fp32", "quantized")},
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def _run_chain(sessions, chunks, feed: dict, record: list[list] | None = None) -> dict:
+    """A chunked component's graphs in order on one feed; every value by name (`record`: each chunk's inputs)."""
+    values = dict(feed)
+    for k, (session, chunk) in enumerate(zip(sessions, chunks)):
+        inputs = {s.name: values[s.name] for s in chunk.inputs}
+        if record is not None:
+            record[k].append(inputs)
+        names = [s.name for s in chunk.outputs]
+        values.update(zip(names, (o.astype(np.float32) for o in session.run(names, inputs))))
+    return values
+
+
+def quantize_graph(
+    src: Path,
+    name: str,
+    precision: str,
+    out_dir: Path,
+    feeds: list[dict],
+    check_feeds: list[dict],
+    about: dict,
     per_channel: bool = False,
     calibration_method: str = "minmax",
     sensitivity: bool = False,
     threads: int | None = None,
     keep_8bit: int = 0,
 ) -> dict:
-    """Quantize one component into `out_dir/model.onnx` (+ external data); returns its manifest `quantization`."""
+    """Quantize one ONNX graph into `out_dir/model.onnx` (+ external data), calibrated on `feeds` and checked on
+    `check_feeds` against the fp32 graph; returns its manifest `quantization` (`about`: the calibration run)."""
     start = time.perf_counter()
-    src = _source_onnx(package, name)
     out_dir.mkdir(parents=True, exist_ok=True)
     dst = out_dir / "model.onnx"
-    feeds = calib.feeds[name]
-    if not feeds:
-        raise UserError(f"no calibration inputs were recorded for {name}")
-    check_feeds = calib.subset(name, CHECK_SAMPLES)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{name}-work-") as work:
         work = Path(work)
         # A named copy: block / exclusion lists refer to nodes by name; a few exported nodes have none.
@@ -216,7 +290,7 @@ def quantize_component(
         info: dict = {
             "source_precision": "fp32",
             "per_channel": None,
-            "calibration": {"prompts": len(calib.prompts), "steps": calib.steps, "samples": len(feeds), "method": None},
+            "calibration": {**about, "samples": len(feeds), "method": None},
         }
         if precision == "fp16":
             ranges = qo.tensor_ranges(named, feeds)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..runtime.errors import UserError
 from ..runtime.io_specs import TensorSpec
-from ..runtime.manifest import TARGETS, ComponentEntry, Manifest
+from ..runtime.manifest import TARGETS, ChunkEntry, ComponentEntry, Manifest
 from .components import ComponentSpec
 
 
@@ -36,13 +36,13 @@ class ExportedComponent:
     info: dict  # its manifest `export` record ("seconds" first)
 
 
+def _specs(tensors) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(name=t.name, shape=tuple(t.shape), dtype=t.dtype) for t in tensors)
+
+
 def component_entry(spec: ComponentSpec, rel: Path, **fields) -> ComponentEntry:
     """The manifest entry of an exported component (its `files` are filled in by the package writer)."""
-
-    def specs(tensors) -> tuple[TensorSpec, ...]:
-        return tuple(TensorSpec(name=t.name, shape=tuple(t.shape), dtype=t.dtype) for t in tensors)
-
-    return ComponentEntry(path=rel.as_posix(), inputs=specs(spec.inputs), outputs=specs(spec.outputs), **fields)
+    return ComponentEntry(path=rel.as_posix(), inputs=_specs(spec.inputs), outputs=_specs(spec.outputs), **fields)
 
 
 def _flag(option: str) -> str:
@@ -87,12 +87,33 @@ class OnnxTarget(ExportTarget):
         from .onnx_export import OPSET, export_onnx, onnx_parity
 
         start = time.perf_counter()
+        if spec.chunks:
+            return self._export_chunks(spec, root, start)
         path = export_onnx(spec, root / spec.name)
         parity = onnx_parity(spec, path)
         seconds = time.perf_counter() - start
         path = self.convert(path)
         entry = component_entry(spec, path.relative_to(root), precision="fp32", opset=OPSET)
         return ExportedComponent(path, entry, {"seconds": round(seconds, 2), "onnx_vs_torch_max_abs": parity})
+
+    def _export_chunks(self, spec, root, start: float) -> ExportedComponent:
+        """A chunked component: each chunk's weights are built, exported to <name>/chunk-NN/, checked against its
+        PyTorch module and released before the next one (peak memory: one chunk)."""
+        from .onnx_export import OPSET, export_onnx, onnx_parity
+
+        chunks, parity = [], {}
+        for k, build in enumerate(spec.chunks):
+            chunk = build()
+            path = export_onnx(chunk, root / spec.name / f"chunk-{k:02d}")
+            parity.update({f"chunk-{k:02d}.{out}": v for out, v in onnx_parity(chunk, path).items()})
+            path = self.convert(path)
+            chunks.append(ChunkEntry(path.relative_to(root).as_posix(), _specs(chunk.inputs), _specs(chunk.outputs)))
+            del chunk
+        entry = component_entry(spec, Path(chunks[0].path), precision="fp32", opset=OPSET, chunks=tuple(chunks))
+        seconds = round(time.perf_counter() - start, 2)
+        return ExportedComponent(
+            root / chunks[0].path, entry, {"seconds": seconds, "chunks": len(chunks), "onnx_vs_torch_max_abs": parity}
+        )
 
     def convert(self, model_path: Path) -> Path:
         """The file the runtime opens, made from the exported model.onnx (ONNX: model.onnx itself)."""
@@ -155,6 +176,8 @@ class CoreMLTarget(ExportTarget):
         from .coreml_export import coreml_parity, export_coreml, package_size
 
         precision, deployment_target = options["compute_precision"], options["deployment_target"]
+        if spec.chunks:
+            raise UserError(f"{spec.name} is chunked (--max-component-mb): chunked components export to ONNX only")
         start = time.perf_counter()
         path = export_coreml(
             spec,

@@ -19,8 +19,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["ARCHS", "SUPPORTED_PIPELINES", "convert", "convert_pipeline", "load_pipeline", "pipeline_family"]
 
 
-def load_pipeline(src: str | Path) -> DiffusionPipeline:
-    """A preset name or a local diffusers pipeline folder -> the pipeline (fp32, eval mode)."""
+def load_pipeline(src: str | Path, skip: tuple[str, ...] = ()) -> DiffusionPipeline:
+    """A preset name or a local diffusers pipeline folder -> the pipeline (fp32, eval mode). A folder's components
+    named in `skip` are not loaded (None in the pipeline: the exporter streams a too-large text encoder itself)."""
     src = str(src)
     if src in PRESETS:
         return PRESETS[src].build()
@@ -37,7 +38,7 @@ def load_pipeline(src: str | Path) -> DiffusionPipeline:
     if class_name not in SUPPORTED_PIPELINES:
         raise UserError(f"{src} holds a {class_name}; expected one of {', '.join(SUPPORTED_PIPELINES)}")
     try:
-        return DiffusionPipeline.from_pretrained(path)
+        return DiffusionPipeline.from_pretrained(path, **dict.fromkeys(skip))
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the pipeline in {src}: {str(e).splitlines()[0]}") from None
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from .coreml_backend import CoreMLBackend, CoreMLReferenceBackend
 from .errors import UserError
-from .io_specs import TensorSpec
+from .io_specs import TensorSpec, as_specs, check_inputs
 from .ort_backend import OrtBackend
 from .package import Package
 
@@ -94,11 +94,31 @@ def create_backend(
     return cls(model_path, input_specs, output_names, **taken)
 
 
+class ChainBackend:
+    """A chunked component (manifest `chunks`): one backend per chunk, run in order; each chunk reads the
+    component's inputs and the outputs of the chunks before it by name."""
+
+    def __init__(self, chunks: list[tuple[Backend, list[str]]], input_specs, output_names: list[str]):
+        self.chunks, self.input_specs, self.output_names = chunks, as_specs(input_specs), list(output_names)
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_inputs(inputs, self.input_specs, where="chunked component")
+        values = dict(inputs)
+        for backend, names in self.chunks:
+            values.update(backend.run({n: values[n] for n in names}))
+        return {n: values[n] for n in self.output_names}
+
+
 def component_backend(package: Package, component: str, backend: str = "ort", **options) -> Backend:
     """The backend for one package component, with the manifest's input specs and output names, and the options
-    its manifest entry sets (explicit `options` take precedence)."""
+    its manifest entry sets (explicit `options` take precedence); a chained one for a chunked component."""
     cls = backend_class(backend)
     comp = package.component(component)
-    return create_backend(
-        backend, comp.path, comp.inputs, comp.output_names, **{**cls.manifest_options(comp.entry), **options}
-    )
+    options = {**cls.manifest_options(comp.entry), **options}
+    if not comp.entry.chunks:
+        return create_backend(backend, comp.path, comp.inputs, comp.output_names, **options)
+    chunks = [
+        (create_backend(backend, path, c.inputs, [s.name for s in c.outputs], **options), [s.name for s in c.inputs])
+        for path, c in zip(comp.chunk_paths, comp.entry.chunks)
+    ]
+    return ChainBackend(chunks, comp.inputs, comp.output_names)

@@ -313,7 +313,7 @@ def bench_package(package_dir: str | Path, options: BenchOptions = BenchOptions(
         components[name] = {
             **summarize(samples[name]),
             "load_s": round(load_s[name], 3),
-            "size_mb": folder_size_mb(comp.path.parent if comp.path.is_file() else comp.path),
+            "size_mb": folder_size_mb(pkg.root / comp.entry.folder),
             "precision": comp.precision,
             "calls_per_image": calls_per_image[name],
         }

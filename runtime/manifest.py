@@ -176,6 +176,28 @@ class Fields:
         return dict(files)
 
 
+def _check_chain(chunks, inputs, outputs, path: str, files: dict, where: str, f: Fields) -> None:
+    """A chunk chain is runnable: the first chunk is `path`, every chunk's model is hashed, every chunk input is a
+    component input or an earlier chunk's output (same shape and dtype), and the chain produces every output."""
+    if chunks[0].path != path:
+        raise f.fail(f"{where}.path", f"the first chunk's path {chunks[0].path!r}", path)
+    paths = [c.path for c in chunks]
+    if len(set(paths)) != len(paths):
+        raise f.fail(f"{where}.chunks", "one distinct model file per chunk", paths)
+    known = {s.name: s for s in inputs}
+    for i, chunk in enumerate(chunks):
+        if not any(_covers(frel, chunk.path) for frel in files):
+            raise f.fail(f"{where}.files", f"a hash for chunk {i}'s model {chunk.path}", sorted(files))
+        for s in chunk.inputs:
+            if known.get(s.name) != s:
+                expected = f"{s.name} from the inputs or an earlier chunk"
+                raise f.fail(f"{where}.chunks[{i}].inputs", expected, s.to_dict())
+        known.update({s.name: s for s in chunk.outputs})
+    for s in outputs:
+        if known.get(s.name) != s:
+            raise f.fail(f"{where}.outputs", f"{s.name} produced by a chunk", s.to_dict())
+
+
 def _extra(d: dict, cls) -> dict:
     """The keys of `d` that `cls` has no field for: kept as read, written back unchanged."""
     known = {f.name for f in fields(cls)} - {"extra", "name"}
@@ -187,13 +209,43 @@ def _without_none(d: dict, always: tuple[str, ...] = ()) -> dict:
 
 
 @dataclass
+class ChunkEntry:
+    """One graph of a chunked component (`components.<name>.chunks[i]`): its model file and static I/O. The chunks
+    run in order; each reads the component's inputs and earlier chunks' outputs by name."""
+
+    path: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @classmethod
+    def from_dict(cls, c: Any, where: str, f: Fields) -> ChunkEntry:
+        c = f.obj(c, where)
+        return cls(
+            path=f.path(c.get("path"), f"{where}.path"),
+            inputs=f.tensors(c.get("inputs"), f"{where}.inputs"),
+            outputs=f.tensors(c.get("outputs"), f"{where}.outputs"),
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path,
+            "inputs": [s.to_dict() for s in self.inputs],
+            "outputs": [s.to_dict() for s in self.outputs],
+        }
+
+
+@dataclass
 class ComponentEntry:
-    """One model of the package: `components.<name>` (`text_encoder`, `transformer`, `vae_decoder`, ...)."""
+    """One model of the package: `components.<name>` (`text_encoder`, `transformer`, `vae_decoder`, ...).
+
+    A component too large for one graph (a true-size T5-XXL) is `chunks`: several graphs run in sequence, each
+    small enough to export, quantize and load on its own; `path` is then its first chunk's model."""
 
     path: str  # the model file (ONNX / ORT) or folder (.mlpackage), relative to the package root
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     files: dict[str, str] = field(default_factory=dict)  # relpath -> sha256 of every file of the component's folder
+    chunks: tuple[ChunkEntry, ...] = ()
     precision: str | None = None
     opset: int | None = None  # ONNX / ORT
     deployment_target: str | None = None  # Core ML
@@ -206,7 +258,13 @@ class ComponentEntry:
     @property
     def folder(self) -> str:
         """The folder that holds the component's files (the writer hashes all of it)."""
-        return posixpath.dirname(posixpath.normpath(self.path)) or self.path
+        folders = [posixpath.dirname(posixpath.normpath(p)) or p for p in self.model_paths]
+        return posixpath.commonpath(folders) if len(folders) > 1 else folders[0]
+
+    @property
+    def model_paths(self) -> list[str]:
+        """Every model file the runtime opens: the chunks' in order, or the one `path`."""
+        return [c.path for c in self.chunks] or [self.path]
 
     @classmethod
     def from_dict(cls, c: Any, name: str, f: Fields) -> ComponentEntry:
@@ -220,14 +278,22 @@ class ComponentEntry:
             f.integer(opset, f"{where}.opset", 1, 1000)
         for key in ("tolerance", "ort_session_config", "quantization"):
             f.optional_obj(c.get(key), f"{where}.{key}")
+        inputs, outputs = f.tensors(c.get("inputs"), f"{where}.inputs"), f.tensors(c.get("outputs"), f"{where}.outputs")
+        chunks = ()
+        if c.get("chunks") is not None:
+            if not isinstance(c["chunks"], list) or not c["chunks"]:
+                raise f.fail(f"{where}.chunks", "a non-empty list of chunks", c["chunks"])
+            chunks = tuple(ChunkEntry.from_dict(x, f"{where}.chunks[{i}]", f) for i, x in enumerate(c["chunks"]))
+            _check_chain(chunks, inputs, outputs, rel, files, where, f)
         return cls(
             path=rel,
             files=files,
+            chunks=chunks,
             precision=f.choice(c.get("precision"), f"{where}.precision", PRECISIONS, optional=True),
             opset=opset,
             deployment_target=f.string(c.get("deployment_target"), f"{where}.deployment_target", optional=True),
-            inputs=f.tensors(c.get("inputs"), f"{where}.inputs"),
-            outputs=f.tensors(c.get("outputs"), f"{where}.outputs"),
+            inputs=inputs,
+            outputs=outputs,
             tolerance=c.get("tolerance"),
             gate_psnr_db=f.number(c.get("gate_psnr_db"), f"{where}.gate_psnr_db", optional=True),
             ort_session_config=c.get("ort_session_config"),
@@ -244,6 +310,7 @@ class ComponentEntry:
                 "deployment_target": self.deployment_target,
                 "inputs": [s.to_dict() for s in self.inputs],
                 "outputs": [s.to_dict() for s in self.outputs],
+                "chunks": [c.to_dict() for c in self.chunks] or None,
                 "tolerance": self.tolerance,
                 "gate_psnr_db": self.gate_psnr_db,
                 "ort_session_config": self.ort_session_config,

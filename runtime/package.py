@@ -33,6 +33,7 @@ class Component:
     name: str
     path: Path  # absolute, verified inside the package
     entry: ComponentEntry = field(repr=False)
+    chunk_paths: tuple[Path, ...] = ()  # a chunked component's graphs, in order (absolute, verified)
 
     @property
     def relpath(self) -> str:
@@ -235,10 +236,14 @@ def load_package(root: str | Path, verify: bool = True) -> Package:
         resolve_inside(root, rel, what)
     components = {}
     for name, entry in manifest.components.items():
-        path = resolve_inside(root, entry.path, f"components.{name}.path")
-        if not (path.is_file() or (path.suffix == ".mlpackage" and path.is_dir())):
-            raise UserError(f"package {root} is incomplete: {entry.path} is missing")
-        components[name] = Component(name=name, path=path, entry=entry)
+        paths = []
+        for rel in entry.model_paths:
+            path = resolve_inside(root, rel, f"components.{name}.path")
+            if not (path.is_file() or (path.suffix == ".mlpackage" and path.is_dir())):
+                raise UserError(f"package {root} is incomplete: {rel} is missing")
+            paths.append(path)
+        chunks = tuple(paths) if entry.chunks else ()
+        components[name] = Component(name=name, path=paths[0], entry=entry, chunk_paths=chunks)
     text = {}
     for name, t in manifest.text.items():
         spec = TextSpec(
