@@ -135,3 +135,23 @@ def test_a_broken_chain_is_refused_in_one_line(chunked, tmp_path, capsys, breaka
     assert cli(["generate", str(pkg), "--prompt", "x", "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err and not (tmp_path / "x.png").exists()
+
+
+def test_true_size_t5_writer_at_reduced_size(tiny_dirs, tmp_path):
+    """models/t5_xxl.py writes T5-XXL's layout (here at the tiny pipeline's width and 3 blocks) one shard per block:
+    transformers loads the folder, and a pipeline holding it exports chunk by chunk and validates."""
+    from edit_mobile.models.t5_xxl import T5_XXL, write_random_t5
+
+    src = tmp_path / "pipeline"
+    shutil.copytree(tiny_dirs["tiny-pixart-edit"], src)
+    shutil.rmtree(src / "text_encoder")
+    small = {**T5_XXL, "vocab_size": 400, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 3, "num_heads": 4}
+    write_random_t5(src / "text_encoder", small)
+    index = json.loads((src / "text_encoder" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 3 + 2  # a shard per block, the embedding, the final norm
+    model = T5EncoderModel.from_pretrained(src / "text_encoder")
+    assert model.config.num_layers == 3 and model.encoder.block[0].layer[1].DenseReluDense.wi_0.weight.shape == (64, 32)
+    out = tmp_path / "pkg"
+    assert cli(["export", str(src), "--resolution", "128", "--max-component-mb", "0.05", "--out", str(out)]) == 0
+    assert len(load_package(out).components["text_encoder"].chunk_paths) == 3
+    assert cli(["validate", str(out), "--reference", str(src), "--steps", "2"]) == 0
