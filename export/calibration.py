@@ -116,6 +116,28 @@ def record_calibration(
     return calib
 
 
+def record_text_inputs(package: Package, prompts: list[str], components: list[str]) -> CalibrationSet:
+    """The text encoders' real inputs for `prompts` without running any model: the family's prompt preprocessing
+    and the package's tokenizers, exactly as the sampling loop feeds them. Enough when only text encoders are
+    quantized, and it keeps their fp32 graphs (a true-size T5-XXL: 19 GB) from being loaded all at once."""
+    from ..runtime.families import family
+    from ..runtime.tokenizer import PromptTokenizer
+
+    if not prompts:
+        raise UserError("no calibration prompts")
+    spec = family(package.family)
+    calib = CalibrationSet(prompts=list(prompts), steps=0, guidance=spec.default_guidance, feeds={})
+    for enc in spec.text_encoders:
+        if enc.component in components:
+            text = package.text_for(enc.component)
+            tokenizer = PromptTokenizer(text.path, text.max_length, text.pad_id)
+            # each prompt and the empty negative prompt of classifier-free guidance, as the loop encodes them
+            encodings = [tokenizer.encode(spec.preprocess(t)) for p in prompts for t in (p, "")]
+            specs = package.input_specs(enc.component)
+            calib.feeds[enc.component] = [_cast(enc.feed(e), specs) for e in encodings]
+    return calib
+
+
 def _cast(values: dict[str, np.ndarray], specs) -> dict[str, np.ndarray]:
     """Keep exactly the component's inputs, in the manifest dtypes (the fp32 package's own)."""
     from ..runtime.io_specs import to_numpy_dtype

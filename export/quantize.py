@@ -32,6 +32,7 @@ from .calibration import (
     default_prompts,
     read_prompt_file,
     record_calibration,
+    record_text_inputs,
     spread,
 )
 from .package_writer import write_package
@@ -140,7 +141,10 @@ def quantize_package(
     prompts = read_prompt_file(calibration_prompts) if calibration_prompts is not None else default_prompts()
 
     start = time.perf_counter()
-    calib = record_calibration(package, prompts, steps=calibration_steps, seed=seed, threads=threads)
+    if all(name.startswith("text_encoder") for name in plan):  # their inputs need no model run
+        calib = record_text_inputs(package, prompts, list(plan))
+    else:
+        calib = record_calibration(package, prompts, steps=calibration_steps, seed=seed, threads=threads)
     logger.info("calibration recorded in %.1f s", time.perf_counter() - start)
     new = copy.deepcopy(package.manifest)
     packaging = export_target(package.target)  # what an ONNX file becomes in this target (ort-mobile: .ort)
@@ -215,30 +219,33 @@ def quantize_component(
         return quantize_graph(src, name, precision, out_dir, feeds, check, about, threads=threads, **options)
     # A chunked component: each chunk quantized on its own inputs along the recorded trajectories (what the fp32
     # chain computes from the component's recorded inputs), then the whole chain checked against the fp32 chain.
+    # One chunk's graph is in memory at a time (a true-size T5-XXL is 19 GB in fp32).
     start = time.perf_counter()
     sources = [_source_onnx(path, name) for path in comp.chunk_paths]
-    fp32 = [qo.make_session(src, threads) for src in sources]
-    chunk_feeds = [[] for _ in sources]
-    for feed in feeds:
-        _run_chain(fp32, comp.entry.chunks, feed, record=chunk_feeds)
-    chunks = {}
-    for k, src in enumerate(sources):
-        label = f"{name}.{src.parent.name}"
-        check = spread(chunk_feeds[k], CHECK_SAMPLES)
-        chunks[label] = quantize_graph(
-            src, label, precision, out_dir / src.parent.name, chunk_feeds[k], check, about, threads=threads, **options
-        )
-    quantized = [qo.make_session(out_dir / src.parent.name / "model.onnx", threads) for src in sources]
     check_feeds = calib.subset(name, CHECK_SAMPLES)
+    values = [dict(f) for f in feeds]  # every value of the fp32 chain, per recorded feed
+    chunks = {}
+    for src, chunk in zip(sources, comp.entry.chunks):
+        label = f"{name}.{src.parent.name}"
+        chunk_feeds = [{s.name: v[s.name] for s in chunk.inputs} for v in values]
+        _run_chunk(src, chunk, values, threads)
+        check = spread(chunk_feeds, CHECK_SAMPLES)
+        chunks[label] = quantize_graph(
+            src, label, precision, out_dir / src.parent.name, chunk_feeds, check, about, threads=threads, **options
+        )
+    got = [dict(f) for f in check_feeds]
+    for src, chunk in zip(sources, comp.entry.chunks):
+        _run_chunk(out_dir / src.parent.name / "model.onnx", chunk, got, threads)
+    reference = [values[i] for i in spread(list(range(len(feeds))), CHECK_SAMPLES)]
     outputs = comp.output_names
-    reference = [[_run_chain(fp32, comp.entry.chunks, f)[n] for n in outputs] for f in check_feeds]
-    got = [[_run_chain(quantized, comp.entry.chunks, f)[n] for n in outputs] for f in check_feeds]
     return {
         "source_precision": "fp32",
         "chunks": chunks,
         "excluded_nodes": {n: r for c in chunks.values() for n, r in c["excluded_nodes"].items()},
         "check": {
-            "psnr_db": round(qo.output_psnr(reference, got), 2),
+            "psnr_db": round(
+                qo.output_psnr([[r[n] for n in outputs] for r in reference], [[g[n] for n in outputs] for g in got]), 2
+            ),
             "samples": len(check_feeds),
             "against": "the fp32 chain of chunks on ONNX Runtime CPU, recorded inputs",
         },
@@ -247,16 +254,13 @@ def quantize_component(
     }
 
 
-def _run_chain(sessions, chunks, feed: dict, record: list[list] | None = None) -> dict:
-    """A chunked component's graphs in order on one feed; every value by name (`record`: each chunk's inputs)."""
-    values = dict(feed)
-    for k, (session, chunk) in enumerate(zip(sessions, chunks)):
-        inputs = {s.name: values[s.name] for s in chunk.inputs}
-        if record is not None:
-            record[k].append(inputs)
-        names = [s.name for s in chunk.outputs]
-        values.update(zip(names, (o.astype(np.float32) for o in session.run(names, inputs))))
-    return values
+def _run_chunk(path: Path, chunk, values: list[dict], threads: int | None) -> None:
+    """One chunk of a chained component on every feed in `values`, adding its outputs to each (in place)."""
+    session = qo.make_session(path, threads)
+    names = [s.name for s in chunk.outputs]
+    for v in values:
+        outs = session.run(names, {s.name: v[s.name] for s in chunk.inputs})
+        v.update(zip(names, (o.astype(np.float32) for o in outs)))
 
 
 def quantize_graph(

@@ -351,6 +351,20 @@ def test_sensitivity_pass_reports_exclusions(packages, prompts, tmp_path, monkey
     assert abs(q["check"]["psnr_db"] - history[-1]) <= 0.01, (q["check"], history)
 
 
+def test_text_encoder_inputs_without_running_the_loop_equal_the_loops(packages, prompts):
+    """Quantizing only text encoders records their inputs by tokenizing alone; they are the loop's own."""
+    from edit_mobile.export.calibration import read_prompt_file, record_calibration, record_text_inputs
+    from edit_mobile.runtime.package import load_package
+
+    pkg = load_package(packages["sd3"])
+    texts = read_prompt_file(prompts)
+    loop, tokenized = record_calibration(pkg, texts, steps=1), record_text_inputs(pkg, texts, ["text_encoder_3"])
+    assert set(tokenized.feeds) == {"text_encoder_3"}
+    assert len(tokenized.feeds["text_encoder_3"]) == len(loop.feeds["text_encoder_3"]) == 4
+    for a, b in zip(tokenized.feeds["text_encoder_3"], loop.feeds["text_encoder_3"]):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_calibration_records_every_step_of_the_trajectory(packages, prompts):
     from edit_mobile.export.calibration import read_prompt_file, record_calibration
     from edit_mobile.runtime.package import load_package
