@@ -6,11 +6,7 @@ registry (runtime/families.py, models/families.py); text encoders are built by k
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-
 import numpy as np
-import torch
 from torch import nn
 
 from ..models.families import PixArtTransformer, SD3Transformer, torch_family
@@ -19,39 +15,11 @@ from ..runtime.families import Family, TextEncoder
 from ..runtime.families import family as family_spec
 from ..runtime.io_specs import to_numpy_dtype
 from ..runtime.tokenizer import Encoding
+from .specs import ComponentSpec, TensorSpec
+from .t5_chunks import ModuleParts, t5_bytes, t5_chunk_specs
 
 # The transformer's export wrappers live with their family (models/families.py); named here for the studies.
 __all__ = ["ComponentSpec", "PixArtTransformer", "SD3Transformer", "TensorSpec", "pipeline_components"]
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str  # numpy dtype name: "float32", "int64"
-
-    def example(self, generator: torch.Generator) -> torch.Tensor:
-        if self.dtype == "int64":
-            return torch.randint(0, 100, self.shape, generator=generator)
-        return torch.randn(self.shape, generator=generator)
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
-
-
-@dataclass
-class ComponentSpec:
-    name: str  # folder name in the package: text_encoder, transformer, vae_decoder, ...
-    module: nn.Module | None  # takes the inputs positionally, returns a tensor or a tuple of tensors
-    inputs: list[TensorSpec]
-    outputs: list[TensorSpec]
-    extra: dict = field(default_factory=dict)  # e.g. tokenizer folder and max length for text encoders
-    # A component exported as a chain of graphs (module None): one builder per chunk, each materialising its own
-    # weights only when called (export/t5_chunks.py)
-    chunks: list[Callable[[], ComponentSpec]] = field(default_factory=list)
-
-    def io_dict(self) -> dict:
-        return {"inputs": [s.to_dict() for s in self.inputs], "outputs": [s.to_dict() for s in self.outputs]}
 
 
 class T5Encoder(nn.Module):
@@ -120,8 +88,6 @@ def text_encoder_component(
     tokenizer's own (CLIP's 77). A T5 whose fp32 weights exceed `max_component_mb` becomes a chain of graphs within
     that size (export/t5_chunks.py), read from `parts` (a folder the pipeline did not load) or from the pipeline's
     own encoder."""
-    from .t5_chunks import ModuleParts, t5_bytes, t5_chunk_specs
-
     if spec.max_length is None:
         length = getattr(pipe, spec.tokenizer).model_max_length
     else:

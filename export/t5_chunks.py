@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..runtime.errors import UserError
-from .components import ComponentSpec, TensorSpec
+from .specs import ComponentSpec, TensorSpec
 
 
 class ModuleParts:

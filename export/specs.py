@@ -1,0 +1,40 @@
+"""The export specs of a component: its static input / output tensors and the torch module (or, for a chunked
+component, the builders of its chunks) that the exporters trace."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # numpy dtype name: "float32", "int64"
+
+    def example(self, generator: torch.Generator) -> torch.Tensor:
+        if self.dtype == "int64":
+            return torch.randint(0, 100, self.shape, generator=generator)
+        return torch.randn(self.shape, generator=generator)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass
+class ComponentSpec:
+    name: str  # folder name in the package: text_encoder, transformer, vae_decoder, ...
+    module: nn.Module | None  # takes the inputs positionally, returns a tensor or a tuple of tensors
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    extra: dict = field(default_factory=dict)  # e.g. tokenizer folder and max length for text encoders
+    # A component exported as a chain of graphs (module None): one builder per chunk, each materialising its own
+    # weights only when called (export/t5_chunks.py)
+    chunks: list[Callable[[], ComponentSpec]] = field(default_factory=list)
+
+    def io_dict(self) -> dict:
+        return {"inputs": [s.to_dict() for s in self.inputs], "outputs": [s.to_dict() for s in self.outputs]}
