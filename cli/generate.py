@@ -35,6 +35,13 @@ def build_parser(parser):
     parser.add_argument(
         "--resolution", default=None, help="N or HxW; only checked: a package has one static resolution"
     )
+    parser.add_argument(
+        "--memory",
+        default="default",
+        metavar="default|low",
+        help="low: load each component when the loop first needs it and release it when done (one component's "
+        "weights in memory at a time; the same image, slower for several images)",
+    )
     parser.add_argument("--out", required=True, help="PNG file to write (atomically)")
     return parser
 
@@ -55,7 +62,7 @@ def main(args) -> int:
             f"package was exported for {h}x{w}, not {wanted[0]}x{wanted[1]} "
             f"(export another package with --resolution {wanted[0]}x{wanted[1]})"
         )
-    pipe = Text2ImagePipeline(package, backend=args.backend, threads=args.threads)
+    pipe = Text2ImagePipeline(package, backend=args.backend, threads=args.threads, memory=args.memory)
     result = pipe(
         args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance, seed=args.seed
     )

@@ -47,6 +47,9 @@ class GenerationResult:
     decoded: np.ndarray | None = None  # VAE decoder output, float32 (1, 3, H, W)
 
 
+MEMORY_MODES = ("default", "low")
+
+
 class Text2ImagePipeline:
     """`Text2ImagePipeline(package)("a cat")` -> GenerationResult with a uint8 image."""
 
@@ -59,11 +62,19 @@ class Text2ImagePipeline:
         providers: list[str] | None = None,
         progress: bool = True,
         backends: dict | None = None,
+        memory: str = "default",
     ):
         """`backends`: already created backends by component name (e.g. `edit-mobile bench` passes instrumented
-        ones, after timing their creation); the components not in it are created here."""
+        ones, after timing their creation); the components not in it are created here.
+
+        `memory`: "default" creates every component's session up front and keeps them (fastest for many images);
+        "low" creates each one when the loop first needs it and releases it when the loop is done with it (text
+        encoders after the prompt, the transformer after the last step, the VAE decoder after decoding), so that
+        only one component's weights are in memory at a time. The images are the same."""
         if backend not in BACKENDS:
             raise UserError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+        if memory not in MEMORY_MODES:
+            raise UserError(f"unknown memory mode {memory!r} (choose from {', '.join(MEMORY_MODES)})")
         self.package = package if isinstance(package, Package) else load_package(package)
         self.family = self.package.family
         self.family_spec = family(self.family)  # runtime/families.py: text encoders, conditioning, scaling rules
@@ -79,14 +90,28 @@ class Text2ImagePipeline:
         for name in encoders:
             spec = self.package.text_for(name)
             self.tokenizers[name] = PromptTokenizer(spec.path, spec.max_length, spec.pad_id)
-        given = backends or {}
-        self.models = {
-            name: given[name] if name in given else component_backend(self.package, name, backend, **kw)
-            for name in [*encoders, "transformer", "vae_decoder"]
-        }
-        self._specs = {name: {s.name: s for s in self.package.input_specs(name)} for name in self.models}
+        self._given = dict(backends or {})
+        self._encoders, self.memory = encoders, memory
+        self._create = lambda name: component_backend(self.package, name, backend, **kw)
+        names = [*encoders, "transformer", "vae_decoder"]
+        self.models: dict = {}  # the components' live backends
+        if memory == "default":
+            for name in names:
+                self._backend(name)
+        self._specs = {name: {s.name: s for s in self.package.input_specs(name)} for name in names}
 
     # --- components ----------------------------------------------------------------------------------------------
+    def _backend(self, name: str):
+        if name not in self.models:
+            self.models[name] = self._given[name] if name in self._given else self._create(name)
+        return self.models[name]
+
+    def _release(self, *names: str) -> None:
+        """Low-memory mode: drop these components' sessions (they are created again when next needed)."""
+        if self.memory == "low":
+            for name in names:
+                self.models.pop(name, None)
+
     def _run(self, name: str, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         """Run one component, casting inputs to the manifest dtypes (fp16 packages) and outputs to float32."""
         specs = self._specs[name]
@@ -94,7 +119,7 @@ class Text2ImagePipeline:
             k: np.ascontiguousarray(v, dtype=to_numpy_dtype(specs[k].dtype)) if k in specs else v
             for k, v in inputs.items()
         }
-        out = self.models[name].run(cast)
+        out = self._backend(name).run(cast)
         return {
             k: v.astype(np.float32, copy=False) if np.issubdtype(v.dtype, np.floating) else v for k, v in out.items()
         }
@@ -154,6 +179,7 @@ class Text2ImagePipeline:
         if do_cfg:
             uncond = self.encode_prompt(negative_prompt or "")
             cond = {k: np.concatenate([uncond[k], cond[k]]) for k in cond}
+        self._release(*self._encoders)
 
         scheduler = scheduler_from_config(self._scheduler_config)
         scheduler.set_timesteps(steps)
@@ -187,7 +213,9 @@ class Text2ImagePipeline:
             if callback is not None:
                 callback(i, t, latents)
 
+        self._release("transformer")
         result.image, decoded = self.decode(latents)
+        self._release("vae_decoder")
         if record:
             result.decoded = decoded
         return result

@@ -417,3 +417,17 @@ def test_export_then_generate_is_deterministic(tmp_path, capsys):
     np.testing.assert_array_equal(res.initial_latents, initial_noise(pipe.package, 7))  # DPM init_noise_sigma 1
     again = pipe("a red fox in the snow", steps=3, latents=initial_noise(pipe.package, 7))
     np.testing.assert_array_equal(again.image, res.image)
+
+    # --memory low: each component is created when first needed and released when the loop is done with it; at
+    # most one component is alive at any time, and the image is the same
+    assert main([*args, "--memory", "low", "--out", str(tmp_path / "low.png")]) == 0
+    assert (tmp_path / "low.png").read_bytes() == (tmp_path / "a.png").read_bytes()
+    low = Text2ImagePipeline(pkg, progress=False, memory="low")
+    alive = []
+    real = low._backend
+    low._backend = lambda name: alive.append(sorted({*low.models, name})) or real(name)
+    np.testing.assert_array_equal(low("a red fox in the snow", steps=3, seed=7).image, res.image)
+    assert max(len(a) for a in alive) == 1 and not low.models
+    capsys.readouterr()
+    assert main([*args, "--memory", "tiny", "--out", str(tmp_path / "e.png")]) == 2
+    assert "unknown memory mode 'tiny'" in capsys.readouterr().err and not (tmp_path / "e.png").exists()
