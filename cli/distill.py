@@ -91,6 +91,14 @@ def build_parser(parser):
     )
     parser.add_argument("--caption-dropout", type=float, default=0.1, help="fraction of empty captions (default 0.1)")
     parser.add_argument(
+        "--snr-gamma",
+        type=float,
+        default=None,
+        metavar="G",
+        help="min-SNR-G weighting of the task loss (PixArt-Σ's ε-prediction; 5 is the usual choice): weight "
+        "min(SNR, G) / SNR per sample, so that the high-noise steps count more (default: uniform)",
+    )
+    parser.add_argument(
         "--mixed-precision",
         default="auto",
         choices=["auto", "no", "fp16", "bf16"],
@@ -138,6 +146,7 @@ def main(args) -> int:
         ),
         feature_prompt=args.feature_prompt,
         caption_dropout=args.caption_dropout,
+        snr_gamma=args.snr_gamma,
         max_text_tokens=args.max_text_tokens,
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,

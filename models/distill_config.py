@@ -41,6 +41,10 @@ class DistillConfig:
     loss_weights: dict[str, float] = field(default_factory=lambda: {k: 1.0 for k in LOSSES})
     feature_prompt: bool = False  # SD3: also distil the prompt rows of the joint attention
     caption_dropout: float = 0.1  # fraction of empty captions (the unconditional branch of guidance)
+    # Min-SNR-γ weighting of the task loss (ε-prediction): each sample weighted min(SNR, γ) / SNR, which takes weight
+    # off the low-noise steps so that the high-noise ones, where the layout and colours are decided, count more.
+    # None: uniform, as PixArt-Σ trains.
+    snr_gamma: float | None = None
     mixed_precision: str = "auto"  # auto: bf16 on GPUs that have it, else fp16 on GPUs, no on CPU
     gradient_checkpointing: bool = False
     checkpoint_every: int = 500
@@ -64,6 +68,8 @@ class DistillConfig:
             raise UserError(
                 "the output and feature losses compare with a teacher: pass --teacher, or train the task loss alone"
             )
+        if self.snr_gamma is not None and not (self.snr_gamma > 0 and math.isfinite(self.snr_gamma)):
+            raise UserError(f"snr gamma must be a positive number, got {self.snr_gamma!r}")
         if not 0 <= self.caption_dropout < 1:
             raise UserError(f"caption dropout must be in [0, 1), got {self.caption_dropout}")
         unknown = set(self.loss_weights) - set(LOSSES)

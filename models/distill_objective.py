@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..runtime.errors import UserError
 from .distill_config import LOSSES, DistillConfig
 from .families import torch_family
 
@@ -71,6 +72,11 @@ class Objective:
         self.additional_conditions = False  # PixArt-α 1024's micro-conditions; set by distill() from the config
         self._family = torch_family(family)
         self.noise = self._family.noise(scheduler_config)  # DDPM ε-prediction (PixArt-Σ), flow matching (SD3)
+        if config.snr_gamma is not None and self.noise.prediction != "epsilon":
+            raise UserError(
+                f"--snr-gamma weights an ε-prediction loss; this family's is {self.noise.prediction} (flow "
+                "matching, whose logit-normal timesteps already weight the noise levels)"
+            )
         self.num_timesteps = self.noise.num_timesteps
 
     def sample_u(self, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -97,7 +103,11 @@ class Objective:
         out = self.predict(student, x_t, timestep, text).float()
         student_feats = self.student_tap.take()
         c = x0.shape[1]
-        parts = {"task": F.mse_loss(out[:, :c], target.float())}  # PixArt: ε channels only (not the variance)
+        if self.config.snr_gamma is None:
+            parts = {"task": F.mse_loss(out[:, :c], target.float())}  # PixArt: ε channels only (not the variance)
+        else:
+            per_sample = (out[:, :c] - target.float()).square().mean(dim=(1, 2, 3))
+            parts = {"task": (self.noise.snr_weights(timestep, self.config.snr_gamma) * per_sample).mean()}
         zero = out.new_zeros(())
         parts["output"] = F.mse_loss(out, teacher_out) if need_teacher else zero
         if need_teacher and self.config.weight("feature") > 0:

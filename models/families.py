@@ -82,6 +82,8 @@ class DDPMNoise:
     """PixArt-Σ: DDPM noise with the betas of the pipeline's scheduler config (`DDPMScheduler.from_config`),
     t ~ U{0..T-1}; the task target is the noise (ε-prediction)."""
 
+    prediction = "epsilon"
+
     def __init__(self, scheduler_config):
         self.num_timesteps = int(scheduler_config.get("num_train_timesteps", 1000))
         self.ddpm = DDPMScheduler.from_config(scheduler_config)
@@ -94,11 +96,20 @@ class DDPMNoise:
         t = (u * self.num_timesteps).long().clamp(max=self.num_timesteps - 1).to(x0.device)
         return self.ddpm.add_noise(x0, noise, t), t, noise  # ε-prediction
 
+    def snr_weights(self, timestep, gamma: float) -> torch.Tensor:
+        """Min-SNR-γ weights of the ε loss (Hang et al. 2023): min(SNR(t), γ) / SNR(t), SNR = ᾱ / (1 - ᾱ)."""
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(self.ddpm, timestep)
+        return torch.clamp(snr, max=gamma) / snr
+
 
 class FlowMatchNoise:
     """SD3: rectified flow, x_t = (1-σ) x0 + σ ε, target ε - x0 (velocity); σ from SD3's logit-normal density
     (u = sigmoid(n), n ~ N(0, 1)) mapped through the scheduler's shift (σ = s·u / (1 + (s-1)·u), as
     `FlowMatchEulerDiscreteScheduler`'s shifted sigmas), timestep = σ·T."""
+
+    prediction = "velocity"
 
     def __init__(self, scheduler_config):
         self.num_timesteps = int(scheduler_config.get("num_train_timesteps", 1000))

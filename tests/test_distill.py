@@ -480,3 +480,44 @@ def test_resume_refuses_changed_settings(tiny_dirs, tmp_path, capsys):
     assert cli(argv) == 2
     err = capsys.readouterr().err
     assert "cannot resume" in err and "lr 0.0001 -> 0.001" in err
+
+
+def test_min_snr_weights_follow_the_schedule():
+    """--snr-gamma: each sample's ε loss weighted min(SNR, γ) / SNR, SNR = ᾱ / (1 - ᾱ) from the pipeline's betas."""
+    from edit_mobile.models.families import DDPMNoise
+    from edit_mobile.models.presets import pixart_scheduler
+
+    noise = DDPMNoise(pixart_scheduler().config)
+    t = torch.tensor([0, 100, 400, 700, 999])
+    abar = noise.ddpm.alphas_cumprod[t].double()
+    snr = abar / (1 - abar)
+    expected = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / snr
+    got = noise.snr_weights(t, 5.0).double()
+    assert torch.allclose(got, expected, rtol=4 * torch.finfo(torch.float32).eps)
+    assert got[0] < 0.01 and got[-1] == 1  # low noise down-weighted, high noise kept
+
+
+def test_snr_gamma_reweights_the_task_loss(tiny_dirs, tmp_path, capsys):
+    def first_task_loss(out, **extra):
+        distill(
+            DistillConfig(
+                teacher=None,
+                student=str(tiny_dirs["tiny-pixart"]),
+                out=str(out),
+                steps=1,
+                resolutions=[64],
+                batch_size=2,
+                data="synthetic-single:8",
+                loss_weights={"task": 1.0, "output": 0.0, "feature": 0.0},
+                **extra,
+            )
+        )
+        return float(next(csv.DictReader((out / "losses.csv").open()))["task"])
+
+    uniform, weighted = first_task_loss(tmp_path / "u"), first_task_loss(tmp_path / "w", snr_gamma=5.0)
+    assert weighted < uniform  # every weight is <= 1, and the low-noise samples' are far below
+    assert DistillConfig.load(tmp_path / "w" / "distill_config.json").snr_gamma == 5.0
+    argv = ["distill", "--student", str(tiny_dirs["tiny-sd3"]), "--out", str(tmp_path / "sd3"), *FAST]
+    assert cli([*argv, "--steps", "1", "--snr-gamma", "5"]) == 2
+    err = capsys.readouterr().err.strip()  # after the pipeline's loading bars: the family is known once it is loaded
+    assert "--snr-gamma weights an ε-prediction loss" in err.splitlines()[-1] and "Traceback" not in err
