@@ -672,7 +672,7 @@ def test_importing_the_weight_quantizer_leaves_the_root_logger_alone(tmp_path):
         "import logging, sys; from pathlib import Path\n"
         "from edit_mobile.export import quantize_onnx as qo\n"
         f"src = Path({str(tmp_path / 'm.onnx')!r})\n"
-        "qo.quantize_weights_int8(src, src.with_name('q.onnx'), qo.QuantOptions())\n"
+        "qo.quantize_weights(src, src.with_name('q.onnx'), qo.QuantOptions())\n"
         "root = logging.getLogger()\n"
         "assert root.handlers == [] and root.level == logging.WARNING, (root.handlers, root.level)\n"
     )
