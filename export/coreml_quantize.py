@@ -80,12 +80,10 @@ def _configs(precision: str, ios18: bool):
             weight_threshold=WEIGHT_THRESHOLD,
         )
     else:
-        grouped = {"granularity": "per_grouped_channel", "group_size": PALETTE_GROUP} if ios18 else {}
+        grouped = {"granularity": "per_grouped_channel", "group_size": PALETTE_GROUP}
+        tables = grouped if ios18 else {"granularity": "per_tensor"}
         op = cto.OpPalettizerConfig(
-            mode="kmeans",
-            nbits=int(precision.split("-")[1]),
-            weight_threshold=WEIGHT_THRESHOLD,
-            **({"granularity": "per_tensor"} | grouped),
+            mode="kmeans", nbits=int(precision.split("-")[1]), weight_threshold=WEIGHT_THRESHOLD, **tables
         )
     return cto.OptimizationConfig(op_type_configs={name: op for name in COMPRESSED_OPS})
 

@@ -222,7 +222,6 @@ def quantize_component(
     # One chunk's graph is in memory at a time (a true-size T5-XXL is 19 GB in fp32).
     start = time.perf_counter()
     sources = [_source_onnx(path, name) for path in comp.chunk_paths]
-    check_feeds = calib.subset(name, CHECK_SAMPLES)
     values = [dict(f) for f in feeds]  # every value of the fp32 chain, per recorded feed
     chunks = {}
     for src, chunk in zip(sources, comp.entry.chunks):
@@ -233,10 +232,10 @@ def quantize_component(
         chunks[label] = quantize_graph(
             src, label, precision, out_dir / src.parent.name, chunk_feeds, check, about, threads=threads, **options
         )
-    got = [dict(f) for f in check_feeds]
+    reference = spread(values, CHECK_SAMPLES)  # the fp32 chain's values on the check feeds
+    got = [{s.name: r[s.name] for s in comp.inputs} for r in reference]
     for src, chunk in zip(sources, comp.entry.chunks):
         _run_chunk(out_dir / src.parent.name / "model.onnx", chunk, got, threads)
-    reference = [values[i] for i in spread(list(range(len(feeds))), CHECK_SAMPLES)]
     outputs = comp.output_names
     return {
         "source_precision": "fp32",
@@ -246,7 +245,7 @@ def quantize_component(
             "psnr_db": round(
                 qo.output_psnr([[r[n] for n in outputs] for r in reference], [[g[n] for n in outputs] for g in got]), 2
             ),
-            "samples": len(check_feeds),
+            "samples": len(got),
             "against": "the fp32 chain of chunks on ONNX Runtime CPU, recorded inputs",
         },
         "size_bytes": {k: sum(c["size_bytes"][k] for c in chunks.values()) for k in ("fp32", "quantized")},

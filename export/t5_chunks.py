@@ -69,13 +69,15 @@ class FolderParts:
     def _load(self, module: nn.Module, prefix: str) -> nn.Module:
         from safetensors import safe_open
 
-        state = {}
+        by_file: dict[Path, list[str]] = {}
         for name in module.state_dict():
-            key = prefix + name
-            if key not in self.files:
-                raise UserError(f"{self.folder}: the T5 weights have no tensor {key}")
-            with safe_open(self.files[key], "pt") as f:
-                state[name] = f.get_tensor(key).float()
+            if prefix + name not in self.files:
+                raise UserError(f"{self.folder}: the T5 weights have no tensor {prefix + name}")
+            by_file.setdefault(self.files[prefix + name], []).append(name)
+        state = {}
+        for file, names in by_file.items():  # each shard opened once
+            with safe_open(file, "pt") as f:
+                state.update({name: f.get_tensor(prefix + name).float() for name in names})
         module.load_state_dict(state, assign=True)
         return module.eval()
 
