@@ -3,7 +3,8 @@
 Stages, each skipped when its output already exists in WORK (so the command resumes after an interruption; the
 transformer stages resume exactly from their newest checkpoint):
   vae-pixart, vae-sd3     the two VAEs (SDXL layout with 4 latent channels, SD3 layout with 16)
-  pixart, sd3             the untrained teacher pipelines (random text encoders, the trained VAE)
+  pixart, sd3             the untrained teacher pipelines: the trained VAE, a T5 pretrained on the captions (each
+                          token learns its word and whose attribute it is), the rest random
   pixart-teacher, sd3-teacher
                           the teachers, trained from scratch by `edit-mobile distill` without --teacher (task loss
                           only): one shape per scene, 32 px (8x8 latents) first, then 64 px; AdamW with warm-up and
@@ -32,7 +33,14 @@ from pathlib import Path
 
 import torch
 
-from edit_mobile.models.shapes import VAETrainConfig, shapes_pixart_pipeline, shapes_sd3_pipeline, train_vae
+from edit_mobile.models.shapes import (
+    TextTrainConfig,
+    VAETrainConfig,
+    shapes_pixart_pipeline,
+    shapes_sd3_pipeline,
+    train_text_encoder,
+    train_vae,
+)
 
 logger = logging.getLogger("train_shapes")
 
@@ -51,13 +59,19 @@ def stage_vae(work: Path, name: str, latent_channels: int) -> None:
 
 
 def stage_pipeline(work: Path, family: str) -> None:
+    """The untrained teacher: random transformer, the trained VAE, and its T5 pretrained on the captions (the CLIP
+    encoders of SD3 stay random: they carry positions, and MM-DiT's joint attention mixes the prompt's tokens)."""
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(work / f"vae-{family}")
     pipe = (shapes_pixart_pipeline if family == "pixart" else shapes_sd3_pipeline)(vae)
+    t5 = "text_encoder" if family == "pixart" else "text_encoder_3"
+    config = TextTrainConfig()
+    accuracy = train_text_encoder(getattr(pipe, t5), getattr(pipe, t5.replace("text_encoder", "tokenizer")), config)
     tmp = work / f".{family}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    (tmp / t5 / "text_train.json").write_text(json.dumps({**config.to_dict(), **accuracy}, indent=2) + "\n")
     tmp.rename(work / f"{family}-untrained")
 
 
@@ -88,7 +102,10 @@ def stage_teacher(work: Path, family: str) -> None:
     """The product's own trainer, resumed from its newest checkpoint when the stage was interrupted."""
     out = work / f"{family}-teacher"
     cmd = [sys.executable, "-m", "edit_mobile.cli", "distill", "--student", str(work / f"{family}-untrained")]
-    cmd += ["--out", str(out), *TEACHER_ARGS, "--resume"]
+    # min-SNR-5 weighting for PixArt's ε-prediction: without it the high-noise steps, where the layout and colours
+    # are decided, are almost free (docs/shapes.md); SD3's flow-matching loss weights them by construction.
+    snr = ["--snr-gamma", "5"] if family == "pixart" else []
+    cmd += ["--out", str(out), *TEACHER_ARGS, *snr, "--resume"]
     subprocess.run(cmd, check=True)
 
 
