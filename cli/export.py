@@ -10,7 +10,8 @@ the numpy reference executor (docs/coreml.md).
 example:
   edit-mobile export tiny-pixart --target onnx --resolution 256 --out pkg
   edit-mobile export tiny-pixart --target coreml --resolution 256 --compute-precision fp16 --out pkg-coreml
-  edit-mobile export pixart-folder --max-component-mb 2048 --out pkg   # T5-XXL as chunks of <= 2 GB
+  edit-mobile export pixart-folder --max-component-mb 2048 --out pkg   # T5-XXL and transformer in <= 2 GB graphs
+  edit-mobile export tiny-pixart --transformer-chunks 2 --out pkg     # the transformer as 2 graphs
 """
 
 from __future__ import annotations
@@ -57,8 +58,16 @@ def build_parser(parser):
         type=float,
         default=None,
         metavar="MB",
-        help="a T5 text encoder with more fp32 weights than this is exported as a chain of graphs within it, "
-        "one chunk in memory at a time (a folder's T5 is never loaded whole: T5-XXL on a 24 GB machine)",
+        help="a T5 text encoder or transformer with more fp32 weights than this is exported as a chain of graphs "
+        "within it, one chunk in memory at a time (a folder's T5 is never loaded whole: T5-XXL on a 24 GB machine)",
+    )
+    parser.add_argument(
+        "--transformer-chunks",
+        type=int,
+        default=None,
+        metavar="K",
+        help="split the transformer at block boundaries into K graphs run in sequence (each loaded on its own: "
+        "fits a device's per-model memory; overrides --max-component-mb for the transformer)",
     )
     parser.add_argument("--out", required=True, help="package folder to write (atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing package folder")
@@ -80,6 +89,7 @@ def main(args) -> int:
         compute_precision=args.compute_precision,
         deployment_target=args.deployment_target,
         max_component_mb=args.max_component_mb,
+        transformer_chunks=args.transformer_chunks,
     )
     print(export_target(manifest["target"]).summary(manifest, args.out))
     return 0

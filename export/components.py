@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from ..models.families import PixArtTransformer, SD3Transformer, torch_family
+from ..models.families import PixArtTransformer, SD3Transformer, TorchFamily, torch_family
+from ..models.transformer_chunks import plan_blocks
 from ..runtime.errors import UserError
 from ..runtime.families import Family, TextEncoder
 from ..runtime.families import family as family_spec
@@ -117,6 +118,44 @@ def conditioning_specs(family: Family, text_encoders: list[ComponentSpec], batch
     return [_f32(name, batch, *combined[name].shape[1:]) for name in family.conditioning]
 
 
+def transformer_component(
+    transformer,
+    torch_spec: TorchFamily,
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    chunks: int | None = None,
+    max_component_mb: float | None = None,
+) -> ComponentSpec:
+    """The transformer as one graph, or as a chain of graphs split at block boundaries (models/transformer_chunks.py):
+    `chunks` of them, or as many as keep each within `max_component_mb` of fp32 weights."""
+    if chunks is None and max_component_mb is None:
+        plan = [range(len(transformer.transformer_blocks))]
+    else:
+        try:
+            plan = plan_blocks(transformer, chunks, max_component_mb)
+        except ValueError as e:
+            raise UserError(f"--transformer-chunks: {e}") from None
+    if len(plan) == 1:
+        return ComponentSpec("transformer", torch_spec.export_transformer(transformer), inputs, outputs)
+    by_name = {s.name: s for s in inputs + outputs}
+    sample_hw = inputs[0].shape[2:]
+    text_tokens = by_name["encoder_hidden_states"].shape[1]
+
+    def builder(k: int, blocks: range):
+        def build() -> ComponentSpec:
+            module = torch_spec.transformer_chunk(transformer, blocks, k == 0, k == len(plan) - 1, sample_hw)
+
+            def spec(name: str) -> TensorSpec:
+                return by_name.get(name) or _f32(name, *module.value_shape(name, inputs[0].shape[0], text_tokens))
+
+            ins, outs = [spec(n) for n in module.input_names], [spec(n) for n in module.output_names]
+            return ComponentSpec(f"transformer.chunk-{k:02d}", module.eval(), ins, outs, {"blocks": list(blocks)})
+
+        return build
+
+    return ComponentSpec("transformer", None, inputs, outputs, chunks=[builder(k, b) for k, b in enumerate(plan)])
+
+
 def pipeline_components(
     pipe,
     family: str,
@@ -125,10 +164,12 @@ def pipeline_components(
     max_text_tokens: int | None,
     max_component_mb: float | None = None,
     streamed: dict | None = None,
+    transformer_chunks: int | None = None,
 ) -> list[ComponentSpec]:
     """Every component the runtime's loop needs, with static shapes for this resolution and batch: the family's
     text encoders and transformer (runtime/families.py, models/families.py), the VAE decoder and encoder.
-    `streamed`: {text encoder: T5 parts} for encoders the pipeline did not load (export/t5_chunks.py)."""
+    `streamed`: {text encoder: T5 parts} for encoders the pipeline did not load (export/t5_chunks.py).
+    `transformer_chunks` / `max_component_mb`: the transformer as a chain of graphs (`transformer_component`)."""
     spec, torch_spec = family_spec(family), torch_family(family)
     height, width = resolution
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
@@ -146,15 +187,13 @@ def pipeline_components(
         for enc in spec.text_encoders
     ]
     specs.append(
-        ComponentSpec(
-            "transformer",
-            torch_spec.export_transformer(pipe.transformer),
-            [
-                _f32("sample", batch, c_lat, h, w),
-                _f32("timestep", batch),
-                *conditioning_specs(spec, specs, batch),
-            ],
+        transformer_component(
+            pipe.transformer,
+            torch_spec,
+            [_f32("sample", batch, c_lat, h, w), _f32("timestep", batch), *conditioning_specs(spec, specs, batch)],
             [_f32("out_sample", batch, pipe.transformer.config.out_channels, h, w)],
+            transformer_chunks,
+            max_component_mb,
         )
     )
     specs.append(

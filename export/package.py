@@ -38,13 +38,16 @@ def export_package(
     compute_precision: str | None = None,
     deployment_target: str | None = None,
     max_component_mb: float | None = None,
+    transformer_chunks: int | None = None,
 ) -> dict:
     """Export every component of the pipeline in `src`; returns the manifest.
 
     `compute_precision` (fp16 | fp32, default fp16) and `deployment_target` (iOS17 | iOS18 | macOS14 | macOS15,
     default iOS17) apply to target "coreml" only: each target takes its own options (export/targets.py).
-    `max_component_mb`: a T5 text encoder with more fp32 weights than this is exported as a chain of graphs within
-    it, built one chunk at a time (from a folder: never loaded whole; export/t5_chunks.py)."""
+    `max_component_mb`: a T5 text encoder or transformer with more fp32 weights than this is exported as a chain of
+    graphs within it, built one chunk at a time (a T5 from a folder is never loaded whole; export/t5_chunks.py).
+    `transformer_chunks`: the transformer as that many graphs, split at block boundaries
+    (models/transformer_chunks.py)."""
     exporter = export_target(target)
     options = exporter.resolve_options(compute_precision=compute_precision, deployment_target=deployment_target)
     if batch not in (1, 2):
@@ -58,7 +61,9 @@ def export_package(
     streamed = streamed_t5_parts(str(src), max_component_mb)
     pipe = load_pipeline(src, skip=tuple(streamed))
     family = pipeline_family(pipe)
-    specs = pipeline_components(pipe, family, (height, width), batch, max_text_tokens, max_component_mb, streamed)
+    specs = pipeline_components(
+        pipe, family, (height, width), batch, max_text_tokens, max_component_mb, streamed, transformer_chunks
+    )
     vae = pipe.vae.config
     manifest = Manifest(
         source=str(src),

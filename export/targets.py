@@ -177,7 +177,10 @@ class CoreMLTarget(ExportTarget):
 
         precision, deployment_target = options["compute_precision"], options["deployment_target"]
         if spec.chunks:
-            raise UserError(f"{spec.name} is chunked (--max-component-mb): chunked components export to ONNX only")
+            raise UserError(
+                f"{spec.name} is chunked (--max-component-mb / --transformer-chunks): chunked components export to "
+                "ONNX only"
+            )
         start = time.perf_counter()
         path = export_coreml(
             spec,

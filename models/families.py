@@ -3,6 +3,7 @@
   pipelines          the diffusers pipeline classes of the family (what `load_pipeline` accepts)
   teacher, student   the transformer classes `edit-mobile convert --arch` converts between
   export_transformer the transformer with positional inputs (sample, timestep, *conditioning), as exported
+  transformer_chunk  a run of its blocks as one graph of a chunked transformer (models/transformer_chunks.py)
   reference_kwargs   what `edit-mobile validate` passes to the diffusers pipeline besides prompt, steps, guidance,
                      size, latents and text length, so that diffusers runs the loop the runtime runs
   step_callback      how the pipeline reports the latents after each step
@@ -27,6 +28,7 @@ from ..runtime.errors import UserError
 from ..runtime.families import FAMILIES, Family
 from .edit_pixart import EDiTPixArtTransformer2DModel
 from .mm_edit_sd3 import MMEDiTSD3Transformer2DModel
+from .transformer_chunks import PixArtChunk, SD3Chunk
 
 
 # --- the transformer with positional inputs (export) -----------------------------------------------------------------
@@ -212,6 +214,7 @@ class TorchFamily:
     teacher: type
     student: type
     export_transformer: type[nn.Module]
+    transformer_chunk: type[nn.Module]
     step_callback: Callable[[Callable], dict]
     noise: Callable[[dict], DDPMNoise | FlowMatchNoise]
     call_kwargs: Callable[[torch.Tensor, bool, int], dict]
@@ -240,6 +243,7 @@ TORCH_FAMILIES: dict[str, TorchFamily] = {
             teacher=PixArtTransformer2DModel,
             student=EDiTPixArtTransformer2DModel,
             export_transformer=PixArtTransformer,
+            transformer_chunk=PixArtChunk,
             step_callback=_legacy_callback,
             noise=DDPMNoise,
             call_kwargs=_pixart_call_kwargs,
@@ -256,6 +260,7 @@ TORCH_FAMILIES: dict[str, TorchFamily] = {
             teacher=SD3Transformer2DModel,
             student=MMEDiTSD3Transformer2DModel,
             export_transformer=SD3Transformer,
+            transformer_chunk=SD3Chunk,
             step_callback=_step_end_callback,
             noise=FlowMatchNoise,
             call_kwargs=_no_call_kwargs,

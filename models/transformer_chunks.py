@@ -1,0 +1,187 @@
+"""A diffusion transformer as a chain of graphs split at block boundaries, so that each graph fits a device's
+per-model memory (apple/ml-stable-diffusion's `--chunk-unet`, for transformers).
+
+Each chunk computes exactly what the diffusers `forward` computes for its blocks (checked equal to the whole model,
+tests/test_transformer_chunks.py); the first chunk also embeds, the last also projects out and unpatchifies:
+
+  PixArt-Σ / EDiT (PixArtTransformer2DModel.forward)
+    first   sample, timestep, encoder_hidden_states, encoder_attention_mask
+              -> hidden_K, block_timestep, embedded_timestep, context
+    next    hidden_{k-1}, block_timestep, context, encoder_attention_mask -> hidden_k
+    last    hidden_{k-1}, block_timestep, embedded_timestep, context, encoder_attention_mask -> out_sample
+  SD3 / MM-EDiT (SD3Transformer2DModel.forward: the prompt stream changes in every block, so it passes too)
+    first   sample, timestep, encoder_hidden_states, pooled_projections -> hidden_K, context_K, temb
+    next    hidden_{k-1}, context_{k-1}, temb -> hidden_k, context_k
+    last    hidden_{k-1}, context_{k-1}, temb -> out_sample
+
+Every chunk holds only the modules it runs, so a traced chunk carries only its own weights. Inputs are positional
+in the order of the chunk's `input_names` (the exporter's positional tracing); outputs in `output_names` order.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _grid_kwargs(transformer, sample_hw: tuple[int, int]) -> dict | None:
+    """The attention kwargs the EDiT / MM-EDiT `forward` adds (the token grid its convolutions need); None for a
+    softmax teacher, whose attention processors take no extra kwargs."""
+    if "edit_config" not in transformer.config:
+        return None
+    p = transformer.config.patch_size
+    return {"grid_size": (sample_hw[0] // p, sample_hw[1] // p)}
+
+
+def _unpatchify(x: torch.Tensor, grid: tuple[int, int], patch: int, channels: int) -> torch.Tensor:
+    """(B, h*w, p*p*C) tokens -> (B, C, h*p, w*p), as both diffusers transformers do."""
+    h, w = grid
+    x = x.reshape(x.shape[0], h, w, patch, patch, channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(x.shape[0], channels, h * patch, w * patch)
+
+
+class _Chunk(nn.Module):
+    """Blocks `blocks` of `transformer`, with its embedding in front (`first`) and its output head behind (`last`);
+    `sample_hw` is the latent size the chain is exported at (static)."""
+
+    def __init__(self, transformer, blocks: range, first: bool, last: bool, sample_hw: tuple[int, int]):
+        super().__init__()
+        self.first, self.last, self.block_ids = first, last, blocks
+        self.blocks = nn.ModuleList(transformer.transformer_blocks[i] for i in blocks)
+        self.patch, self.channels = transformer.config.patch_size, transformer.out_channels
+        self.grid = (sample_hw[0] // self.patch, sample_hw[1] // self.patch)
+        self.width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+        self.attention_kwargs = _grid_kwargs(transformer, sample_hw)
+
+    def forward(self, *args):
+        values = dict(zip(self.input_names, args, strict=True))
+        values.update(self.run(values))
+        return tuple(values[n] for n in self.output_names)
+
+
+class PixArtChunk(_Chunk):
+    def __init__(self, transformer, blocks: range, first: bool, last: bool, sample_hw: tuple[int, int]):
+        super().__init__(transformer, blocks, first, last, sample_hw)
+        if first:
+            self.pos_embed, self.adaln_single = transformer.pos_embed, transformer.adaln_single
+            self.caption_projection = transformer.caption_projection
+        if last:
+            self.norm_out, self.proj_out = transformer.norm_out, transformer.proj_out
+            self.scale_shift_table = transformer.scale_shift_table
+        k = blocks[-1]
+        if first:
+            self.input_names = ["sample", "timestep", "encoder_hidden_states", "encoder_attention_mask"]
+        else:
+            self.input_names = [f"hidden_{blocks[0] - 1}", "block_timestep", "context", "encoder_attention_mask"]
+            self.input_names[2:2] = ["embedded_timestep"] if last else []
+        if last:
+            self.output_names = ["out_sample"]
+        else:
+            self.output_names = [f"hidden_{k}"] + (["block_timestep", "embedded_timestep", "context"] if first else [])
+
+    def value_shape(self, name: str, batch: int, text_tokens: int) -> tuple[int, ...]:
+        """The static shape of a value passed between chunks."""
+        tokens, d = self.grid[0] * self.grid[1], self.width
+        shapes = {"block_timestep": (batch, 6 * d), "embedded_timestep": (batch, d), "context": (batch, text_tokens, d)}
+        return shapes.get(name, (batch, tokens, d))  # hidden_k
+
+    def run(self, v: dict) -> dict:
+        mask = v["encoder_attention_mask"]  # (B, T) 1 = token, 0 = padding -> an additive bias (B, 1, T)
+        bias = ((1 - mask.to(torch.float32)) * -10000.0).unsqueeze(1)
+        out = {}
+        if self.first:
+            sample = v["sample"]  # (B, C, H, W)
+            hidden = self.pos_embed(sample)  # (B, N, D)
+            block_t, embedded_t = self.adaln_single(
+                v["timestep"], {"resolution": None, "aspect_ratio": None}, batch_size=sample.shape[0],
+                hidden_dtype=hidden.dtype,
+            )  # fmt: skip  # (B, 6D), (B, D)
+            context = v["encoder_hidden_states"]
+            if self.caption_projection is not None:
+                context = self.caption_projection(context).view(sample.shape[0], -1, hidden.shape[-1])  # (B, T, D)
+            out = {"block_timestep": block_t, "embedded_timestep": embedded_t, "context": context}
+        else:
+            hidden = v[self.input_names[0]]
+            block_t, context = v["block_timestep"], v["context"]
+        for block in self.blocks:
+            hidden = block(
+                hidden, attention_mask=None, encoder_hidden_states=context, encoder_attention_mask=bias,
+                timestep=block_t, cross_attention_kwargs=self.attention_kwargs, class_labels=None,
+            )  # fmt: skip
+        if not self.last:
+            return {**out, self.output_names[0]: hidden}
+        embedded_t = v.get("embedded_timestep", out.get("embedded_timestep"))
+        shift, scale = (self.scale_shift_table[None] + embedded_t[:, None]).chunk(2, dim=1)
+        hidden = self.proj_out(self.norm_out(hidden) * (1 + scale) + shift)  # (B, N, p*p*C)
+        return {"out_sample": _unpatchify(hidden, self.grid, self.patch, self.channels)}
+
+
+class SD3Chunk(_Chunk):
+    def __init__(self, transformer, blocks: range, first: bool, last: bool, sample_hw: tuple[int, int]):
+        super().__init__(transformer, blocks, first, last, sample_hw)
+        if first:
+            self.pos_embed, self.time_text_embed = transformer.pos_embed, transformer.time_text_embed
+            self.context_embedder = transformer.context_embedder
+        if last:
+            self.norm_out, self.proj_out = transformer.norm_out, transformer.proj_out
+        k = blocks[-1]
+        if first:
+            self.input_names = ["sample", "timestep", "encoder_hidden_states", "pooled_projections"]
+        else:
+            self.input_names = [f"hidden_{blocks[0] - 1}", f"context_{blocks[0] - 1}", "temb"]
+        if last:
+            self.output_names = ["out_sample"]
+        else:
+            self.output_names = [f"hidden_{k}", f"context_{k}"] + (["temb"] if first else [])
+
+    def value_shape(self, name: str, batch: int, text_tokens: int) -> tuple[int, ...]:
+        """The static shape of a value passed between chunks."""
+        if name == "temb":
+            return (batch, self.width)
+        return (batch, text_tokens if name.startswith("context") else self.grid[0] * self.grid[1], self.width)
+
+    def run(self, v: dict) -> dict:
+        out = {}
+        if self.first:
+            hidden = self.pos_embed(v["sample"]).contiguous()  # (B, N, D)
+            temb = self.time_text_embed(v["timestep"], v["pooled_projections"])  # (B, D)
+            context = self.context_embedder(v["encoder_hidden_states"])  # (B, T, D)
+            out = {"temb": temb}
+        else:
+            hidden, context, temb = (v[n] for n in self.input_names)
+        for block in self.blocks:
+            context, hidden = block(
+                hidden_states=hidden, encoder_hidden_states=context, temb=temb,
+                joint_attention_kwargs=self.attention_kwargs,
+            )  # fmt: skip
+        if not self.last:
+            return {**out, self.output_names[0]: hidden, self.output_names[1]: context}
+        hidden = self.proj_out(self.norm_out(hidden, temb))  # (B, N, p*p*C)
+        return {"out_sample": _unpatchify(hidden, self.grid, self.patch, self.channels)}
+
+
+def block_bytes(transformer) -> list[int]:
+    """fp32 bytes of each block's weights."""
+    return [4 * sum(p.numel() for p in b.parameters()) for b in transformer.transformer_blocks]
+
+
+def plan_blocks(transformer, chunks: int | None = None, max_chunk_mb: float | None = None) -> list[range]:
+    """Consecutive block ranges: `chunks` of them with as even block counts as possible, or as few as keep every
+    chunk within `max_chunk_mb` of fp32 weights (the embedding and the head count toward the first and last)."""
+    sizes = block_bytes(transformer)
+    if chunks is not None:  # even block counts: blocks of one model are (nearly) the same size
+        if not 2 <= chunks <= len(sizes):
+            raise ValueError(f"chunks must be in 2..{len(sizes)} (the transformer has {len(sizes)} blocks)")
+        edges = [round(k * len(sizes) / chunks) for k in range(chunks + 1)]
+        return [range(a, b) for a, b in zip(edges, edges[1:])]
+    budget = max_chunk_mb * 2**20
+    rest = 4 * sum(p.numel() for p in transformer.parameters()) - sum(sizes)  # embeddings and head
+    plan, start, used = [], 0, rest
+    for i, size in enumerate(sizes):
+        if i > start and used + size > budget:
+            plan.append(range(start, i))
+            start, used = i, 0
+        used += size
+    plan.append(range(start, len(sizes)))
+    return plan
