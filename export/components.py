@@ -127,7 +127,9 @@ def transformer_component(
     max_component_mb: float | None = None,
 ) -> ComponentSpec:
     """The transformer as one graph, or as a chain of graphs split at block boundaries (models/transformer_chunks.py):
-    `chunks` of them, or as many as keep each within `max_component_mb` of fp32 weights."""
+    `chunks` of them, or as many as keep each within `max_component_mb` of fp32 weights. Either way the traced
+    modules run the diffusers forward block by block, equal to it bit for bit (`transformer_graph`,
+    `transformer_chunk`)."""
     if chunks is None and max_component_mb is None:
         plan = [range(len(transformer.transformer_blocks))]
     else:
@@ -135,10 +137,11 @@ def transformer_component(
             plan = plan_blocks(transformer, chunks, max_component_mb)
         except ValueError as e:
             raise UserError(f"--transformer-chunks: {e}") from None
-    if len(plan) == 1:
-        return ComponentSpec("transformer", torch_spec.export_transformer(transformer), inputs, outputs)
-    by_name = {s.name: s for s in inputs + outputs}
     sample_hw = inputs[0].shape[2:]
+    if len(plan) == 1:
+        module = torch_spec.transformer_graph(transformer, sample_hw).eval()
+        return ComponentSpec("transformer", module, inputs, outputs)
+    by_name = {s.name: s for s in inputs + outputs}
     text_tokens = by_name["encoder_hidden_states"].shape[1]
 
     def builder(k: int, blocks: range):

@@ -2,8 +2,10 @@
 
   pipelines          the diffusers pipeline classes of the family (what `load_pipeline` accepts)
   teacher, student   the transformer classes `edit-mobile convert --arch` converts between
-  export_transformer the transformer with positional inputs (sample, timestep, *conditioning), as exported
-  transformer_chunk  a run of its blocks as one graph of a chunked transformer (models/transformer_chunks.py)
+  reference_transformer  the diffusers transformer with positional inputs (sample, timestep, *conditioning): what
+                     the exported graphs compute
+  transformer_graph  what is exported: the same computation block by block, as one graph
+  transformer_chunk  or a run of its blocks as one graph of a chain (models/transformer_chunks.py)
   reference_kwargs   what `edit-mobile validate` passes to the diffusers pipeline besides prompt, steps, guidance,
                      size, latents and text length, so that diffusers runs the loop the runtime runs
   step_callback      how the pipeline reports the latents after each step
@@ -28,10 +30,10 @@ from ..runtime.errors import UserError
 from ..runtime.families import FAMILIES, Family
 from .edit_pixart import EDiTPixArtTransformer2DModel
 from .mm_edit_sd3 import MMEDiTSD3Transformer2DModel
-from .transformer_chunks import PixArtChunk, SD3Chunk
+from .transformer_chunks import PixArtChunk, PixArtGraph, SD3Chunk, SD3Graph
 
 
-# --- the transformer with positional inputs (export) -----------------------------------------------------------------
+# --- the transformer with positional inputs (the export's reference) --------------------------------------------------
 class PixArtTransformer(nn.Module):
     def __init__(self, transformer):
         super().__init__()
@@ -213,7 +215,8 @@ class TorchFamily:
     pipelines: tuple[str, ...]
     teacher: type
     student: type
-    export_transformer: type[nn.Module]
+    reference_transformer: type[nn.Module]
+    transformer_graph: type[nn.Module]
     transformer_chunk: type[nn.Module]
     step_callback: Callable[[Callable], dict]
     noise: Callable[[dict], DDPMNoise | FlowMatchNoise]
@@ -242,7 +245,8 @@ TORCH_FAMILIES: dict[str, TorchFamily] = {
             pipelines=("PixArtSigmaPipeline", "PixArtAlphaPipeline"),
             teacher=PixArtTransformer2DModel,
             student=EDiTPixArtTransformer2DModel,
-            export_transformer=PixArtTransformer,
+            reference_transformer=PixArtTransformer,
+            transformer_graph=PixArtGraph,
             transformer_chunk=PixArtChunk,
             step_callback=_legacy_callback,
             noise=DDPMNoise,
@@ -259,7 +263,8 @@ TORCH_FAMILIES: dict[str, TorchFamily] = {
             pipelines=("StableDiffusion3Pipeline",),
             teacher=SD3Transformer2DModel,
             student=MMEDiTSD3Transformer2DModel,
-            export_transformer=SD3Transformer,
+            reference_transformer=SD3Transformer,
+            transformer_graph=SD3Graph,
             transformer_chunk=SD3Chunk,
             step_callback=_step_end_callback,
             noise=FlowMatchNoise,

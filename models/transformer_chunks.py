@@ -1,8 +1,11 @@
-"""A diffusion transformer as a chain of graphs split at block boundaries, so that each graph fits a device's
-per-model memory (apple/ml-stable-diffusion's `--chunk-unet`, for transformers).
+"""The exported transformer: the diffusers `forward` written as a run of blocks, so that it can be one graph or a
+chain of graphs split at block boundaries, each fitting a device's per-model memory (apple/ml-stable-diffusion's
+`--chunk-unet`, for transformers).
 
 Each chunk computes exactly what the diffusers `forward` computes for its blocks (checked equal to the whole model,
-tests/test_transformer_chunks.py); the first chunk also embeds, the last also projects out and unpatchifies:
+bit for bit, tests/test_transformer_chunks.py); the first chunk also embeds, the last also projects out and
+unpatchifies (in tensors of rank <= 5, which mobile execution providers take). A single graph (`PixArtGraph`,
+`SD3Graph`) is one chunk that is both first and last. The chain's inputs and outputs:
 
   PixArt-Σ / EDiT (PixArtTransformer2DModel.forward)
     first   sample, timestep, encoder_hidden_states, encoder_attention_mask
@@ -34,11 +37,14 @@ def _grid_kwargs(transformer, sample_hw: tuple[int, int]) -> dict | None:
 
 
 def _unpatchify(x: torch.Tensor, grid: tuple[int, int], patch: int, channels: int) -> torch.Tensor:
-    """(B, h*w, p*p*C) tokens -> (B, C, h*p, w*p), as both diffusers transformers do."""
-    h, w = grid
-    x = x.reshape(x.shape[0], h, w, patch, patch, channels)
-    x = torch.einsum("nhwpqc->nchpwq", x)
-    return x.reshape(x.shape[0], channels, h * patch, w * patch)
+    """(B, h*w, p*p*C) tokens -> (B, C, h*p, w*p): the diffusers transformers' unpatchify, in tensors of rank <= 5.
+
+    Diffusers reshapes to rank 6 and permutes with an einsum; Core ML's execution provider takes no tensor above
+    rank 5 and no Einsum, NNAPI no Einsum, so that tail ran on the CPU (`inspect --android`). The same data
+    movement as two transposes of rank 5 and 4 (exact: no arithmetic)."""
+    (h, w), b = grid, x.shape[0]
+    x = x.reshape(b * h, w, patch, patch, channels).permute(0, 2, 1, 3, 4)  # (B*h, p, w, p, C)
+    return x.reshape(b, h * patch, w * patch, channels).permute(0, 3, 1, 2)  # (B, C, h*p, w*p)
 
 
 class _Chunk(nn.Module):
@@ -48,7 +54,8 @@ class _Chunk(nn.Module):
     def __init__(self, transformer, blocks: range, first: bool, last: bool, sample_hw: tuple[int, int]):
         super().__init__()
         self.first, self.last, self.block_ids = first, last, blocks
-        self.blocks = nn.ModuleList(transformer.transformer_blocks[i] for i in blocks)
+        # keyed by the block's index in the whole model, so that graph node names say which block they belong to
+        self.transformer_blocks = nn.ModuleDict({str(i): transformer.transformer_blocks[i] for i in blocks})
         self.patch, self.channels = transformer.config.patch_size, transformer.out_channels
         self.grid = (sample_hw[0] // self.patch, sample_hw[1] // self.patch)
         self.width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
@@ -104,7 +111,7 @@ class PixArtChunk(_Chunk):
         else:
             hidden = v[self.input_names[0]]
             block_t, context = v["block_timestep"], v["context"]
-        for block in self.blocks:
+        for block in self.transformer_blocks.values():
             hidden = block(
                 hidden, attention_mask=None, encoder_hidden_states=context, encoder_attention_mask=bias,
                 timestep=block_t, cross_attention_kwargs=self.attention_kwargs, class_labels=None,
@@ -150,7 +157,7 @@ class SD3Chunk(_Chunk):
             out = {"temb": temb}
         else:
             hidden, context, temb = (v[n] for n in self.input_names)
-        for block in self.blocks:
+        for block in self.transformer_blocks.values():
             context, hidden = block(
                 hidden_states=hidden, encoder_hidden_states=context, temb=temb,
                 joint_attention_kwargs=self.attention_kwargs,
@@ -159,6 +166,27 @@ class SD3Chunk(_Chunk):
             return {**out, self.output_names[0]: hidden, self.output_names[1]: context}
         hidden = self.proj_out(self.norm_out(hidden, temb))  # (B, N, p*p*C)
         return {"out_sample": _unpatchify(hidden, self.grid, self.patch, self.channels)}
+
+
+class PixArtGraph(PixArtChunk):
+    """The whole transformer as one graph (a chunk that is first and last), with named inputs: Core ML's
+    torch.export route names a program's inputs after the forward's parameters."""
+
+    def __init__(self, transformer, sample_hw: tuple[int, int]):
+        super().__init__(transformer, range(len(transformer.transformer_blocks)), True, True, sample_hw)
+
+    def forward(self, sample, timestep, encoder_hidden_states, encoder_attention_mask):
+        return super().forward(sample, timestep, encoder_hidden_states, encoder_attention_mask)[0]
+
+
+class SD3Graph(SD3Chunk):
+    """The whole transformer as one graph, with named inputs (see PixArtGraph)."""
+
+    def __init__(self, transformer, sample_hw: tuple[int, int]):
+        super().__init__(transformer, range(len(transformer.transformer_blocks)), True, True, sample_hw)
+
+    def forward(self, sample, timestep, encoder_hidden_states, pooled_projections):
+        return super().forward(sample, timestep, encoder_hidden_states, pooled_projections)[0]
 
 
 def block_bytes(transformer) -> list[int]:
