@@ -6,6 +6,7 @@ component times inside it), peak resident memory of the process, package size on
 
 example:
   edit-mobile bench pkg --runs 10 --warmup 2 --steps 20 --threads 4 --json bench.json
+  edit-mobile bench pkg --runs 1 --steps 4 --memory-phases     # peak memory per phase, --memory default vs low
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ def build_parser(parser):
         default=None,
         help="classifier-free guidance scale (default: the family's diffusers default)",
     )
+    parser.add_argument(
+        "--memory-phases",
+        action="store_true",
+        help="also generate one image in each memory mode (--memory default / low), each in a fresh process, and "
+        "report the peak resident memory of every phase (loading, text encoding, denoising, decoding)",
+    )
     parser.add_argument("--json", metavar="OUT", default=None, help="also write the full report as JSON")
     return parser
 
@@ -55,6 +62,7 @@ def main(args) -> int:
         e2e_runs=args.e2e_runs,
         prompt=args.prompt or DEFAULT_PROMPT,
         guidance=args.guidance,
+        memory_phases=args.memory_phases,
     )
     options.check()
     if args.json and not Path(args.json).resolve().parent.is_dir():

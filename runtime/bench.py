@@ -10,7 +10,10 @@
   3. per component: K warm-up and N timed calls of every component, round-robin over the components (so slow
      drift of the machine's load spreads over all of them), on the inputs the loop actually fed it (recorded in
      the first loop run; the VAE encoder gets the decoded image);
-  4. peak resident memory of the process (getrusage), package size on disk, machine description.
+  4. peak resident memory of the process (getrusage), package size on disk, machine description;
+  5. with `memory_phases`: one image in each memory mode (`generate --memory default|low`), each in a fresh
+     process, with the peak resident memory of every phase (creating the sessions, text encoding, denoising,
+     decoding; Linux: the high-water mark is reset at each phase) and the low / default ratio of the peaks.
 Latencies are reported as median, p10, p90 (numpy's linear percentiles), mean, min, max over the N samples.
 """
 
@@ -44,6 +47,7 @@ class BenchOptions:
     prompt: str = DEFAULT_PROMPT
     guidance: float | None = None  # None: the family's diffusers default (CFG on)
     seed: int = 0
+    memory_phases: bool = False  # also profile memory per phase in both memory modes (two more images)
 
     def check(self) -> None:
         backend_class(self.backend)  # UserError naming the registered backends
@@ -131,6 +135,57 @@ def current_rss_mb() -> float | None:
         return round(psutil.Process().memory_info().rss / 2**20, 1)
     except ImportError:
         return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's resident-memory high-water mark (Linux: "5" to /proc/self/clear_refs); False where
+    the platform has no such reset."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+MEMORY_PHASES = ("load", "text_encoding", "denoising", "decoding")
+
+
+def phase_memory(package_dir: str, memory: str, options: BenchOptions) -> dict:
+    """One image in memory mode `memory` in this process: {phase: peak RSS MB during it, or None where the peak
+    cannot be reset}, plus "peak_rss_mb" (the process's whole-run peak) and "baseline_mb" (before loading)."""
+    from .pipeline import Text2ImagePipeline
+
+    out: dict = {"baseline_mb": current_rss_mb()}
+    resettable = reset_peak_rss()
+    current = ["load"]
+
+    def phase(name: str) -> None:
+        out[current[0]] = _proc_status_mb("VmHWM") if resettable else None
+        if resettable:
+            reset_peak_rss()
+        current[0] = name
+
+    kw = {"backend": options.backend, "threads": options.threads, "progress": False}
+    pipe = Text2ImagePipeline(package_dir, memory=memory, **kw)
+    pipe(options.prompt, steps=options.steps, guidance=options.guidance, seed=options.seed, phase=phase)
+    out["peak_rss_mb"] = max((out[p] for p in MEMORY_PHASES if out.get(p) is not None), default=peak_rss_mb())
+    return out
+
+
+def memory_phases(package_dir: str | Path, options: BenchOptions) -> dict:
+    """`phase_memory` for both modes, each in a fresh process (memory a process has freed is not always returned
+    to the system, so one process cannot measure the second mode fairly), and the low / default peak ratio."""
+    import multiprocessing
+
+    from .pipeline import MEMORY_MODES
+
+    context = multiprocessing.get_context("spawn")  # a clean interpreter: nothing loaded but the runtime
+    report = {}
+    for mode in MEMORY_MODES:
+        with context.Pool(1) as pool:
+            report[mode] = pool.apply(phase_memory, (str(package_dir), mode, options))
+    report["low_vs_default_peak"] = round(report["low"]["peak_rss_mb"] / report["default"]["peak_rss_mb"], 3)
+    return report
 
 
 def _proc_status_mb(field: str) -> float | None:
@@ -349,6 +404,7 @@ def bench_package(package_dir: str | Path, options: BenchOptions = BenchOptions(
         "rss_after_load_mb": rss_after_load,
         "peak_rss_mb": peak_rss_mb(),
         "size_mb": folder_size_mb(pkg.root),
+        "memory_phases": memory_phases(package_dir, options) if options.memory_phases else None,
     }
 
 
@@ -381,6 +437,13 @@ def format_report(report: dict) -> str:
         f"peak RSS {report['peak_rss_mb']} MB; package {report['size_mb']:.1f} MB on disk; "
         f"sha256 check {report['verify_s']:.2f} s",
     ]
+    phases = report.get("memory_phases")
+    if phases:
+        lines += ["", f"{'peak RSS MB':<16}" + "".join(f"{p:>15}" for p in (*MEMORY_PHASES, "whole run"))]
+        for mode in ("default", "low"):
+            values = [phases[mode].get(p) for p in (*MEMORY_PHASES, "peak_rss_mb")]
+            lines.append(f"{'--memory ' + mode:<16}" + "".join(f"{'n/a' if v is None else v:>15}" for v in values))
+        lines.append(f"low / default peak: {phases['low_vs_default_peak']}")
     return "\n".join(lines)
 
 

@@ -166,11 +166,16 @@ class Text2ImagePipeline:
         latents: np.ndarray | None = None,
         callback: Callable[[int, object, np.ndarray], None] | None = None,
         record: bool = False,
+        phase: Callable[[str], None] | None = None,
     ) -> GenerationResult:
         """Generate one image. `latents` (unscaled noise, (1,C,h,w)) overrides `seed`; `record` keeps the text
-        embeddings, every transformer input and every guided noise prediction (memory: steps x inputs)."""
+        embeddings, every transformer input and every guided noise prediction (memory: steps x inputs); `phase` is
+        told each phase as it starts ("text_encoding", "denoising", "decoding") and "done" at the end (`bench`
+        measures memory per phase with it)."""
         if steps < 1:
             raise UserError(f"steps must be >= 1, got {steps}")
+        phase = phase or (lambda name: None)
+        phase("text_encoding")
         guidance = self.family_spec.default_guidance if guidance is None else float(guidance)
         do_cfg = guidance > 1.0  # as diffusers: guidance <= 1 runs the conditional branch only
         C = self.package.latent_shape[0]
@@ -181,6 +186,7 @@ class Text2ImagePipeline:
             cond = {k: np.concatenate([uncond[k], cond[k]]) for k in cond}
         self._release(*self._encoders)
 
+        phase("denoising")
         scheduler = scheduler_from_config(self._scheduler_config)
         scheduler.set_timesteps(steps)
         if latents is None:
@@ -214,8 +220,10 @@ class Text2ImagePipeline:
                 callback(i, t, latents)
 
         self._release("transformer")
+        phase("decoding")
         result.image, decoded = self.decode(latents)
         self._release("vae_decoder")
+        phase("done")
         if record:
             result.decoded = decoded
         return result

@@ -85,6 +85,22 @@ def test_bench_json_fields(tiny_package, tmp_path, capsys):
     assert r["package"]["family"] == "pixart" and r["package"]["resolution"] == [256, 256]
 
 
+def test_memory_phases_in_both_modes(tiny_package, tmp_path):
+    """One image per memory mode, each in a fresh process, with the peak of every phase (Linux resets the
+    high-water mark between phases): low-memory mode creates no session before the loop needs it."""
+    out = tmp_path / "b.json"
+    argv = ["bench", str(tiny_package), "--runs", "1", "--warmup", "0", "--steps", "2", "--memory-phases"]
+    assert main([*argv, "--json", str(out)]) == 0
+    phases = json.loads(out.read_text())["memory_phases"]
+    for mode in ("default", "low"):
+        r = phases[mode]
+        assert all(_positive(r[p]) for p in ("load", "text_encoding", "denoising", "decoding", "baseline_mb"))
+        assert r["peak_rss_mb"] == max(r[p] for p in ("load", "text_encoding", "denoising", "decoding"))
+    # default mode: every session exists after loading; low mode: none yet (only the tokenizers and the manifest)
+    assert phases["low"]["load"] < phases["default"]["load"]
+    assert phases["low_vs_default_peak"] == round(phases["low"]["peak_rss_mb"] / phases["default"]["peak_rss_mb"], 3)
+
+
 @pytest.mark.parametrize(
     "argv_tail, message",
     [
