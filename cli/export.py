@@ -12,6 +12,7 @@ example:
   edit-mobile export tiny-pixart --target coreml --resolution 256 --compute-precision fp16 --out pkg-coreml
   edit-mobile export pixart-folder --max-component-mb 2048 --out pkg   # T5-XXL and transformer in <= 2 GB graphs
   edit-mobile export tiny-pixart --transformer-chunks 2 --out pkg     # the transformer as 2 graphs
+  edit-mobile export tiny-pixart --resolution 1024 --vae-tile 256 --out pkg   # the VAE decodes 256² tiles
 """
 
 from __future__ import annotations
@@ -69,6 +70,15 @@ def build_parser(parser):
         help="split the transformer at block boundaries into K graphs run in sequence (each loaded on its own: "
         "fits a device's per-model memory; overrides --max-component-mb for the transformer)",
     )
+    parser.add_argument(
+        "--vae-tile",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="export the VAE decoder and encoder for square tiles of PX pixels; the runtime decodes a larger image "
+        "tile by tile, blending the overlaps (as diffusers' enable_tiling), so that 2048² and 4096² images decode "
+        "in the memory of one tile",
+    )
     parser.add_argument("--out", required=True, help="package folder to write (atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing package folder")
     return parser
@@ -90,6 +100,7 @@ def main(args) -> int:
         deployment_target=args.deployment_target,
         max_component_mb=args.max_component_mb,
         transformer_chunks=args.transformer_chunks,
+        vae_tile=args.vae_tile,
     )
     print(export_target(manifest["target"]).summary(manifest, args.out))
     return 0

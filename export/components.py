@@ -15,6 +15,7 @@ from ..runtime.errors import UserError
 from ..runtime.families import Family, TextEncoder
 from ..runtime.families import family as family_spec
 from ..runtime.io_specs import to_numpy_dtype
+from ..runtime.tiling import Tiling
 from ..runtime.tokenizer import Encoding
 from .specs import ComponentSpec, TensorSpec
 from .t5_chunks import ModuleParts, t5_bytes, t5_chunk_specs
@@ -159,6 +160,19 @@ def transformer_component(
     return ComponentSpec("transformer", None, inputs, outputs, chunks=[builder(k, b) for k, b in enumerate(plan)])
 
 
+def vae_tilings(tile_px: int, factor: int, resolution: tuple[int, int]) -> tuple[Tiling, Tiling]:
+    """The VAE decoder's and encoder's tilings for square tiles of `tile_px` pixels overlapping by a quarter, as
+    diffusers' `enable_tiling` (runtime/tiling.py); the encoder's tiles start on whole latents."""
+    if tile_px % (4 * factor) or tile_px > min(resolution) or tile_px >= max(resolution):
+        raise UserError(
+            f"--vae-tile {tile_px} must be a multiple of {4 * factor} (4 x the VAE's {factor}x downsampling), at most "
+            f"the image's shorter side and less than its longer side ({resolution[0]}x{resolution[1]})"
+        )
+    latent = tile_px // factor
+    overlap = latent // 4
+    return Tiling((latent, latent), overlap), Tiling((tile_px, tile_px), overlap * factor, align=factor)
+
+
 def pipeline_components(
     pipe,
     family: str,
@@ -168,11 +182,13 @@ def pipeline_components(
     max_component_mb: float | None = None,
     streamed: dict | None = None,
     transformer_chunks: int | None = None,
+    vae_tile: int | None = None,
 ) -> list[ComponentSpec]:
     """Every component the runtime's loop needs, with static shapes for this resolution and batch: the family's
     text encoders and transformer (runtime/families.py, models/families.py), the VAE decoder and encoder.
     `streamed`: {text encoder: T5 parts} for encoders the pipeline did not load (export/t5_chunks.py).
-    `transformer_chunks` / `max_component_mb`: the transformer as a chain of graphs (`transformer_component`)."""
+    `transformer_chunks` / `max_component_mb`: the transformer as a chain of graphs (`transformer_component`).
+    `vae_tile`: the VAE's graphs take square tiles of this many pixels (`vae_tilings`)."""
     spec, torch_spec = family_spec(family), torch_family(family)
     height, width = resolution
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
@@ -184,6 +200,7 @@ def pipeline_components(
     ):
         raise UserError(f"{spec.title} models with additional (resolution / aspect) conditions are not supported")
     c_lat, h, w = pipe.vae.config.latent_channels, height // factor, width // factor
+    decoder_tiling, encoder_tiling = vae_tilings(vae_tile, factor, resolution) if vae_tile else (None, None)
     streamed = streamed or {}
     specs = [
         text_encoder_component(pipe, enc, max_text_tokens, max_component_mb, streamed.get(enc.component))
@@ -205,6 +222,7 @@ def pipeline_components(
             VaeDecoder(pipe.vae),
             [_f32("latent_sample", 1, c_lat, h, w)],
             [_f32("sample", 1, 3, height, width)],
+            tiling=decoder_tiling,
         )
     )
     specs.append(
@@ -213,6 +231,7 @@ def pipeline_components(
             VaeEncoder(pipe.vae),
             [_f32("sample", 1, 3, height, width)],
             [_f32("latent_mean", 1, c_lat, h, w)],
+            tiling=encoder_tiling,
         )
     )
     return specs

@@ -39,6 +39,7 @@ def export_package(
     deployment_target: str | None = None,
     max_component_mb: float | None = None,
     transformer_chunks: int | None = None,
+    vae_tile: int | None = None,
 ) -> dict:
     """Export every component of the pipeline in `src`; returns the manifest.
 
@@ -47,7 +48,8 @@ def export_package(
     `max_component_mb`: a T5 text encoder or transformer with more fp32 weights than this is exported as a chain of
     graphs within it, built one chunk at a time (a T5 from a folder is never loaded whole; export/t5_chunks.py).
     `transformer_chunks`: the transformer as that many graphs, split at block boundaries
-    (models/transformer_chunks.py)."""
+    (models/transformer_chunks.py). `vae_tile`: the VAE decoder and encoder graphs take square tiles of this many
+    pixels, and the runtime runs them tile by tile with blended overlaps (runtime/tiling.py)."""
     exporter = export_target(target)
     options = exporter.resolve_options(compute_precision=compute_precision, deployment_target=deployment_target)
     if batch not in (1, 2):
@@ -62,7 +64,7 @@ def export_package(
     pipe = load_pipeline(src, skip=tuple(streamed))
     family = pipeline_family(pipe)
     specs = pipeline_components(
-        pipe, family, (height, width), batch, max_text_tokens, max_component_mb, streamed, transformer_chunks
+        pipe, family, (height, width), batch, max_text_tokens, max_component_mb, streamed, transformer_chunks, vae_tile
     )
     vae = pipe.vae.config
     manifest = Manifest(

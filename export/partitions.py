@@ -143,6 +143,19 @@ def partition_graph(model: onnx.ModelProto, provider: str) -> dict:
     }
 
 
+def _graph_only(path: Path) -> onnx.ModelProto:
+    """The graph with its shapes, without the weights' bytes (a 1.5 GB T5-XXL chunk keeps them inline): the
+    analysis needs op types, names and shapes only."""
+    model = onnx.load(str(path), load_external_data=False)
+    for t in model.graph.initializer:
+        t.ClearField("raw_data")
+        t.ClearField("external_data")
+        t.data_location = onnx.TensorProto.DEFAULT
+    if not model.graph.value_info:  # exported graphs carry their inferred shapes; a quantized one may not
+        model = onnx.shape_inference.infer_shapes(model)
+    return model
+
+
 def android_report(package_dir: str | Path, providers=tuple(PROVIDERS)) -> dict:
     """{component (or component/chunk-NN): {provider: partition_graph(...)}} for every ONNX graph of a package."""
     from ..runtime.errors import UserError
@@ -154,7 +167,7 @@ def android_report(package_dir: str | Path, providers=tuple(PROVIDERS)) -> dict:
     report = {}
     for name, comp in package.components.items():
         for path in comp.chunk_paths or (comp.path,):
-            model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
+            model = _graph_only(path)
             key = f"{name}/{path.parent.name}" if comp.chunk_paths else name
             report[key] = {p: partition_graph(model, p) for p in providers}
     return report

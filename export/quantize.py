@@ -24,6 +24,7 @@ from ..runtime.atomic import check_output_free
 from ..runtime.errors import UserError
 from ..runtime.manifest import GATES_DB, ONNX_PRECISIONS
 from ..runtime.package import Package, installed_version, load_package, read_manifest
+from ..runtime.tiling import tiles
 from . import quantize_onnx as qo
 from .calibration import (
     DEFAULT_PROMPT_COUNT,
@@ -213,9 +214,12 @@ def quantize_component(
     if not feeds:
         raise UserError(f"no calibration inputs were recorded for {name}")
     about = {"prompts": len(calib.prompts), "steps": calib.steps}
+    if comp.entry.tiling is not None:  # the graph takes tiles: calibrate and check it on the recorded inputs' tiles
+        (key,) = feeds[0]
+        feeds = spread([{key: t} for f in feeds for t in tiles(f[key], comp.entry.tiling)], max(len(feeds), 16))
     if not comp.entry.chunks:
         src = _source_onnx(comp.path, name)
-        check = calib.subset(name, CHECK_SAMPLES)
+        check = spread(feeds, CHECK_SAMPLES)
         return quantize_graph(src, name, precision, out_dir, feeds, check, about, threads=threads, **options)
     # A chunked component: each chunk quantized on its own inputs along the recorded trajectories (what the fp32
     # chain computes from the component's recorded inputs), then the whole chain checked against the fp32 chain.

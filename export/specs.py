@@ -1,5 +1,5 @@
 """The export specs of a component: its static input / output tensors and the torch module (or, for a chunked
-component, the builders of its chunks) that the exporters trace."""
+component, the builders of its chunks; for a tiled one, the module at the tile's size) that the exporters trace."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from ..runtime.tiling import Tiling
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,23 @@ class ComponentSpec:
     # A component exported as a chain of graphs (module None): one builder per chunk, each materialising its own
     # weights only when called (export/t5_chunks.py)
     chunks: list[Callable[[], ComponentSpec]] = field(default_factory=list)
+    # A tiled component (`export --vae-tile`): `inputs` / `outputs` are full size, the graph takes one tile
+    tiling: Tiling | None = None
+
+    def graph(self) -> ComponentSpec:
+        """What the exporters trace: this spec, or for a tiled component the same module at the tile's size."""
+        if self.tiling is None:
+            return self
+        (full_in,), (full_out,), tile = self.inputs, self.outputs, self.tiling.tile
+        scale = full_out.shape[-1] / full_in.shape[-1]  # 8 for a decoder, 1/8 for an encoder
+        out_tile = tuple(round(n * scale) for n in tile)
+        return ComponentSpec(
+            self.name,
+            self.module,
+            [TensorSpec(full_in.name, (*full_in.shape[:-2], *tile), full_in.dtype)],
+            [TensorSpec(full_out.name, (*full_out.shape[:-2], *out_tile), full_out.dtype)],
+            self.extra,
+        )
 
     def io_dict(self) -> dict:
         return {"inputs": [s.to_dict() for s in self.inputs], "outputs": [s.to_dict() for s in self.outputs]}

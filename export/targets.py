@@ -89,11 +89,11 @@ class OnnxTarget(ExportTarget):
         start = time.perf_counter()
         if spec.chunks:
             return self._export_chunks(spec, root, start)
-        path = export_onnx(spec, root / spec.name)
-        parity = onnx_parity(spec, path)
+        path = export_onnx(spec.graph(), root / spec.name)
+        parity = onnx_parity(spec.graph(), path)
         seconds = time.perf_counter() - start
         path = self.convert(path)
-        entry = component_entry(spec, path.relative_to(root), precision="fp32", opset=OPSET)
+        entry = component_entry(spec, path.relative_to(root), precision="fp32", opset=OPSET, tiling=spec.tiling)
         return ExportedComponent(path, entry, {"seconds": round(seconds, 2), "onnx_vs_torch_max_abs": parity})
 
     def _export_chunks(self, spec, root, start: float) -> ExportedComponent:
@@ -183,15 +183,17 @@ class CoreMLTarget(ExportTarget):
             )
         start = time.perf_counter()
         path = export_coreml(
-            spec,
+            spec.graph(),
             root / spec.name,
             precision,
             deployment_target,
             metadata={"source": manifest.source, "architecture": manifest.architecture},
         )
         convert_seconds = time.perf_counter() - start
-        parity = coreml_parity(spec, path, precision)
-        entry = component_entry(spec, path.relative_to(root), precision=precision, deployment_target=deployment_target)
+        parity = coreml_parity(spec.graph(), path, precision)
+        entry = component_entry(
+            spec, path.relative_to(root), precision=precision, deployment_target=deployment_target, tiling=spec.tiling
+        )
         twin = json.loads(MILProgram(path).metadata()["user_defined"].get("edit_mobile.ane_twin", "null"))
         info = {
             "seconds": round(time.perf_counter() - start, 2),

@@ -30,6 +30,7 @@ from .errors import UserError
 from .io_specs import TensorSpec, as_specs, check_inputs
 from .ort_backend import OrtBackend
 from .package import Package
+from .tiling import TiledBackend, tile_spec
 
 
 class Backend(Protocol):
@@ -111,10 +112,15 @@ class ChainBackend:
 
 def component_backend(package: Package, component: str, backend: str = "ort", **options) -> Backend:
     """The backend for one package component, with the manifest's input specs and output names, and the options
-    its manifest entry sets (explicit `options` take precedence); a chained one for a chunked component."""
+    its manifest entry sets (explicit `options` take precedence); a chained one for a chunked component, a tiled
+    one for a tiled component."""
     cls = backend_class(backend)
     comp = package.component(component)
     options = {**cls.manifest_options(comp.entry), **options}
+    tiling = comp.entry.tiling
+    if tiling is not None:  # the graph takes one tile; the component, full-size inputs (runtime/tiling.py)
+        graph = create_backend(backend, comp.path, [tile_spec(comp.inputs[0], tiling)], comp.output_names, **options)
+        return TiledBackend(graph, tiling, comp.inputs, comp.output_names)
     if not comp.entry.chunks:
         return create_backend(backend, comp.path, comp.inputs, comp.output_names, **options)
     chunks = [

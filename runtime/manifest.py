@@ -22,6 +22,7 @@ from .atomic import write_file_atomic
 from .errors import UserError
 from .families import FAMILIES as FAMILY_REGISTRY
 from .io_specs import DTYPE_NAMES, TensorSpec
+from .tiling import Tiling
 
 SCHEMA_VERSION = 1
 FAMILIES = tuple(FAMILY_REGISTRY)  # the family registry's names (runtime/families.py)
@@ -234,12 +235,31 @@ class ChunkEntry:
         }
 
 
+def _tiling(t: Any, inputs, outputs, where: str, f: Fields) -> Tiling:
+    """`components.<name>.tiling`: a component with one 4-D input and one 4-D output whose graph takes `tile`-sized
+    pieces of the input (runtime/tiling.py); the tile fits the input, overlaps less than itself, starts aligned."""
+    t = f.obj(t, f"{where}.tiling")
+    if len(inputs) != 1 or len(outputs) != 1 or len(inputs[0].shape) != 4 or len(outputs[0].shape) != 4:
+        raise f.fail(f"{where}.tiling", "a component with one 4-D input and one 4-D output", t)
+    full = inputs[0].shape[-2:]
+    tile = t.get("tile")
+    if not isinstance(tile, list) or len(tile) != 2:
+        raise f.fail(f"{where}.tiling.tile", "[height, width]", tile)
+    tile = tuple(f.integer(n, f"{where}.tiling.tile", 1, m) for n, m in zip(tile, full))
+    overlap = f.integer(t.get("overlap"), f"{where}.tiling.overlap", 0, min(tile) - 1)
+    align = f.integer(t.get("align", 1), f"{where}.tiling.align", 1, min(tile))
+    if any(n % align for n in (*tile, *full)):
+        raise f.fail(f"{where}.tiling.align", f"a divisor of the tile {list(tile)} and the input {list(full)}", align)
+    return Tiling(tile, overlap, align)
+
+
 @dataclass
 class ComponentEntry:
     """One model of the package: `components.<name>` (`text_encoder`, `transformer`, `vae_decoder`, ...).
 
     A component too large for one graph (a true-size T5-XXL) is `chunks`: several graphs run in sequence, each
-    small enough to export, quantize and load on its own; `path` is then its first chunk's model."""
+    small enough to export, quantize and load on its own; `path` is then its first chunk's model. A `tiling`
+    component (a VAE exported with --vae-tile) has full-size `inputs` / `outputs` and a graph that takes one tile."""
 
     path: str  # the model file (ONNX / ORT) or folder (.mlpackage), relative to the package root
     inputs: tuple[TensorSpec, ...]
@@ -253,6 +273,7 @@ class ComponentEntry:
     gate_psnr_db: float | None = None
     ort_session_config: dict | None = None
     quantization: dict | None = None
+    tiling: Tiling | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -285,6 +306,7 @@ class ComponentEntry:
                 raise f.fail(f"{where}.chunks", "a non-empty list of chunks", c["chunks"])
             chunks = tuple(ChunkEntry.from_dict(x, f"{where}.chunks[{i}]", f) for i, x in enumerate(c["chunks"]))
             _check_chain(chunks, inputs, outputs, rel, files, where, f)
+        tiling = None if c.get("tiling") is None else _tiling(c["tiling"], inputs, outputs, where, f)
         return cls(
             path=rel,
             files=files,
@@ -298,6 +320,7 @@ class ComponentEntry:
             gate_psnr_db=f.number(c.get("gate_psnr_db"), f"{where}.gate_psnr_db", optional=True),
             ort_session_config=c.get("ort_session_config"),
             quantization=c.get("quantization"),
+            tiling=tiling,
             extra=_extra(c, cls),
         )
 
@@ -315,6 +338,7 @@ class ComponentEntry:
                 "gate_psnr_db": self.gate_psnr_db,
                 "ort_session_config": self.ort_session_config,
                 "quantization": self.quantization,
+                "tiling": self.tiling.to_dict() if self.tiling else None,
                 **self.extra,
                 "files": dict(self.files),
             }
