@@ -41,6 +41,8 @@ def build_parser(parser):
         help="also generate one image in each memory mode (--memory default / low), each in a fresh process, and "
         "report the peak resident memory of every phase (loading, text encoding, denoising, decoding)",
     )
+    parser.add_argument("--no-cpu-arena", action="store_true", help="ONNX Runtime: no CPU memory arena")
+    parser.add_argument("--no-mem-pattern", action="store_true", help="ONNX Runtime: no pre-planned activation buffers")
     parser.add_argument("--json", metavar="OUT", default=None, help="also write the full report as JSON")
     return parser
 
@@ -63,6 +65,8 @@ def main(args) -> int:
         prompt=args.prompt or DEFAULT_PROMPT,
         guidance=args.guidance,
         memory_phases=args.memory_phases,
+        cpu_arena=not args.no_cpu_arena,
+        mem_pattern=not args.no_mem_pattern,
     )
     options.check()
     if args.json and not Path(args.json).resolve().parent.is_dir():

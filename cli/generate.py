@@ -42,6 +42,12 @@ def build_parser(parser):
         help="low: load each component when the loop first needs it and release it when done (one component's "
         "weights in memory at a time; the same image, slower for several images)",
     )
+    parser.add_argument(
+        "--no-cpu-arena",
+        action="store_true",
+        help="ONNX Runtime: no CPU memory arena (freed activation memory goes back at once; lower peak, slower)",
+    )
+    parser.add_argument("--no-mem-pattern", action="store_true", help="ONNX Runtime: no pre-planned activation buffers")
     parser.add_argument("--out", required=True, help="PNG file to write (atomically)")
     return parser
 
@@ -62,7 +68,14 @@ def main(args) -> int:
             f"package was exported for {h}x{w}, not {wanted[0]}x{wanted[1]} "
             f"(export another package with --resolution {wanted[0]}x{wanted[1]})"
         )
-    pipe = Text2ImagePipeline(package, backend=args.backend, threads=args.threads, memory=args.memory)
+    pipe = Text2ImagePipeline(
+        package,
+        backend=args.backend,
+        threads=args.threads,
+        memory=args.memory,
+        cpu_arena=not args.no_cpu_arena,
+        mem_pattern=not args.no_mem_pattern,
+    )
     result = pipe(
         args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance, seed=args.seed
     )

@@ -53,7 +53,7 @@ class _Chunk(nn.Module):
 
     def __init__(self, transformer, blocks: range, first: bool, last: bool, sample_hw: tuple[int, int]):
         super().__init__()
-        self.first, self.last, self.block_ids = first, last, blocks
+        self.first, self.last = first, last
         # keyed by the block's index in the whole model, so that graph node names say which block they belong to
         self.transformer_blocks = nn.ModuleDict({str(i): transformer.transformer_blocks[i] for i in blocks})
         self.patch, self.channels = transformer.config.patch_size, transformer.out_channels

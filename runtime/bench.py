@@ -48,6 +48,8 @@ class BenchOptions:
     guidance: float | None = None  # None: the family's diffusers default (CFG on)
     seed: int = 0
     memory_phases: bool = False  # also profile memory per phase in both memory modes (two more images)
+    cpu_arena: bool = True  # ONNX Runtime's CPU memory arena (runtime/ort_backend.py)
+    mem_pattern: bool = True  # ONNX Runtime's pre-planned activation buffers
 
     def check(self) -> None:
         backend_class(self.backend)  # UserError naming the registered backends
@@ -166,7 +168,9 @@ def phase_memory(package_dir: str, memory: str, options: BenchOptions) -> dict:
         current[0] = name
 
     kw = {"backend": options.backend, "threads": options.threads, "progress": False}
-    pipe = Text2ImagePipeline(package_dir, memory=memory, **kw)
+    pipe = Text2ImagePipeline(
+        package_dir, memory=memory, cpu_arena=options.cpu_arena, mem_pattern=options.mem_pattern, **kw
+    )
     pipe(options.prompt, steps=options.steps, guidance=options.guidance, seed=options.seed, phase=phase)
     out["peak_rss_mb"] = max((out[p] for p in MEMORY_PHASES if out.get(p) is not None), default=peak_rss_mb())
     return out
@@ -298,7 +302,8 @@ def bench_package(package_dir: str | Path, options: BenchOptions = BenchOptions(
     start = time.perf_counter()
     pkg = load_package(package_dir, verify=True)  # UserError on a missing / broken package
     verify_s = time.perf_counter() - start
-    kw = {"threads": options.threads}  # backends without a thread setting (Core ML) ignore it
+    # backends without these settings (Core ML) ignore them
+    kw = {"threads": options.threads, "cpu_arena": options.cpu_arena, "mem_pattern": options.mem_pattern}
 
     # 1. cold load, one component at a time
     timed: dict[str, TimedBackend] = {}

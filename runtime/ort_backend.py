@@ -20,7 +20,7 @@ class OrtBackend:
     description = "ONNX Runtime"
     targets = ("onnx", "ort-mobile")  # the package targets whose models it runs
     platforms = None  # every platform
-    options = frozenset({"threads", "optimization", "providers", "session_config"})
+    options = frozenset({"threads", "optimization", "providers", "session_config", "cpu_arena", "mem_pattern"})
 
     def __init__(
         self,
@@ -31,7 +31,12 @@ class OrtBackend:
         optimization: str = "all",
         providers: list[str] | None = None,
         session_config: dict[str, str] | None = None,
+        cpu_arena: bool = True,
+        mem_pattern: bool = True,
     ):
+        """`cpu_arena`: ONNX Runtime's CPU memory arena (fast reuse of freed blocks, which it keeps until the session
+        ends); `mem_pattern`: pre-planned activation buffers (allocated once per run shape). Both on is ONNX
+        Runtime's default; off trades speed for a lower peak (docs/memory.md)."""
         import onnxruntime as ort
 
         self.model_path = Path(model_path)
@@ -56,6 +61,7 @@ class OrtBackend:
         if threads is not None and threads < 1:
             raise UserError(f"threads must be >= 1, got {threads}")
         opts = ort.SessionOptions()
+        opts.enable_cpu_mem_arena, opts.enable_mem_pattern = bool(cpu_arena), bool(mem_pattern)
         if threads is not None:
             opts.intra_op_num_threads = int(threads)
         opts.graph_optimization_level = {

@@ -63,6 +63,8 @@ class Text2ImagePipeline:
         progress: bool = True,
         backends: dict | None = None,
         memory: str = "default",
+        cpu_arena: bool = True,
+        mem_pattern: bool = True,
     ):
         """`backends`: already created backends by component name (e.g. `edit-mobile bench` passes instrumented
         ones, after timing their creation); the components not in it are created here.
@@ -70,7 +72,9 @@ class Text2ImagePipeline:
         `memory`: "default" creates every component's session up front and keeps them (fastest for many images);
         "low" creates each one when the loop first needs it and releases it when the loop is done with it (text
         encoders after the prompt, the transformer after the last step, the VAE decoder after decoding), so that
-        only one component's weights are in memory at a time. The images are the same."""
+        only one component's weights are in memory at a time. The images are the same. `cpu_arena`, `mem_pattern`:
+        ONNX Runtime's memory arena and pre-planned activation buffers (runtime/ort_backend.py; other backends
+        ignore them)."""
         if backend not in BACKENDS:
             raise UserError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
         if memory not in MEMORY_MODES:
@@ -86,6 +90,7 @@ class Text2ImagePipeline:
             raise UserError(f"package scheduler: {e}") from None
         encoders = [e.component for e in self.family_spec.text_encoders]
         kw = dict(threads=threads, optimization=optimization, providers=providers)
+        kw.update(cpu_arena=cpu_arena, mem_pattern=mem_pattern)
         self.tokenizers = {}
         for name in encoders:
             spec = self.package.text_for(name)
