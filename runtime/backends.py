@@ -19,7 +19,7 @@ backend's name. Built in: `ort` (runtime/ort_backend.py), `coreml` and `coreml-r
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -97,23 +97,31 @@ def create_backend(
 
 class ChainBackend:
     """A chunked component (manifest `chunks`): one backend per chunk, run in order; each chunk reads the
-    component's inputs and the outputs of the chunks before it by name."""
+    component's inputs and the outputs of the chunks before it by name. `chunks` holds (create the chunk's
+    backend, its input names); with `stream`, each chunk's backend is created when the chain reaches it and
+    released after it ran, so that one chunk's weights are in memory at a time (for a component that runs once per
+    image, like a text encoder); without, all are created up front and kept."""
 
-    def __init__(self, chunks: list[tuple[Backend, list[str]]], input_specs, output_names: list[str]):
-        self.chunks, self.input_specs, self.output_names = chunks, as_specs(input_specs), list(output_names)
+    def __init__(self, chunks: list[tuple[Callable, list[str]]], input_specs, output_names: list[str], stream=False):
+        self.input_specs, self.output_names, self.stream = as_specs(input_specs), list(output_names), stream
+        self.chunks = chunks if stream else [(create(), names) for create, names in chunks]
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_inputs(inputs, self.input_specs, where="chunked component")
         values = dict(inputs)
         for backend, names in self.chunks:
+            backend = backend() if self.stream else backend
             values.update(backend.run({n: values[n] for n in names}))
+            del backend
         return {n: values[n] for n in self.output_names}
 
 
-def component_backend(package: Package, component: str, backend: str = "ort", **options) -> Backend:
+def component_backend(
+    package: Package, component: str, backend: str = "ort", stream_chunks: bool = False, **options
+) -> Backend:
     """The backend for one package component, with the manifest's input specs and output names, and the options
     its manifest entry sets (explicit `options` take precedence); a chained one for a chunked component, a tiled
-    one for a tiled component."""
+    one for a tiled component (`stream_chunks`: its chunks created one at a time as the chain runs)."""
     cls = backend_class(backend)
     comp = package.component(component)
     options = {**cls.manifest_options(comp.entry), **options}
@@ -123,8 +131,9 @@ def component_backend(package: Package, component: str, backend: str = "ort", **
         return TiledBackend(graph, tiling, comp.inputs, comp.output_names)
     if not comp.entry.chunks:
         return create_backend(backend, comp.path, comp.inputs, comp.output_names, **options)
-    chunks = [
-        (create_backend(backend, path, c.inputs, [s.name for s in c.outputs], **options), [s.name for s in c.inputs])
-        for path, c in zip(comp.chunk_paths, comp.entry.chunks)
-    ]
-    return ChainBackend(chunks, comp.inputs, comp.output_names)
+
+    def creator(path, chunk):
+        return lambda: create_backend(backend, path, chunk.inputs, [s.name for s in chunk.outputs], **options)
+
+    chunks = [(creator(path, c), [s.name for s in c.inputs]) for path, c in zip(comp.chunk_paths, comp.entry.chunks)]
+    return ChainBackend(chunks, comp.inputs, comp.output_names, stream=stream_chunks)

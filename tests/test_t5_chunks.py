@@ -155,3 +155,19 @@ def test_true_size_t5_writer_at_reduced_size(tiny_dirs, tmp_path):
     assert cli(["export", str(src), "--resolution", "128", "--max-component-mb", "0.05", "--out", str(out)]) == 0
     assert len(load_package(out).components["text_encoder"].chunk_paths) == 3
     assert cli(["validate", str(out), "--reference", str(src), "--steps", "2"]) == 0
+
+
+def test_low_memory_mode_streams_a_chunked_text_encoder(chunked):
+    """--memory low creates each T5 chunk's session when the chain reaches it and drops it after: one chunk in
+    memory at a time; the image is the default mode's."""
+    from edit_mobile.runtime.backends import ChainBackend, component_backend
+    from edit_mobile.runtime.pipeline import Text2ImagePipeline
+
+    package = load_package(chunked)
+    streamed = component_backend(package, "text_encoder", stream_chunks=True)
+    assert isinstance(streamed, ChainBackend) and all(callable(create) for create, _ in streamed.chunks)
+    kept = component_backend(package, "text_encoder")
+    assert not any(callable(backend) for backend, _ in kept.chunks)  # created up front, kept
+    default = Text2ImagePipeline(package, progress=False)("a red circle", steps=2, seed=3)
+    low = Text2ImagePipeline(package, progress=False, memory="low")("a red circle", steps=2, seed=3)
+    assert (low.image == default.image).all()
