@@ -50,7 +50,8 @@ def test_vae_training_lowers_the_loss_and_normalises_the_latents():
 
 
 def test_text_encoder_learns_whose_colour_each_token_names():
-    two = Scene("white", (Shape("circle", "red", "large", 0.5, 0.5, 0.2), Shape("ring", "blue", "small", 0.2, 0.2, 0.1)))
+    shapes = (Shape("circle", "red", "large", 0.5, 0.5, 0.2), Shape("ring", "blue", "small", 0.2, 0.2, 0.1))
+    two = Scene("white", shapes)
     words = two.caption.split()  # a large red circle and a small blue ring on a white background
     roles = dict(zip(words, (ROLES[r] for r in _word_roles(two)), strict=True))
     assert (roles["red"], roles["blue"], roles["white"], roles["and"]) == (*ROLES[:3], "connective")
