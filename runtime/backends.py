@@ -109,10 +109,10 @@ class ChainBackend:
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_inputs(inputs, self.input_specs, where="chunked component")
         values = dict(inputs)
-        for backend, names in self.chunks:
-            backend = backend() if self.stream else backend
+        for chunk, names in self.chunks:
+            backend = chunk() if self.stream else chunk
             values.update(backend.run({n: values[n] for n in names}))
-            del backend
+            del backend  # streamed: this chunk's session goes before the next one is created
         return {n: values[n] for n in self.output_names}
 
 
