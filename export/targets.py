@@ -89,8 +89,9 @@ class OnnxTarget(ExportTarget):
         start = time.perf_counter()
         if spec.chunks:
             return self._export_chunks(spec, root, start)
-        path = export_onnx(spec.graph(), root / spec.name)
-        parity = onnx_parity(spec.graph(), path)
+        graph = spec.graph()
+        path = export_onnx(graph, root / spec.name)
+        parity = onnx_parity(graph, path)
         seconds = time.perf_counter() - start
         path = self.convert(path)
         entry = component_entry(spec, path.relative_to(root), precision="fp32", opset=OPSET, tiling=spec.tiling)
@@ -182,15 +183,16 @@ class CoreMLTarget(ExportTarget):
                 "ONNX only"
             )
         start = time.perf_counter()
+        graph = spec.graph()
         path = export_coreml(
-            spec.graph(),
+            graph,
             root / spec.name,
             precision,
             deployment_target,
             metadata={"source": manifest.source, "architecture": manifest.architecture},
         )
         convert_seconds = time.perf_counter() - start
-        parity = coreml_parity(spec.graph(), path, precision)
+        parity = coreml_parity(graph, path, precision)
         entry = component_entry(
             spec, path.relative_to(root), precision=precision, deployment_target=deployment_target, tiling=spec.tiling
         )

@@ -167,11 +167,12 @@ def compare_components(
         reference_backend = TiledBackend(torch_backend, tiling, specs_in, out_names) if tiling else torch_backend
         results, untiled = [], []
         for feed in inputs[name]:
-            ref = reference_backend.run({s.name: feed[s.name] for s in spec.inputs})
+            args = {s.name: feed[s.name] for s in spec.inputs}
+            ref = reference_backend.run(args)
             got = backend.run({s.name: feed[s.name].astype(s.dtype) for s in spec.inputs})
             results += [compare(ref[n], got[n].astype(np.float32)) for n in out_names]
             if tiling:
-                full = torch_backend.run({s.name: feed[s.name] for s in spec.inputs})
+                full = torch_backend.run(args)
                 untiled += [compare(full[n], got[n].astype(np.float32)) for n in out_names]
         report[name] = {"precision": package.components[name].precision, **_worst(results)}
         if tiling:

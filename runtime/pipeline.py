@@ -89,8 +89,6 @@ class Text2ImagePipeline:
         except ValueError as e:
             raise UserError(f"package scheduler: {e}") from None
         encoders = [e.component for e in self.family_spec.text_encoders]
-        kw = dict(threads=threads, optimization=optimization, providers=providers)
-        kw.update(cpu_arena=cpu_arena, mem_pattern=mem_pattern)
         self.tokenizers = {}
         for name in encoders:
             spec = self.package.text_for(name)
@@ -100,7 +98,8 @@ class Text2ImagePipeline:
         # Low-memory mode streams a chunked text encoder (it runs once per prompt): one chunk in memory at a time.
         # ONNX Runtime's CPU arena keeps what a session freed until the session ends; low-memory mode turns it
         # off (measured on PixArt-Σ-XL at 512²: peak 4.0 GB instead of 7.0 GB, docs/memory.md).
-        kw.update(cpu_arena=cpu_arena and memory == "default")
+        kw = dict(threads=threads, optimization=optimization, providers=providers, mem_pattern=mem_pattern,
+                  cpu_arena=cpu_arena and memory == "default")  # fmt: skip
         self._create = lambda name: component_backend(
             self.package, name, backend, stream_chunks=memory == "low" and name in encoders, **kw
         )

@@ -59,12 +59,17 @@ def _ramp(starts: list[int], k: int, size: int, scale: float) -> np.ndarray:
     return w
 
 
+def _grid(x: np.ndarray, tiling: Tiling) -> tuple[list[int], list[int]]:
+    """The tiles' row and column starts over `x`'s last two axes."""
+    (th, tw), (h, w) = tiling.tile, x.shape[-2:]
+    return tile_starts(h, th, tiling.overlap, tiling.align), tile_starts(w, tw, tiling.overlap, tiling.align)
+
+
 def run_tiled(run, x: np.ndarray, tiling: Tiling) -> np.ndarray:
     """`run` (one tile (N, C, th, tw) -> (N, C', th*s, tw*s)) over every tile of `x` (N, C, H, W), blended into the
     full output (N, C', H*s, W*s); s, the output / input size ratio, is read from the first tile."""
     (th, tw), (h, w) = tiling.tile, x.shape[-2:]
-    rows = tile_starts(h, th, tiling.overlap, tiling.align)
-    cols = tile_starts(w, tw, tiling.overlap, tiling.align)
+    rows, cols = _grid(x, tiling)
     out = norm = None
     for i, y in enumerate(rows):
         for j, x0 in enumerate(cols):
@@ -83,9 +88,8 @@ def run_tiled(run, x: np.ndarray, tiling: Tiling) -> np.ndarray:
 
 def tiles(x: np.ndarray, tiling: Tiling) -> list[np.ndarray]:
     """Every tile `run_tiled` cuts from `x`, row by row (what a tiled graph is calibrated and checked on)."""
-    (th, tw), (h, w) = tiling.tile, x.shape[-2:]
-    rows = tile_starts(h, th, tiling.overlap, tiling.align)
-    cols = tile_starts(w, tw, tiling.overlap, tiling.align)
+    th, tw = tiling.tile
+    rows, cols = _grid(x, tiling)
     return [np.ascontiguousarray(x[..., y : y + th, x0 : x0 + tw]) for y in rows for x0 in cols]
 
 
