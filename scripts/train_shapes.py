@@ -128,8 +128,20 @@ def stage_classifier(work: Path) -> None:
     tmp.rename(work / "classifier")
 
 
+def copy_fp16(src: Path, dst: Path) -> None:
+    """Copy a model folder with its safetensors weights stored in fp16 (half the bytes; diffusers and transformers
+    load them into fp32 models, so the shipped model is the fp16-rounded one, and it is what `evaluate` scores)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    for path in dst.glob("*.safetensors"):
+        weights = load_file(path)
+        save_file({k: v.half() if v.is_floating_point() else v for k, v in weights.items()}, path, {"format": "pt"})
+
+
 def stage_ship(work: Path) -> None:
-    """models/assets/shapes/{shapes-pixart, shapes-sd3} whole pipelines; shapes-*-edit the student transformers."""
+    """models/assets/shapes/{shapes-pixart, shapes-sd3} whole pipelines; shapes-*-edit the student transformers;
+    weights in fp16 (the four pipelines fit the repository's 20 MB)."""
     assets = Path(__file__).resolve().parents[1] / "models" / "assets"
     tmp = assets / ".shapes.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -140,12 +152,12 @@ def stage_ship(work: Path) -> None:
             continue
         names = [p.name for p in teacher.iterdir() if p.is_dir() and p.name != "checkpoints"]
         for name in names:
-            shutil.copytree(teacher / name, tmp / f"shapes-{family}" / name)
+            copy_fp16(teacher / name, tmp / f"shapes-{family}" / name)
         for name in ("model_index.json", "edit_mobile.json"):
             if (teacher / name).exists():
                 shutil.copy2(teacher / name, tmp / f"shapes-{family}" / name)
         if (student / "model_index.json").exists():
-            shutil.copytree(student / "transformer", tmp / f"shapes-{family}-{arch}" / "transformer")
+            copy_fp16(student / "transformer", tmp / f"shapes-{family}-{arch}" / "transformer")
             shutil.copy2(student / "edit_mobile.json", tmp / f"shapes-{family}-{arch}" / "edit_mobile.json")
     shutil.rmtree(assets / "shapes", ignore_errors=True)
     tmp.rename(assets / "shapes")
