@@ -27,7 +27,14 @@ def build_parser(parser):
 
     parser.add_argument("src", metavar="SRC", help="preset name or local diffusers pipeline folder")
     parser.add_argument("--target", default="onnx", choices=TARGETS, help="output format")
-    parser.add_argument("--resolution", default="512", help="image size in pixels: N or HxW (default 512)")
+    parser.add_argument(
+        "--resolution",
+        action="append",
+        metavar="N|WxH",
+        help="image size in pixels: N (square) or WIDTHxHEIGHT (768x1344 is portrait); repeat it for a package with "
+        "several sizes: one static transformer and VAE graph per size sharing one weights file, the text encoders "
+        "once; the first is the default (default 512)",
+    )
     parser.add_argument(
         "--batch",
         type=int,
@@ -92,7 +99,7 @@ def main(args) -> int:
         args.src,
         args.out,
         target=args.target,
-        resolution=args.resolution,
+        resolution=args.resolution or ["512"],
         batch=args.batch,
         max_text_tokens=args.max_text_tokens,
         overwrite=args.overwrite,

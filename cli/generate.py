@@ -1,11 +1,13 @@
 """Generate an image from a prompt with an artifact package, on ONNX Runtime (no torch needed).
 
-PKG is a package folder written by `edit-mobile export`. Its manifest fixes the resolution, the model family
-(PixArt-Σ or SD3) and the static text length; every file's sha256 is checked before use. The same package,
+PKG is a package folder written by `edit-mobile export`. Its manifest fixes the image sizes (one static graph per
+size: --size picks one), the model family (PixArt-Σ or SD3) and the static text length; every file's sha256 is
+checked before use. The same package,
 prompt, seed and step count give the same PNG, byte for byte, on the same machine and ONNX Runtime version.
 
 example:
   edit-mobile generate pkg --prompt "a red fox in the snow" --steps 20 --seed 0 --out fox.png
+  edit-mobile generate pkg --size 192x320 --prompt "a red circle" --out portrait.png
 """
 
 from __future__ import annotations
@@ -33,7 +35,12 @@ def build_parser(parser):
     parser.add_argument("--backend", default="ort", help="inference backend (default ort)")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the backend's)")
     parser.add_argument(
-        "--resolution", default=None, help="N or HxW; only checked: a package has one static resolution"
+        "--size",
+        "--resolution",
+        default=None,
+        metavar="WxH",
+        help="image size, N or WIDTHxHEIGHT: one the package was exported for (`edit-mobile inspect` lists them; "
+        "default: its first)",
     )
     parser.add_argument(
         "--memory",
@@ -60,14 +67,8 @@ def main(args) -> int:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
-    wanted = parse_resolution(args.resolution) if args.resolution is not None else None
-    package = load_package(args.package)
-    if wanted is not None and tuple(wanted) != tuple(package.resolution):
-        h, w = package.resolution
-        raise UserError(
-            f"package was exported for {h}x{w}, not {wanted[0]}x{wanted[1]} "
-            f"(export another package with --resolution {wanted[0]}x{wanted[1]})"
-        )
+    wanted = parse_resolution(args.size) if args.size is not None else None
+    package = load_package(args.package).at_size(wanted)
     pipe = Text2ImagePipeline(
         package,
         backend=args.backend,

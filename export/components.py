@@ -194,7 +194,13 @@ def pipeline_components(
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     patch = pipe.transformer.config.patch_size
     if height % (factor * patch) or width % (factor * patch):
-        raise UserError(f"--resolution {height}x{width} must be a multiple of {factor * patch} for this model")
+        raise UserError(f"--resolution {width}x{height}: both sides must be multiples of {factor * patch} for this model")
+    grid = pipe.transformer.config.get("pos_embed_max_size")
+    if grid and max(height, width) > grid * factor * patch:  # SD3 crops its position table to the token grid
+        raise UserError(
+            f"--resolution {width}x{height}: this model's position embeddings cover {grid}x{grid} patches, at most "
+            f"{grid * factor * patch} pixels a side"
+        )
     if pipe.transformer.config.get("use_additional_conditions") or getattr(
         pipe.transformer, "use_additional_conditions", False
     ):

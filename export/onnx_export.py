@@ -25,13 +25,14 @@ EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
 EXTERNAL_DATA_FILE = "model.onnx.data"
 
 
-def export_onnx(spec: ComponentSpec, out_dir: Path, seed: int = 0) -> Path:
-    """Trace `spec.module` with static example inputs and write `out_dir/model.onnx`; returns the path."""
+def export_onnx(spec: ComponentSpec, out_dir: Path, seed: int = 0, stem: str = "model") -> Path:
+    """Trace `spec.module` with static example inputs and write `out_dir/<stem>.onnx` (a graph over 2 GB keeps its
+    weights in `<stem>.onnx.data`); returns the path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     example = tuple(s.example(gen) for s in spec.inputs)
     module = spec.module.eval()
-    path = out_dir / "model.onnx"
+    path = out_dir / f"{stem}.onnx"
     # no_grad, not inference_mode: under inference_mode the exporter turns some parameter views into graph inputs.
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp, torch.no_grad(), warnings.catch_warnings():
         # Tracing warns about Python ints taken from shapes: intended, every shape is static.
@@ -41,7 +42,7 @@ def export_onnx(spec: ComponentSpec, out_dir: Path, seed: int = 0) -> Path:
         warnings.filterwarnings("ignore", message="This model contains a squeeze operation")
         model = trace_onnx(module, example, spec, Path(tmp) / "model.onnx")
         large = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
-        gathered = Path(tmp) / "gathered" / "model.onnx"
+        gathered = Path(tmp) / "gathered" / path.name
         gathered.parent.mkdir()
         save_onnx(model, gathered, large)
         del model
@@ -92,6 +93,11 @@ def inline_initializer_identities(model: onnx.ModelProto) -> None:
     model.graph.node.extend(keep)
 
 
+def external_data_file(path: Path) -> str:
+    """The external data file of graph `path`: model.onnx -> model.onnx.data (EXTERNAL_DATA_FILE)."""
+    return path.name + ".data"
+
+
 def save_onnx(model: onnx.ModelProto, path: Path, large: bool) -> None:
     if large:
         onnx.save_model(
@@ -99,7 +105,7 @@ def save_onnx(model: onnx.ModelProto, path: Path, large: bool) -> None:
             str(path),
             save_as_external_data=True,
             all_tensors_to_one_file=True,
-            location=EXTERNAL_DATA_FILE,
+            location=external_data_file(path),
             size_threshold=1024,
         )
     else:
@@ -121,7 +127,9 @@ def fold_static_shapes(src: Path, dst: Path, large: bool, spec: ComponentSpec) -
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(dst)
     if large:
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", EXTERNAL_DATA_FILE)
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", external_data_file(dst)
+        )
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
     model = onnx.load(str(dst), load_external_data=False)

@@ -10,10 +10,11 @@ from tqdm.auto import tqdm
 from ..models.convert import load_pipeline, pipeline_family
 from ..runtime.atomic import check_output_free
 from ..runtime.errors import UserError
-from ..runtime.manifest import Manifest, SchedulerEntry, TokenizerEntry, VaeConfig
+from ..runtime.manifest import Manifest, SchedulerEntry, SizeEntry, TokenizerEntry, VaeConfig, size_key
 from ..runtime.package import installed_version, parse_resolution
 from .components import pipeline_components
 from .package_writer import write_package
+from .shared_weights import share_weights
 from .t5_chunks import streamed_t5_parts
 from .targets import convert_to_ort, export_target, write_reduced_operator_config
 
@@ -31,7 +32,7 @@ def export_package(
     src: str,
     out: str | Path,
     target: str = "onnx",
-    resolution: str | int = 512,
+    resolution: str | int | list = 512,
     batch: int = 2,
     max_text_tokens: int | None = None,
     overwrite: bool = False,
@@ -42,6 +43,10 @@ def export_package(
     vae_tile: int | None = None,
 ) -> dict:
     """Export every component of the pipeline in `src`; returns the manifest.
+
+    `resolution`: one size or a list ("N" square or "WIDTHxHEIGHT"). With several, the text encoders are exported
+    once and the transformer and VAE get one static graph per size, all graphs of a component reading one weights
+    file (export/shared_weights.py); the first size is the package's default (manifest `sizes`, docs/package.md).
 
     `compute_precision` (fp16 | fp32, default fp16) and `deployment_target` (iOS17 | iOS18 | macOS14 | macOS15,
     default iOS17) apply to target "coreml" only: each target takes its own options (export/targets.py).
@@ -58,14 +63,26 @@ def export_package(
         raise UserError(f"--max-text-tokens must be positive, got {max_text_tokens}")
     if max_component_mb is not None and not max_component_mb > 0:
         raise UserError(f"--max-component-mb must be positive, got {max_component_mb}")
-    height, width = parse_resolution(resolution)
+    sizes = [parse_resolution(r) for r in (resolution if isinstance(resolution, (list, tuple)) else [resolution])]
+    if len(set(sizes)) != len(sizes):
+        raise UserError(f"--resolution: a size is given twice ({', '.join(size_key(s) for s in sizes)})")
+    if len(sizes) > 1 and not exporter.multi_size:
+        raise UserError(f"several --resolution values: --target {target} packages have one size for now")
+    (height, width) = sizes[0]
     check_output_free(out, overwrite)
     streamed = streamed_t5_parts(str(src), max_component_mb)
     pipe = load_pipeline(src, skip=tuple(streamed))
     family = pipeline_family(pipe)
-    specs = pipeline_components(
-        pipe, family, (height, width), batch, max_text_tokens, max_component_mb, streamed, transformer_chunks, vae_tile
-    )
+
+    def components(size: tuple[int, int]):
+        args = (batch, max_text_tokens, max_component_mb, streamed, transformer_chunks, vae_tile)
+        return pipeline_components(pipe, family, size, *args)
+
+    specs = components(sizes[0])
+    # Per further size, the components whose static shapes depend on it (transformer, VAE): graphs of their own.
+    more = {
+        size: [s for s, first in zip(components(size), specs) if s.io_dict() != first.io_dict()] for size in sizes[1:]
+    }
     vae = pipe.vae.config
     manifest = Manifest(
         source=str(src),
@@ -93,10 +110,38 @@ def export_package(
             manifest.components[spec.name] = exported.entry
             manifest.export[spec.name] = exported.info
             _save_tokenizer(pipe, spec, tmp, manifest)
+        for size, size_specs in more.items():
+            key = size_key(size)
+            entry = SizeEntry(
+                size, tuple(next(s for s in size_specs if s.name == "vae_decoder").inputs[0].shape[1:]), {}
+            )
+            for spec in tqdm(size_specs, desc=f"export {key}", unit="component"):
+                exported = exporter.export_component(spec, tmp, manifest, options, stem=f"model_{key}")
+                model_paths += [tmp / rel for rel in exported.entry.model_paths]
+                entry.components[spec.name] = exported.entry
+                manifest.export[f"{spec.name}@{key}"] = exported.info
+            manifest.sizes[key] = entry
+        if more:
+            manifest.export["shared_weights"] = _share_weights(manifest, tmp)
         pipe.scheduler.save_config(tmp / "scheduler")
         exporter.finish(tmp, model_paths)
         manifest = writer.finish(manifest)  # every file's sha256, manifest.json last
     return manifest.to_dict()
+
+
+def _share_weights(manifest: Manifest, root: Path) -> dict:
+    """One weights file per folder that holds graphs of several sizes (a component, or one chunk of a chain)."""
+    by_folder: dict[Path, list[Path]] = {}
+    entries = [*manifest.components.values(), *(c for s in manifest.sizes.values() for c in s.components.values())]
+    for entry in entries:
+        for rel in entry.model_paths:
+            path = (root / rel).with_suffix(".onnx")  # ort-mobile: the .onnx beside the .ort file
+            by_folder.setdefault(path.parent, []).append(path)
+    return {
+        folder.relative_to(root).as_posix(): share_weights(paths)
+        for folder, paths in by_folder.items()
+        if len(paths) > 1
+    }
 
 
 def _save_tokenizer(pipe, spec, tmp: Path, manifest: Manifest) -> None:

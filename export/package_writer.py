@@ -31,6 +31,12 @@ class PackageWriter:
     def __init__(self, root: Path):
         self.root = root
         self.manifest: Manifest | None = None
+        self._digests: dict[Path, str] = {}  # a multi-size package lists a component's folder once per size
+
+    def _sha256(self, path: Path) -> str:
+        if path not in self._digests:
+            self._digests[path] = sha256_file(path)
+        return self._digests[path]
 
     def copy_from(self, source: Package, skip_components: Iterable[str] = ()) -> None:
         """Copy everything of the package `source` except manifest.json and the top-level folders of
@@ -48,10 +54,10 @@ class PackageWriter:
         """{relpath: sha256} of the file `rel`, or of every file under the folder `rel`."""
         path = self.root / rel
         if path.is_file():
-            return {rel: sha256_file(path)}
+            return {rel: self._sha256(path)}
         if not path.is_dir():
             raise RuntimeError(f"package writer: the manifest lists {rel}, which was not written")
-        return {f.relative_to(self.root).as_posix(): sha256_file(f) for f in sorted(path.rglob("*")) if f.is_file()}
+        return {f.relative_to(self.root).as_posix(): self._sha256(f) for f in sorted(path.rglob("*")) if f.is_file()}
 
     def finish(self, manifest: Manifest) -> Manifest:
         """Fill in every `files` map from the files under `root`, write manifest.json (last) and check the package
@@ -59,7 +65,7 @@ class PackageWriter:
         if self.manifest is not None:
             raise RuntimeError("package writer: finish() was already called")
         m = copy.deepcopy(manifest)
-        for entry in m.components.values():
+        for entry in [*m.components.values(), *(c for size in m.sizes.values() for c in size.components.values())]:
             entry.files = self.hashes(entry.folder)
         for entry in m.text.values():
             entry.files = self.hashes(entry.path)

@@ -53,6 +53,7 @@ class ExportTarget:
     """Base: no options, nothing to finish."""
 
     name: str = ""
+    multi_size = True  # one static graph per size (several --resolution), weights shared
     options: dict[str, str] = {}
     options_note = ""  # appended to the error for an option this target does not take
 
@@ -67,7 +68,10 @@ class ExportTarget:
             )
         return {k: given.get(k) if given.get(k) is not None else default for k, default in self.options.items()}
 
-    def export_component(self, spec: ComponentSpec, root: Path, manifest: Manifest, options: dict) -> ExportedComponent:
+    def export_component(
+        self, spec: ComponentSpec, root: Path, manifest: Manifest, options: dict, stem: str = "model"
+    ) -> ExportedComponent:
+        """`stem`: the model file's name without suffix (a multi-size package's further sizes: model_WxH)."""
         raise NotImplementedError
 
     def finish(self, root: Path, model_paths: list[Path]) -> None:
@@ -83,21 +87,21 @@ class OnnxTarget(ExportTarget):
     name = "onnx"
     options_note = " (ONNX packages get fp16 / int8 from `edit-mobile quantize`)"
 
-    def export_component(self, spec, root, manifest, options) -> ExportedComponent:
+    def export_component(self, spec, root, manifest, options, stem="model") -> ExportedComponent:
         from .onnx_export import OPSET, export_onnx, onnx_parity
 
         start = time.perf_counter()
         if spec.chunks:
-            return self._export_chunks(spec, root, start)
+            return self._export_chunks(spec, root, start, stem)
         graph = spec.graph()
-        path = export_onnx(graph, root / spec.name)
+        path = export_onnx(graph, root / spec.name, stem=stem)
         parity = onnx_parity(graph, path)
         seconds = time.perf_counter() - start
         path = self.convert(path)
         entry = component_entry(spec, path.relative_to(root), precision="fp32", opset=OPSET, tiling=spec.tiling)
         return ExportedComponent(path, entry, {"seconds": round(seconds, 2), "onnx_vs_torch_max_abs": parity})
 
-    def _export_chunks(self, spec, root, start: float) -> ExportedComponent:
+    def _export_chunks(self, spec, root, start: float, stem: str) -> ExportedComponent:
         """A chunked component: each chunk's weights are built, exported to <name>/chunk-NN/, checked against its
         PyTorch module and released before the next one (peak memory: one chunk)."""
         from .onnx_export import OPSET, export_onnx, onnx_parity
@@ -105,7 +109,7 @@ class OnnxTarget(ExportTarget):
         chunks, parity = [], {}
         for k, build in enumerate(spec.chunks):
             chunk = build()
-            path = export_onnx(chunk, root / spec.name / f"chunk-{k:02d}")
+            path = export_onnx(chunk, root / spec.name / f"chunk-{k:02d}", stem=stem)
             parity.update({f"chunk-{k:02d}.{out}": v for out, v in onnx_parity(chunk, path).items()})
             path = self.convert(path)
             chunks.append(ChunkEntry(path.relative_to(root).as_posix(), _specs(chunk.inputs), _specs(chunk.outputs)))
@@ -121,9 +125,12 @@ class OnnxTarget(ExportTarget):
         return model_path
 
     def summary(self, manifest, out) -> str:
-        worst = max(v for e in manifest["export"].values() for v in e["onnx_vs_torch_max_abs"].values())
+        worst = max(v for e in manifest["export"].values() for v in e.get("onnx_vs_torch_max_abs", {}).values())
+        sizes = [manifest["resolution"], *(s["resolution"] for s in manifest.get("sizes", {}).values())]
+        shown = ", ".join(f"{w}x{h}" for h, w in sizes)
         return (
-            f"wrote {out}: {len(manifest['components'])} components, max |ONNX - PyTorch| on random inputs {worst:.2e}"
+            f"wrote {out}: {len(manifest['components'])} components at {shown}, max |ONNX - PyTorch| on random "
+            f"inputs {worst:.2e}"
         )
 
 
@@ -163,6 +170,7 @@ class CoreMLTarget(ExportTarget):
     """One Core ML ML program (model.mlpackage) per component, checked against PyTorch in the numpy MIL executor."""
 
     name = "coreml"
+    multi_size = False  # multi-function .mlpackage (iOS18) not written yet
     options = {"compute_precision": "fp16", "deployment_target": "iOS17"}
 
     def resolve_options(self, **given) -> dict:
@@ -172,7 +180,7 @@ class CoreMLTarget(ExportTarget):
         check_options(options["compute_precision"], options["deployment_target"])
         return options
 
-    def export_component(self, spec, root, manifest, options) -> ExportedComponent:
+    def export_component(self, spec, root, manifest, options, stem="model") -> ExportedComponent:
         from ..runtime.mil import MILProgram
         from .coreml_export import coreml_parity, export_coreml, package_size
 

@@ -14,7 +14,7 @@ from ..models.families import torch_family
 from ..runtime.backends import backend_for_target, component_backend
 from ..runtime.errors import UserError
 from ..runtime.families import family
-from ..runtime.manifest import GATES_DB
+from ..runtime.manifest import GATES_DB, size_key
 from ..runtime.metrics import compare, psnr
 from ..runtime.package import Package, load_package, write_validation
 from ..runtime.pipeline import Text2ImagePipeline, initial_noise
@@ -226,12 +226,28 @@ def check_loop(
 def validate(
     package_dir: str, reference: str | None = None, opts: ValidationOptions | None = None, threads: int | None = None
 ) -> dict:
+    """Validate every size of the package against `reference` (default: its source) and store the report in its
+    manifest. One size: the report of `validate_size`; several: {"passed", "package", "reference", "sizes": {WxH:
+    that size's report}}, passed when every size passes."""
     opts = opts or ValidationOptions()
     package = load_package(package_dir)
     reference = reference or package.source
     pipe = load_pipeline(reference)
     if pipeline_family(pipe) != package.family:
         raise UserError(f"reference {reference} is a {pipeline_family(pipe)} pipeline, the package {package.family}")
+    reports = {key: validate_size(package.at_size(key), pipe, opts, threads) for key in package.sizes}
+    if len(reports) == 1:
+        report = next(iter(reports.values()))
+    else:
+        report = {"passed": all(r["passed"] for r in reports.values()), "sizes": reports}
+    report = {**report, "package": str(package_dir), "reference": str(reference)}
+    write_validation(package, report)
+    return report
+
+
+def validate_size(package: Package, pipe, opts: ValidationOptions, threads: int | None) -> dict:
+    """One size of a package (`Package.at_size`) against the diffusers pipeline `pipe`: components, trajectory,
+    loop and image, each with its gate."""
     runtime = Text2ImagePipeline(package, backend=validation_backend(package), threads=threads)
     guidance = opts.guidance if opts.guidance is not None else family(package.family).default_guidance
     noise = initial_noise(package, opts.seed)
@@ -290,8 +306,7 @@ def validate(
     loop = check_loop(specs, package, opts, guidance, noise, ref_latents, ref_uint8, result.image)
     report = {
         "passed": False,
-        "package": str(package_dir),
-        "reference": str(reference),
+        "size": size_key(package.resolution),
         "prompt": opts.prompt,
         "negative_prompt": opts.negative_prompt,
         "steps": opts.steps,
@@ -317,11 +332,13 @@ def validate(
         and loop["passed"]
         and all(c["passed"] for c in components.values())
     )
-    write_validation(package, report)
     return report
 
 
 def format_report(report: dict) -> str:
+    if "sizes" in report:
+        parts = [f"size {key}:\n{format_report(r)}" for key, r in report["sizes"].items()]
+        return "\n".join([*parts, f"{'PASSED' if report['passed'] else 'FAILED'} ({len(parts)} sizes)"])
     lines = [f"{'component':<16}{'precision':<14}{'PSNR dB':>9}{'gate':>7}{'max abs':>11}{'cosine':>10}  result"]
     for name, c in report["components"].items():
         max_abs = "non-finite" if c["max_abs"] is None else f"{c['max_abs']:.2e}"

@@ -14,7 +14,7 @@ import copy
 import json
 import math
 import posixpath
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -288,8 +288,8 @@ class ComponentEntry:
         return [c.path for c in self.chunks] or [self.path]
 
     @classmethod
-    def from_dict(cls, c: Any, name: str, f: Fields) -> ComponentEntry:
-        where = f"components.{name}"
+    def from_dict(cls, c: Any, name: str, f: Fields, where: str | None = None) -> ComponentEntry:
+        where = where or f"components.{name}"
         c = f.obj(c, where)
         rel = f.path(c.get("path"), f"{where}.path")
         # A Core ML model is a folder (.mlpackage); its files are listed (and hashed) one by one in `files`.
@@ -425,6 +425,50 @@ class VaeConfig:
         return {"scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor, **self.extra}
 
 
+def size_key(resolution: tuple[int, int]) -> str:
+    """(height, width) -> "WxH", the name of a size in `sizes` and on the command line (`--size 192x320`)."""
+    return f"{resolution[1]}x{resolution[0]}"
+
+
+@dataclass
+class SizeEntry:
+    """`sizes.<WxH>`: one more image size of a multi-size package. The resolution-dependent components (transformer,
+    VAE decoder and encoder) have their own static graphs for it; the others (text encoders) are the top level's."""
+
+    resolution: tuple[int, int]  # [height, width]
+    latent_shape: tuple[int, int, int]
+    components: dict[str, ComponentEntry]
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, s: Any, key: str, known: dict, f: Fields) -> SizeEntry:
+        where = f"sizes.{key}"
+        s = f.obj(s, where)
+        resolution = f.shape(s.get("resolution"), f"{where}.resolution", rank=2)
+        if size_key(resolution) != key:
+            raise f.fail(f"{where}.resolution", f"[height, width] of the size {key} (WIDTHxHEIGHT)", list(resolution))
+        comps = f.obj(s.get("components"), f"{where}.components")
+        unknown = [n for n in comps if n not in known]
+        if not comps or unknown:
+            raise f.fail(f"{where}.components", f"graphs of the top-level components ({', '.join(known)})", unknown)
+        return cls(
+            resolution=resolution,
+            latent_shape=f.shape(s.get("latent_shape"), f"{where}.latent_shape", rank=3),
+            components={
+                n: ComponentEntry.from_dict(c, n, f, where=f"{where}.components.{n}") for n, c in comps.items()
+            },
+            extra=_extra(s, cls),
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "resolution": list(self.resolution),
+            "latent_shape": list(self.latent_shape),
+            "components": {n: c.to_dict() for n, c in self.components.items()},
+            **self.extra,
+        }
+
+
 @dataclass
 class Manifest:
     """manifest.json (docs/package.md). Built by the exporter and the quantizers, written by
@@ -448,6 +492,7 @@ class Manifest:
     tools: dict = field(default_factory=dict)  # information only: versions
     validation: Any = None  # null, or the last `edit-mobile validate` report
     quantization: dict | None = None  # after `edit-mobile quantize`
+    sizes: dict[str, SizeEntry] = field(default_factory=dict)  # "WxH" -> the other sizes of a multi-size package
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -479,6 +524,10 @@ class Manifest:
         vae = VaeConfig.from_dict(m["vae"], f)
         for key in ("tools", "export", "quantization"):
             f.optional_obj(m.get(key), key)
+        sizes = {
+            str(k): SizeEntry.from_dict(v, str(k), components, f)
+            for k, v in (f.optional_obj(m.get("sizes"), "sizes") or {}).items()
+        }
         manifest = cls(
             schema_version=version,
             source=f.string(m.get("source"), "source", optional=True),
@@ -498,10 +547,31 @@ class Manifest:
             tools=dict(m.get("tools") or {}),
             validation=m.get("validation"),
             quantization=m.get("quantization"),
+            sizes=sizes,
             extra=_extra(m, cls),
         )
+        if size_key(manifest.resolution) in sizes:
+            raise f.fail(f"sizes.{size_key(manifest.resolution)}", "a size other than the top-level resolution", "")
         manifest.check_consistent(f)
+        for key in manifest.sizes:
+            manifest.at_size(key).check_consistent(Fields(f"{where} (size {key})"))
         return manifest
+
+    @property
+    def size_keys(self) -> list[str]:
+        """Every image size of the package as "WxH", the top-level (default) size first."""
+        return [size_key(self.resolution), *self.sizes]
+
+    def at_size(self, key: str) -> Manifest:
+        """The single-size manifest of size `key` ("WxH"): its resolution, latent shape and graphs, the shared
+        components (text encoders) of the top level. UserError naming the sizes for one the package lacks."""
+        if key == size_key(self.resolution):
+            return replace(self, sizes={})
+        if key not in self.sizes:
+            raise UserError(f"the package has no size {key}; it has {', '.join(self.size_keys)} (WIDTHxHEIGHT)")
+        s = self.sizes[key]
+        components = {n: s.components.get(n, c) for n, c in self.components.items()}
+        return replace(self, resolution=s.resolution, latent_shape=s.latent_shape, components=components, sizes={})
 
     def check_consistent(self, f: Fields) -> None:
         """The top-level sizes agree with the graphs' static shapes (the runtime allocates from the former)."""
@@ -556,6 +626,7 @@ class Manifest:
                 "tools": dict(self.tools),
                 "validation": self.validation,
                 "quantization": self.quantization,
+                "sizes": {k: v.to_dict() for k, v in self.sizes.items()} or None,
                 **self.extra,
             },
             always=("source", "architecture", "edit_config", "target", "validation"),
@@ -566,6 +637,12 @@ class Manifest:
         """Every hashed file as (the manifest field that lists it, relpath, sha256): components, tokenizers,
         scheduler."""
         out = [(f"components.{n}.files", rel, d) for n, c in self.components.items() for rel, d in c.files.items()]
+        out += [
+            (f"sizes.{k}.components.{n}.files", rel, d)
+            for k, size in self.sizes.items()
+            for n, c in size.components.items()
+            for rel, d in c.files.items()
+        ]
         out += [(f"text.{n}.files", rel, d) for n, t in self.text.items() for rel, d in t.files.items()]
         out += [("scheduler.files", rel, d) for rel, d in self.scheduler.files.items()]
         return out

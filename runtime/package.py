@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import UserError
 from .io_specs import TensorSpec
-from .manifest import MANIFEST, TOKENIZER_FILE, ComponentEntry, Manifest, check_relative
+from .manifest import MANIFEST, TOKENIZER_FILE, ComponentEntry, Manifest, check_relative, size_key
 
 
 def installed_version(name: str) -> str | None:
@@ -143,6 +143,19 @@ class Package:
     def validation(self) -> Any:
         return self.manifest.validation
 
+    @property
+    def sizes(self) -> list[str]:
+        """The image sizes this package has graphs for, as "WxH" (WIDTHxHEIGHT), the default first."""
+        return self.manifest.size_keys
+
+    def at_size(self, size: str | tuple[int, int] | None) -> Package:
+        """This package at image size `size` ("WxH" or (height, width); None: the default size): the graphs of that
+        size and the shared components, as a single-size package. UserError listing the sizes for one it lacks."""
+        key = size_key(size) if isinstance(size, tuple) else size or self.sizes[0]
+        manifest = self.manifest.at_size(key)
+        components = _components(self.root, manifest.components, f"sizes.{key}.components")
+        return replace(self, manifest=manifest, components=components)
+
     # --- helpers -----------------------------------------------------------------------------------------------
     def component(self, name: str) -> Component:
         if name not in self.components:
@@ -179,7 +192,8 @@ class Package:
     def verify(self) -> None:
         """Check the sha256 of every listed file: components, tokenizers, scheduler (UserError on a missing or
         modified file)."""
-        for what, rel, digest in self.manifest.listed_files():
+        # A weights file that several sizes' graphs share is listed once per graph: hash it once.
+        for what, rel, digest in dict(((r, d), (w, r, d)) for w, r, d in self.manifest.listed_files()).values():
             path = resolve_inside(self.root, rel, what)
             if not path.is_file():
                 raise UserError(f"package {self.root} is incomplete: {rel} is missing")
@@ -227,6 +241,20 @@ def read_manifest(root: str | Path) -> dict:
     return manifest
 
 
+def _components(root: Path, entries: dict[str, ComponentEntry], where: str) -> dict[str, Component]:
+    components = {}
+    for name, entry in entries.items():
+        paths = []
+        for rel in entry.model_paths:
+            path = resolve_inside(root, rel, f"{where}.{name}.path")
+            if not (path.is_file() or (path.suffix == ".mlpackage" and path.is_dir())):
+                raise UserError(f"package {root} is incomplete: {rel} is missing")
+            paths.append(path)
+        chunks = tuple(paths) if entry.chunks else ()
+        components[name] = Component(name=name, path=paths[0], entry=entry, chunk_paths=chunks)
+    return components
+
+
 def load_package(root: str | Path, verify: bool = True) -> Package:
     """Read `root/manifest.json`, check every field (`Manifest.from_dict`), that every path stays inside the package
     (symlinks followed) and exists, and (with `verify`) every listed file's sha256."""
@@ -234,16 +262,9 @@ def load_package(root: str | Path, verify: bool = True) -> Package:
     manifest = Manifest.from_dict(read_manifest(root), root / MANIFEST)
     for what, rel, _ in manifest.listed_files():
         resolve_inside(root, rel, what)
-    components = {}
-    for name, entry in manifest.components.items():
-        paths = []
-        for rel in entry.model_paths:
-            path = resolve_inside(root, rel, f"components.{name}.path")
-            if not (path.is_file() or (path.suffix == ".mlpackage" and path.is_dir())):
-                raise UserError(f"package {root} is incomplete: {rel} is missing")
-            paths.append(path)
-        chunks = tuple(paths) if entry.chunks else ()
-        components[name] = Component(name=name, path=paths[0], entry=entry, chunk_paths=chunks)
+    components = _components(root, manifest.components, "components")
+    for key, size in manifest.sizes.items():
+        _components(root, size.components, f"sizes.{key}.components")  # every size's graphs exist
     text = {}
     for name, t in manifest.text.items():
         spec = TextSpec(
@@ -271,15 +292,15 @@ def write_validation(root: str | Path | Package, report: Any) -> None:
     manifest.json itself is not listed in any `files` map, so this leaves every hash valid."""
     pkg = root if isinstance(root, Package) else None
     root = pkg.root if pkg else Path(root)
-    manifest = pkg.manifest if pkg else Manifest.from_dict(read_manifest(root), root / MANIFEST)
-    new = replace(manifest, validation=report)
-    new.save(root)
+    # Read from disk: `pkg` may be one size's view of a multi-size package (Package.at_size).
+    manifest = Manifest.from_dict(read_manifest(root), root / MANIFEST)
+    replace(manifest, validation=report).save(root)
     if pkg is not None:
-        pkg.manifest = new
+        pkg.manifest = replace(pkg.manifest, validation=report)
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
-    """'256' or '256x384' (height x width) -> (height, width)."""
+    """'256' or '192x320' (WIDTHxHEIGHT, as image sizes are written: 192 wide, 320 high) -> (height, width)."""
     try:
         parts = [int(p) for p in str(text).lower().split("x")]
     except ValueError:
@@ -287,5 +308,5 @@ def parse_resolution(text: str) -> tuple[int, int]:
     if len(parts) == 1:
         parts *= 2
     if len(parts) != 2 or min(parts) <= 0:
-        raise UserError(f"--resolution must be N or HxW in pixels, got {text!r}")
-    return parts[0], parts[1]
+        raise UserError(f"an image size must be N or WIDTHxHEIGHT in pixels, got {text!r}")
+    return parts[1], parts[0]

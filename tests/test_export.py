@@ -114,8 +114,8 @@ def test_one_changed_byte_is_refused(packages, tmp_path, capsys, command):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["export", "tiny-pixart", "--resolution", "250"], "must be a multiple of 16"),
-        (["export", "tiny-pixart", "--resolution", "big"], "--resolution must be N or HxW"),
+        (["export", "tiny-pixart", "--resolution", "250"], "both sides must be multiples of 16"),
+        (["export", "tiny-pixart", "--resolution", "big"], "an image size must be N or WIDTHxHEIGHT"),
         (["export", "no-such-model", "--resolution", "256"], "neither a preset"),
         (
             ["export", "tiny-pixart", "--resolution", "256", "--compute-precision", "fp32"],
@@ -139,8 +139,8 @@ def test_export_bad_input_writes_nothing(tmp_path, capsys, argv, message):
     [
         (["generate", "{pkg}", "--prompt", "x", "--backend", "tpu", "--out", "{tmp}/x.png"], "unknown backend"),
         (
-            ["generate", "{pkg}", "--prompt", "x", "--resolution", "512", "--out", "{tmp}/x.png"],
-            "package was exported for 256x256",
+            ["generate", "{pkg}", "--prompt", "x", "--size", "512", "--out", "{tmp}/x.png"],
+            "the package has no size 512x512; it has 256x256",
         ),
         (["generate", "{tmp}", "--prompt", "x", "--out", "{tmp}/x.png"], "manifest.json"),
         (["validate", "{pkg}", "--reference", "tiny-sd3"], "is a sd3 pipeline"),
@@ -180,7 +180,7 @@ def test_export_summaries(packages):
 
     manifest = json.loads((packages["pixart"] / "manifest.json").read_text())
     line = export_target(manifest["target"]).summary(manifest, "PKG")
-    assert line.startswith("wrote PKG: 4 components, max |ONNX - PyTorch| on random inputs ")
+    assert line.startswith("wrote PKG: 4 components at 256x256, max |ONNX - PyTorch| on random inputs ")
 
 
 def test_mha_export_matches_pytorch(tmp_path):

@@ -403,7 +403,7 @@ def test_export_then_generate_is_deterministic(tmp_path, capsys):
 
     capsys.readouterr()
     assert main([*args, "--out", str(tmp_path / "d.png"), "--resolution", "512x512"]) == 2
-    assert "package was exported for 256x256, not 512x512" in capsys.readouterr().err
+    assert "the package has no size 512x512; it has 256x256" in capsys.readouterr().err
     assert not (tmp_path / "d.png").exists()
 
     # the recorded trajectory and inputs (what validation compares) are consistent with the image

@@ -1,0 +1,150 @@
+"""Multi-size packages (`export --resolution A --resolution B ...`): one static transformer and VAE graph per size,
+the weights stored once, every size generating and validating (docs/resolutions.md)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from edit_mobile.cli.main import main as cli
+from edit_mobile.export.package import export_package
+from edit_mobile.export.validate import ValidationOptions, validate
+from edit_mobile.runtime.errors import UserError
+from edit_mobile.runtime.package import load_package
+from edit_mobile.runtime.pipeline import Text2ImagePipeline
+
+SIZES = ["128", "96x160", "160x96"]  # square, portrait (96 wide, 160 high), landscape
+MODELS = {"pixart": "tiny-pixart-edit-trained", "sd3": "tiny-sd3-mm-edit-trained"}
+
+
+def _folder_bytes(path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+@pytest.fixture(scope="module")
+def packages(tiny_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sizes")
+    out = {}
+    for family, model in MODELS.items():
+        out[family] = root / family
+        export_package(str(tiny_dirs[model]), out[family], resolution=SIZES, max_text_tokens=32)
+        out[f"{family}-single"] = root / f"{family}-single"
+        export_package(str(tiny_dirs[model]), out[f"{family}-single"], resolution=SIZES[0], max_text_tokens=32)
+    return out
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_every_size_generates_and_validates(packages, family):
+    package = load_package(packages[family])
+    assert package.sizes == ["128x128", "96x160", "160x96"]
+    for key, (height, width) in zip(package.sizes, [(128, 128), (160, 96), (96, 160)]):
+        view = package.at_size(key)
+        assert view.resolution == (height, width)
+        image = Text2ImagePipeline(view, progress=False)("a red circle", steps=2, seed=0).image
+        assert image.shape == (height, width, 3)
+    report = validate(str(packages[family]), opts=ValidationOptions(steps=2))
+    assert report["passed"] and list(report["sizes"]) == package.sizes
+    for key, size_report in report["sizes"].items():
+        assert size_report["size"] == key and size_report["image"]["psnr_db"] >= size_report["image"]["gate_db"]
+    stored = json.loads((packages[family] / "manifest.json").read_text())["validation"]
+    assert stored["passed"] and list(stored["sizes"]) == package.sizes
+
+
+@pytest.mark.parametrize("family", MODELS)
+def test_the_sizes_share_one_copy_of_the_weights(packages, family):
+    multi, single = packages[family], packages[f"{family}-single"]
+    for name in ("transformer", "vae_decoder"):
+        graphs = sorted((multi / name).glob("*.onnx"))
+        assert [g.name for g in graphs] == ["model.onnx", "model_160x96.onnx", "model_96x160.onnx"]
+        # Every large initializer of every graph reads the one weights file; equal tensors share name and offset.
+        seen = {}
+        for graph in graphs:
+            for t in onnx.load(str(graph), load_external_data=False).graph.initializer:
+                where = {e.key: e.value for e in t.external_data}
+                if where:
+                    assert where["location"] == "weights.bin"
+                    seen.setdefault(t.name, set()).add(where["offset"])
+        shared = [n for n, offsets in seen.items() if len(offsets) == 1]
+        assert len(shared) >= 0.8 * len(seen)
+        # The weights file holds one graph's weights plus what depends on the size (PixArt's folded position table,
+        # SD3's crop of its own); without sharing, three sizes would store three copies.
+        one = sum(len(t.raw_data) for t in onnx.load(str(single / name / "model.onnx")).graph.initializer)
+        assert (multi / name / "weights.bin").stat().st_size < 1.2 * one
+        assert _folder_bytes(multi / name) < 0.7 * 3 * _folder_bytes(single / name)
+    # The text encoders do not depend on the size: exported once, the same graph as a one-size package's.
+    assert (multi / "text_encoder" / "model.onnx").read_bytes() == (single / "text_encoder" / "model.onnx").read_bytes()
+
+
+def test_the_default_size_matches_a_single_size_export(packages):
+    """Sharing the weights changes where they are stored, not what the graph computes: same image, bit for bit."""
+    multi = Text2ImagePipeline(packages["pixart"], progress=False)("a red circle", steps=2, seed=3).image
+    single = Text2ImagePipeline(packages["pixart-single"], progress=False)("a red circle", steps=2, seed=3).image
+    np.testing.assert_array_equal(multi, single)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["tiny-pixart", "--resolution", "128", "--resolution", "128x128"], "a size is given twice"),
+        (["tiny-pixart", "--resolution", "128", "--resolution", "96x150"], "96x150: both sides must be multiples"),
+        (["tiny-pixart", "--target", "coreml", "--resolution", "128", "--resolution", "96x160"], "--target coreml"),
+        (["tiny-sd3", "--resolution", "128", "--resolution", "4096x128"], "position embeddings cover"),
+    ],
+)
+def test_bad_sizes_are_refused_before_anything_is_written(tmp_path, capsys, argv, message):
+    assert cli(["export", *argv, "--out", str(tmp_path / "pkg")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_names_the_sizes_a_package_has(packages, tmp_path, capsys):
+    out = tmp_path / "x.png"
+    assert cli(["generate", str(packages["pixart"]), "--size", "64", "--prompt", "x", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no size 64x64; it has 128x128, 96x160, 160x96" in err and not out.exists()
+    assert (
+        cli(
+            [
+                "generate",
+                str(packages["pixart"]),
+                "--size",
+                "96x160",
+                "--prompt",
+                "x",
+                "--steps",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    from PIL import Image
+
+    assert Image.open(out).size == (96, 160)  # PIL: (width, height)
+
+
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (
+            lambda m: m["sizes"]["96x160"].update(resolution=[96, 160]),
+            "sizes.96x160.resolution: expected [height, width]",
+        ),
+        (lambda m: m["sizes"]["96x160"]["components"].update(unet={}), "sizes.96x160.components: expected graphs of"),
+        (lambda m: m["sizes"].update({"128x128": m["sizes"]["96x160"]}), "sizes.128x128"),
+    ],
+)
+def test_malformed_sizes_are_refused_in_one_line(packages, tmp_path, mutate, message):
+    bad = tmp_path / "bad"
+    shutil.copytree(packages["pixart"], bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    mutate(manifest)
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_package(bad)
