@@ -194,7 +194,9 @@ def pipeline_components(
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     patch = pipe.transformer.config.patch_size
     if height % (factor * patch) or width % (factor * patch):
-        raise UserError(f"--resolution {width}x{height}: both sides must be multiples of {factor * patch} for this model")
+        raise UserError(
+            f"--resolution {width}x{height}: both sides must be multiples of {factor * patch} for this model"
+        )
     grid = pipe.transformer.config.get("pos_embed_max_size")
     if grid and max(height, width) > grid * factor * patch:  # SD3 crops its position table to the token grid
         raise UserError(
