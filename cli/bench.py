@@ -43,6 +43,9 @@ def build_parser(parser):
     )
     parser.add_argument("--no-cpu-arena", action="store_true", help="ONNX Runtime: no CPU memory arena")
     parser.add_argument("--no-mem-pattern", action="store_true", help="ONNX Runtime: no pre-planned activation buffers")
+    parser.add_argument(
+        "--size", default=None, metavar="WxH", help="image size of a multi-size package (default: its first)"
+    )
     parser.add_argument("--json", metavar="OUT", default=None, help="also write the full report as JSON")
     return parser
 
@@ -54,6 +57,8 @@ def main(args) -> int:
 
     from ..runtime.bench import DEFAULT_PROMPT, BenchOptions, bench_package, format_report
     from ..runtime.errors import UserError
+    from ..runtime.manifest import size_key
+    from ..runtime.package import parse_resolution
 
     options = BenchOptions(
         backend=args.backend,
@@ -67,6 +72,7 @@ def main(args) -> int:
         memory_phases=args.memory_phases,
         cpu_arena=not args.no_cpu_arena,
         mem_pattern=not args.no_mem_pattern,
+        size=None if args.size is None else size_key(parse_resolution(args.size)),
     )
     options.check()
     if args.json and not Path(args.json).resolve().parent.is_dir():

@@ -12,6 +12,7 @@ constant per grid) are stored once per content, like any other.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "weights.bin"
+INDEX_FILE = "weights.json"  # per graph, where each initializer lies in WEIGHTS_FILE (runtime/shared_weights.py)
 # Tensors of at least ALIGN_THRESHOLD bytes start on a page (ONNX Runtime maps an external initializer whose offset
 # is page-aligned instead of copying it, as onnx's own writer aligns them); smaller ones on 64 bytes.
 ALIGN, ALIGN_THRESHOLD, SMALL_ALIGN = 4096, 1 << 20, 64
@@ -49,12 +51,15 @@ def _rename_inputs(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
 
 def share_weights(model_paths: list[Path], weights_file: str = WEIGHTS_FILE) -> dict:
     """Rewrite the graphs `model_paths` (all in one folder) to read their initializers of at least MIN_BYTES from
-    one file `weights_file` beside them, every distinct tensor once. Returns {"tensors", "bytes", "bytes_before"}.
-    The external data files the graphs used before are removed."""
+    one file `weights_file` beside them, every distinct tensor once, and write its index INDEX_FILE (per graph file:
+    initializer name -> offset, length, dtype, shape; the torch- and onnx-free runtime reads it to give several
+    sessions one copy). Returns {"tensors", "bytes", "bytes_before"}. The graphs' former external data files are
+    removed."""
     folder = model_paths[0].parent
     if any(p.parent != folder for p in model_paths):
         raise ValueError("share_weights: the graphs must be in one folder")
     stored: dict[tuple, tuple[str, int, int]] = {}  # content key -> (canonical name, offset, length)
+    index: dict[str, dict] = {}
     old_files: set[str] = set()
     before = 0
     tmp = folder / f".{weights_file}.tmp"
@@ -63,7 +68,7 @@ def share_weights(model_paths: list[Path], weights_file: str = WEIGHTS_FILE) -> 
             model = onnx.load(str(path), load_external_data=False)
             graph = model.graph
             names = {t.name for t in graph.initializer}
-            renames = {}
+            renames, tensors = {}, index.setdefault(path.name, {})
             for tensor in graph.initializer:
                 if uses_external_data(tensor):
                     old_files.add(ExternalDataInfo(tensor).location)
@@ -89,9 +94,12 @@ def share_weights(model_paths: list[Path], weights_file: str = WEIGHTS_FILE) -> 
                     entry = tensor.external_data.add()
                     entry.key, entry.value = k, v
                 tensor.data_location = onnx.TensorProto.EXTERNAL
+                dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).name
+                tensors[tensor.name] = {"offset": offset, "length": length, "dtype": dtype, "shape": list(tensor.dims)}
             _rename_inputs(graph, renames)
             onnx.save_model(model, str(path))  # only the graph: the tensors point into weights_file
     tmp.replace(folder / weights_file)
+    (folder / INDEX_FILE).write_text(json.dumps({"file": weights_file, "graphs": index}, indent=1) + "\n")
     for name in old_files - {weights_file}:
         (folder / name).unlink(missing_ok=True)
     size = sum(length for _, _, length in stored.values())

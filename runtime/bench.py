@@ -50,6 +50,7 @@ class BenchOptions:
     memory_phases: bool = False  # also profile memory per phase in both memory modes (two more images)
     cpu_arena: bool = True  # ONNX Runtime's CPU memory arena (runtime/ort_backend.py)
     mem_pattern: bool = True  # ONNX Runtime's pre-planned activation buffers
+    size: str | None = None  # image size "WxH" of a multi-size package (None: its default size)
 
     def check(self) -> None:
         backend_class(self.backend)  # UserError naming the registered backends
@@ -168,8 +169,9 @@ def phase_memory(package_dir: str, memory: str, options: BenchOptions) -> dict:
         current[0] = name
 
     kw = {"backend": options.backend, "threads": options.threads, "progress": False}
+    package = load_package(package_dir).at_size(options.size)
     pipe = Text2ImagePipeline(
-        package_dir, memory=memory, cpu_arena=options.cpu_arena, mem_pattern=options.mem_pattern, **kw
+        package, memory=memory, cpu_arena=options.cpu_arena, mem_pattern=options.mem_pattern, **kw
     )
     pipe(options.prompt, steps=options.steps, guidance=options.guidance, seed=options.seed, phase=phase)
     out["peak_rss_mb"] = max((out[p] for p in MEMORY_PHASES if out.get(p) is not None), default=peak_rss_mb())
@@ -300,7 +302,7 @@ def bench_package(package_dir: str | Path, options: BenchOptions = BenchOptions(
     say = progress or (lambda msg: None)
     loadavg_before = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     start = time.perf_counter()
-    pkg = load_package(package_dir, verify=True)  # UserError on a missing / broken package
+    pkg = load_package(package_dir, verify=True).at_size(options.size)  # UserError on a broken package or size
     verify_s = time.perf_counter() - start
     # backends without these settings (Core ML) ignore them
     kw = {"threads": options.threads, "cpu_arena": options.cpu_arena, "mem_pattern": options.mem_pattern}
@@ -386,6 +388,7 @@ def bench_package(package_dir: str | Path, options: BenchOptions = BenchOptions(
             "architecture": pkg.architecture,
             "target": pkg.target,
             "resolution": list(pkg.resolution),
+            "sizes": load_package(pkg.root, verify=False).sizes,
             "batch": pkg.batch,
             "latent_shape": list(pkg.latent_shape),
         },
@@ -418,7 +421,7 @@ def format_report(report: dict) -> str:
     p, m = report["package"], report["machine"]
     lines = [
         f"package   {p['path']}  ({p['family']}, {p['architecture']}, {p['target']}, "
-        f"{p['resolution'][0]}x{p['resolution'][1]}, batch {p['batch']})",
+        f"size {p['resolution'][1]}x{p['resolution'][0]} of {', '.join(p['sizes'])}, batch {p['batch']})",
         f"machine   {m['cpu']}, {m['logical_cores']} logical cores, threads {m['threads']}, "
         f"onnxruntime {m['versions']['onnxruntime']}, load average {_loadavg(m.get('loadavg'))}",
         f"protocol  backend {report['protocol']['backend']}, {report['protocol']['warmup']} warm-up + "

@@ -20,7 +20,9 @@ class OrtBackend:
     description = "ONNX Runtime"
     targets = ("onnx", "ort-mobile")  # the package targets whose models it runs
     platforms = None  # every platform
-    options = frozenset({"threads", "optimization", "providers", "session_config", "cpu_arena", "mem_pattern"})
+    options = frozenset(
+        {"threads", "optimization", "providers", "session_config", "cpu_arena", "mem_pattern", "shared_weights"}
+    )
 
     def __init__(
         self,
@@ -33,10 +35,13 @@ class OrtBackend:
         session_config: dict[str, str] | None = None,
         cpu_arena: bool = True,
         mem_pattern: bool = True,
+        shared_weights=None,
     ):
         """`cpu_arena`: ONNX Runtime's CPU memory arena (fast reuse of freed blocks, which it keeps until the session
         ends); `mem_pattern`: pre-planned activation buffers (allocated once per run shape). Both on is ONNX
-        Runtime's default; off trades speed for a lower peak (docs/memory.md)."""
+        Runtime's default; off trades speed for a lower peak (docs/memory.md). `shared_weights`: a
+        runtime/shared_weights.py `SharedWeights` that gives this session the process's one copy of a multi-size
+        package's weights (pre-packing off)."""
         import onnxruntime as ort
 
         self.model_path = Path(model_path)
@@ -72,6 +77,14 @@ class OrtBackend:
         }[optimization]
         for key, value in (session_config or {}).items():  # the manifest's `ort_session_config` (quantized models)
             opts.add_session_config_entry(str(key), str(value))
+        # .ort files keep their own (optimised) initializers: only ONNX graphs take shared ones.
+        shared = (
+            shared_weights.initializers(self.model_path) if shared_weights and self.model_path.suffix == ".onnx" else {}
+        )
+        if shared:  # pre-packing would give each session its own packed copy of the shared MatMul weights
+            opts.add_session_config_entry("session.disable_prepacking", "1")
+            for name, value in shared.items():
+                opts.add_initializer(name, value)
         self.session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=providers)
         model_inputs = {i.name for i in self.session.get_inputs()}
         model_outputs = {o.name for o in self.session.get_outputs()}

@@ -65,6 +65,7 @@ class Text2ImagePipeline:
         memory: str = "default",
         cpu_arena: bool = True,
         mem_pattern: bool = True,
+        shared_weights=None,
     ):
         """`backends`: already created backends by component name (e.g. `edit-mobile bench` passes instrumented
         ones, after timing their creation); the components not in it are created here.
@@ -74,7 +75,9 @@ class Text2ImagePipeline:
         encoders after the prompt, the transformer after the last step, the VAE decoder after decoding), so that
         only one component's weights are in memory at a time (one chunk of a chunked text encoder), with ONNX
         Runtime's CPU arena off. The images are the same. `cpu_arena`, `mem_pattern`: ONNX Runtime's memory arena
-        (default mode only) and pre-planned activation buffers (runtime/ort_backend.py; other backends ignore them)."""
+        (default mode only) and pre-planned activation buffers (runtime/ort_backend.py; other backends ignore them).
+        `shared_weights`: one `runtime/shared_weights.py: SharedWeights` given to the pipelines of several sizes of
+        one package, so that their sessions hold one copy of the weights."""
         if backend not in BACKENDS:
             raise UserError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
         if memory not in MEMORY_MODES:
@@ -99,7 +102,7 @@ class Text2ImagePipeline:
         # ONNX Runtime's CPU arena keeps what a session freed until the session ends; low-memory mode turns it
         # off (measured on PixArt-Σ-XL at 512²: peak 4.0 GB instead of 7.0 GB, docs/memory.md).
         kw = dict(threads=threads, optimization=optimization, providers=providers, mem_pattern=mem_pattern,
-                  cpu_arena=cpu_arena and memory == "default")  # fmt: skip
+                  cpu_arena=cpu_arena and memory == "default", shared_weights=shared_weights)  # fmt: skip
         self._create = lambda name: component_backend(
             self.package, name, backend, stream_chunks=memory == "low" and name in encoders, **kw
         )

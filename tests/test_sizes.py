@@ -102,6 +102,43 @@ def test_bad_sizes_are_refused_before_anything_is_written(tmp_path, capsys, argv
     assert list(tmp_path.iterdir()) == []
 
 
+def test_sizes_loaded_together_share_one_copy_in_memory(packages):
+    """One SharedWeights for the pipelines of every size: their sessions read the same mapped tensors (one OrtValue
+    per stored tensor), and the images are those of pipelines without sharing."""
+    from edit_mobile.runtime.shared_weights import SharedWeights
+
+    package, shared = load_package(packages["sd3"]), SharedWeights()
+    pipes = {
+        key: Text2ImagePipeline(package.at_size(key), progress=False, shared_weights=shared) for key in package.sizes
+    }
+    index = json.loads((packages["sd3"] / "transformer" / "weights.json").read_text())
+    offsets = {e["offset"] for graph in index["graphs"].values() for e in graph.values()}
+    transformer = [k for k in shared._values if k[0].parent.name == "transformer"]
+    assert len(transformer) == len(offsets) < sum(len(g) for g in index["graphs"].values())
+    for key, pipe in pipes.items():
+        alone = Text2ImagePipeline(package.at_size(key), progress=False)
+        np.testing.assert_array_equal(
+            pipe("a red circle", steps=2, seed=1).image, alone("a red circle", steps=2, seed=1).image
+        )
+
+
+def test_quantize_refuses_a_multi_size_package_in_one_line(packages, tmp_path, capsys):
+    argv = ["quantize", str(packages["pixart"]), "--precision", "int8-weights", "--out", str(tmp_path / "q")]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "quantizing multi-size packages is not supported yet" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "q").exists()
+
+
+def test_bench_measures_the_size_asked_for(packages):
+    from edit_mobile.runtime.bench import BenchOptions, bench_package
+
+    report = bench_package(packages["pixart"], BenchOptions(runs=1, warmup=0, steps=1, size="160x96"))
+    assert report["package"]["resolution"] == [96, 160] and report["package"]["sizes"][2] == "160x96"
+    with pytest.raises(UserError, match="no size 64x64"):
+        bench_package(packages["pixart"], BenchOptions(runs=1, warmup=0, steps=1, size="64x64"))
+
+
 def test_generate_names_the_sizes_a_package_has(packages, tmp_path, capsys):
     out = tmp_path / "x.png"
     assert cli(["generate", str(packages["pixart"]), "--size", "64", "--prompt", "x", "--out", str(out)]) == 2
