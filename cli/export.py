@@ -36,6 +36,13 @@ def build_parser(parser):
         "once; the first is the default (default 512)",
     )
     parser.add_argument(
+        "--aspect-ratios",
+        metavar="NAME",
+        default=None,
+        help="also export the model's own aspect-ratio buckets nearest to a set of ratios: 'common' = 1:1, 3:4, "
+        "9:16, 4:3, 16:9 (PixArt-Σ's bucket table for its sample size, as its diffusers pipeline bins)",
+    )
+    parser.add_argument(
         "--batch",
         type=int,
         default=2,
@@ -99,7 +106,8 @@ def main(args) -> int:
         args.src,
         args.out,
         target=args.target,
-        resolution=args.resolution or ["512"],
+        resolution=args.resolution or ([] if args.aspect_ratios else ["512"]),
+        aspect_ratios=args.aspect_ratios,
         batch=args.batch,
         max_text_tokens=args.max_text_tokens,
         overwrite=args.overwrite,

@@ -68,7 +68,9 @@ def main(args) -> int:
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
     wanted = parse_resolution(args.size) if args.size is not None else None
-    package = load_package(args.package).at_size(wanted)
+    package = load_package(args.package)
+    size, resize_to = package.generation_size(wanted)  # PixArt-Σ: a size between buckets is binned, as diffusers
+    package = package.at_size(size)
     pipe = Text2ImagePipeline(
         package,
         backend=args.backend,
@@ -78,7 +80,12 @@ def main(args) -> int:
         mem_pattern=not args.no_mem_pattern,
     )
     result = pipe(
-        args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance, seed=args.seed
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        output_size=resize_to,
     )
     out = save_png(result.image, args.out)
     print(f"wrote {out}")

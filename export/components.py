@@ -197,7 +197,7 @@ def pipeline_components(
         raise UserError(
             f"--resolution {width}x{height}: both sides must be multiples of {factor * patch} for this model"
         )
-    grid = pipe.transformer.config.get("pos_embed_max_size")
+    grid = torch_spec.max_latent_grid(pipe.transformer.config)
     if grid and max(height, width) > grid * factor * patch:  # SD3 crops its position table to the token grid
         raise UserError(
             f"--resolution {width}x{height}: this model's position embeddings cover {grid}x{grid} patches, at most "

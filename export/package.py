@@ -8,7 +8,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..models.convert import load_pipeline, pipeline_family
+from ..models.families import torch_family
 from ..runtime.atomic import check_output_free
+from ..runtime.binning import classify
 from ..runtime.errors import UserError
 from ..runtime.manifest import Manifest, SchedulerEntry, SizeEntry, TokenizerEntry, VaeConfig, size_key
 from ..runtime.package import installed_version, parse_resolution
@@ -22,6 +24,9 @@ __all__ = ["convert_to_ort", "export_package", "tool_versions", "write_reduced_o
 
 logger = logging.getLogger(__name__)
 
+# `export --aspect-ratios NAME`: width:height ratios whose nearest buckets of the model's own table are exported.
+ASPECT_RATIO_SETS = {"common": ((1, 1), (3, 4), (9, 16), (4, 3), (16, 9))}  # square, two portrait, two landscape
+
 
 def tool_versions() -> dict:
     names = ["edit-mobile", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "coremltools", "numpy"]
@@ -33,6 +38,7 @@ def export_package(
     out: str | Path,
     target: str = "onnx",
     resolution: str | int | list = 512,
+    aspect_ratios: str | None = None,
     batch: int = 2,
     max_text_tokens: int | None = None,
     overwrite: bool = False,
@@ -47,6 +53,7 @@ def export_package(
     `resolution`: one size or a list ("N" square or "WIDTHxHEIGHT"). With several, the text encoders are exported
     once and the transformer and VAE get one static graph per size, all graphs of a component reading one weights
     file (export/shared_weights.py); the first size is the package's default (manifest `sizes`, docs/package.md).
+    `aspect_ratios` (a name of ASPECT_RATIO_SETS) adds the model's own buckets nearest to those ratios (PixArt-Σ).
 
     `compute_precision` (fp16 | fp32, default fp16) and `deployment_target` (iOS17 | iOS18 | macOS14 | macOS15,
     default iOS17) apply to target "coreml" only: each target takes its own options (export/targets.py).
@@ -66,13 +73,23 @@ def export_package(
     sizes = [parse_resolution(r) for r in (resolution if isinstance(resolution, (list, tuple)) else [resolution])]
     if len(set(sizes)) != len(sizes):
         raise UserError(f"--resolution: a size is given twice ({', '.join(size_key(s) for s in sizes)})")
-    if len(sizes) > 1 and not exporter.multi_size:
-        raise UserError(f"several --resolution values: --target {target} packages have one size for now")
-    (height, width) = sizes[0]
+    if aspect_ratios is not None and aspect_ratios not in ASPECT_RATIO_SETS:
+        raise UserError(f"unknown --aspect-ratios {aspect_ratios!r}; expected one of {', '.join(ASPECT_RATIO_SETS)}")
     check_output_free(out, overwrite)
     streamed = streamed_t5_parts(str(src), max_component_mb)
     pipe = load_pipeline(src, skip=tuple(streamed))
     family = pipeline_family(pipe)
+    bins = torch_family(family).resolution_bins(pipe.transformer.config)
+    if aspect_ratios is not None:
+        if not bins:
+            raise UserError(f"--aspect-ratios: {family} pipelines have no aspect-ratio buckets; give --resolution WxH")
+        # W:H ratios -> the buckets diffusers would bin them to, after any --resolution sizes, each once
+        sizes = list(dict.fromkeys([*sizes, *(classify(h, w, bins) for w, h in ASPECT_RATIO_SETS[aspect_ratios])]))
+    if not sizes:
+        raise UserError("no image size: give --resolution or --aspect-ratios")
+    if len(sizes) > 1 and not exporter.multi_size:
+        raise UserError(f"several sizes: --target {target} packages have one size for now")
+    (height, width) = sizes[0]
 
     def components(size: tuple[int, int]):
         args = (batch, max_text_tokens, max_component_mb, streamed, transformer_chunks, vae_tile)
@@ -95,6 +112,7 @@ def export_package(
         latent_shape=tuple(next(s for s in specs if s.name == "vae_decoder").inputs[0].shape[1:]),
         vae=VaeConfig(scaling_factor=vae.scaling_factor, shift_factor=vae.get("shift_factor")),
         transformer_out_channels=pipe.transformer.config.out_channels,
+        resolution_bins=bins,
         text={},
         scheduler=SchedulerEntry(path="scheduler/scheduler_config.json"),
         components={},

@@ -170,6 +170,29 @@ def _pos_embed_grid(config) -> int | None:
     return config.pos_embed_max_size  # SD3 crops a fixed position-embedding table
 
 
+def _pixart_bins(config) -> dict | None:
+    """The aspect-ratio buckets PixArtSigmaPipeline bins to for this transformer's sample size (runtime/binning.py)."""
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import (
+        ASPECT_RATIO_256_BIN,
+        ASPECT_RATIO_512_BIN,
+        ASPECT_RATIO_1024_BIN,
+        ASPECT_RATIO_2048_BIN,
+    )
+
+    tables = {
+        32: ASPECT_RATIO_256_BIN,
+        64: ASPECT_RATIO_512_BIN,
+        128: ASPECT_RATIO_1024_BIN,
+        256: ASPECT_RATIO_2048_BIN,
+    }
+    table = tables.get(config.sample_size)
+    return {k: [int(h), int(w)] for k, (h, w) in table.items()} if table else None
+
+
+def _no_bins(config) -> dict | None:
+    return None  # SD3's pipeline takes any size its position table covers
+
+
 def _pixart_encode_caption(pipe, caption: str, device, dtype, max_tokens: int) -> tuple:
     """T5 states of the caption's own tokens: under T5's attention mask the padding to max_tokens that the pipeline
     adds changes nothing for them, and would cost up to 300 tokens per caption."""
@@ -223,6 +246,7 @@ class TorchFamily:
     call_kwargs: Callable[[torch.Tensor, bool, int], dict]
     attention_modules: Callable[[nn.Module, object], list]
     max_latent_grid: Callable[[object], int | None]
+    resolution_bins: Callable[[object], dict | None]  # transformer config -> the pipeline's aspect-ratio buckets
     # Distillation data: one caption -> its cached encoding (tensors), a batch of those -> the transformer's kwargs.
     encode_caption: Callable[..., tuple]
     collate_text: Callable[[list[tuple], object, object], dict]
@@ -253,6 +277,7 @@ TORCH_FAMILIES: dict[str, TorchFamily] = {
             call_kwargs=_pixart_call_kwargs,
             attention_modules=_pixart_attention,
             max_latent_grid=_unbounded,
+            resolution_bins=_pixart_bins,
             encode_caption=_pixart_encode_caption,
             collate_text=_pixart_collate,
             # the runtime neither cleans captions (bs4 / ftfy) nor bins resolutions
@@ -271,6 +296,7 @@ TORCH_FAMILIES: dict[str, TorchFamily] = {
             call_kwargs=_no_call_kwargs,
             attention_modules=_sd3_attention,
             max_latent_grid=_pos_embed_grid,
+            resolution_bins=_no_bins,
             encode_caption=_sd3_encode_caption,
             collate_text=_sd3_collate,
         ),

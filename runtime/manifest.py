@@ -425,6 +425,22 @@ class VaeConfig:
         return {"scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor, **self.extra}
 
 
+def _bins(value: Any, f: Fields) -> dict[str, list[int]] | None:
+    """`resolution_bins`: {ratio (height / width, as text): [height, width]}, or absent."""
+    if value is None:
+        return None
+    bins = f.obj(value, "resolution_bins")
+    for key, hw in bins.items():
+        try:
+            ok = float(key) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise f.fail(f"resolution_bins[{key!r}]", "a positive ratio (height / width) as the key", key)
+        f.shape(hw, f"resolution_bins[{key!r}]", rank=2)
+    return {str(k): [int(n) for n in v] for k, v in bins.items()} or None
+
+
 def size_key(resolution: tuple[int, int]) -> str:
     """(height, width) -> "WxH", the name of a size in `sizes` and on the command line (`--size 192x320`)."""
     return f"{resolution[1]}x{resolution[0]}"
@@ -493,6 +509,7 @@ class Manifest:
     validation: Any = None  # null, or the last `edit-mobile validate` report
     quantization: dict | None = None  # after `edit-mobile quantize`
     sizes: dict[str, SizeEntry] = field(default_factory=dict)  # "WxH" -> the other sizes of a multi-size package
+    resolution_bins: dict[str, list[int]] | None = None  # PixArt-Σ: the model's aspect-ratio buckets (binning.py)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -548,6 +565,7 @@ class Manifest:
             validation=m.get("validation"),
             quantization=m.get("quantization"),
             sizes=sizes,
+            resolution_bins=_bins(m.get("resolution_bins"), f),
             extra=_extra(m, cls),
         )
         if size_key(manifest.resolution) in sizes:
@@ -627,6 +645,7 @@ class Manifest:
                 "validation": self.validation,
                 "quantization": self.quantization,
                 "sizes": {k: v.to_dict() for k, v in self.sizes.items()} or None,
+                "resolution_bins": self.resolution_bins,
                 **self.extra,
             },
             always=("source", "architecture", "edit_config", "target", "validation"),

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .binning import classify
 from .errors import UserError
 from .io_specs import TensorSpec
 from .manifest import MANIFEST, TOKENIZER_FILE, ComponentEntry, Manifest, check_relative, size_key
@@ -155,6 +156,24 @@ class Package:
         manifest = self.manifest.at_size(key)
         components = _components(self.root, manifest.components, f"sizes.{key}.components")
         return replace(self, manifest=manifest, components=components)
+
+    def generation_size(self, size: tuple[int, int] | None) -> tuple[str, tuple[int, int] | None]:
+        """Where to generate an image of `size` (height, width; None: the default size): (the package's size "WxH",
+        None) when it has that size; for a PixArt-Σ package, (the bucket diffusers bins it to, `size` to resize the
+        image to) when that bucket is one of its sizes (runtime/binning.py). UserError otherwise."""
+        if size is None:
+            return self.sizes[0], None
+        key, bins = size_key(size), self.manifest.resolution_bins
+        if key in self.sizes or not bins:
+            self.manifest.at_size(key)  # UserError naming the package's sizes when it lacks this one
+            return key, None
+        bucket = size_key(classify(*size, bins))
+        if bucket not in self.sizes:
+            raise UserError(
+                f"{size_key(size)} bins to {bucket} (PixArt-Σ's aspect-ratio buckets, as diffusers bins sizes), which "
+                f"the package lacks; it has {', '.join(self.sizes)} (export it with --resolution {bucket})"
+            )
+        return bucket, tuple(size)
 
     # --- helpers -----------------------------------------------------------------------------------------------
     def component(self, name: str) -> Component:

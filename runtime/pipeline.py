@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .atomic import write_file_atomic
 from .backends import BACKENDS, component_backend
+from .binning import resize_and_crop
 from .errors import UserError
 from .families import family, unscale_latents
 from .io_specs import to_numpy_dtype
@@ -163,9 +164,12 @@ class Text2ImagePipeline:
             outs.append(self._run("transformer", **inputs)["out_sample"][: rows - start])
         return np.concatenate(outs) if len(outs) > 1 else outs[0]
 
-    def decode(self, latents: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Final latents -> (uint8 (H,W,3) image, raw decoder output (1,3,H,W))."""
+    def decode(self, latents: np.ndarray, size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Final latents -> (uint8 (H,W,3) image, decoder output (1,3,H,W)); `size` (height, width): resized and
+        centre-cropped to it, as diffusers' PixArt-Σ resolution binning (runtime/binning.py)."""
         decoded = self._run("vae_decoder", latent_sample=unscale_latents(latents, self.package.vae))["sample"]
+        if size is not None:
+            decoded = resize_and_crop(decoded, *size)
         return to_uint8(decoded), decoded
 
     # --- the loop ------------------------------------------------------------------------------------------------
@@ -180,11 +184,13 @@ class Text2ImagePipeline:
         callback: Callable[[int, object, np.ndarray], None] | None = None,
         record: bool = False,
         phase: Callable[[str], None] | None = None,
+        output_size: tuple[int, int] | None = None,
     ) -> GenerationResult:
         """Generate one image. `latents` (unscaled noise, (1,C,h,w)) overrides `seed`; `record` keeps the text
         embeddings, every transformer input and every guided noise prediction (memory: steps x inputs); `phase` is
         told each phase as it starts ("text_encoding", "denoising", "decoding") and "done" at the end (`bench`
-        measures memory per phase with it)."""
+        measures memory per phase with it). `output_size` (height, width): the image is resized to it from the
+        package's size (`Package.generation_size`: a size binned to one of the package's buckets)."""
         if steps < 1:
             raise UserError(f"steps must be >= 1, got {steps}")
         phase = phase or (lambda name: None)
@@ -234,7 +240,7 @@ class Text2ImagePipeline:
 
         self._release("transformer")
         phase("decoding")
-        result.image, decoded = self.decode(latents)
+        result.image, decoded = self.decode(latents, output_size)
         self._release("vae_decoder")
         phase("done")
         if record:

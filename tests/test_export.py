@@ -139,8 +139,9 @@ def test_export_bad_input_writes_nothing(tmp_path, capsys, argv, message):
     [
         (["generate", "{pkg}", "--prompt", "x", "--backend", "tpu", "--out", "{tmp}/x.png"], "unknown backend"),
         (
-            ["generate", "{pkg}", "--prompt", "x", "--size", "512", "--out", "{tmp}/x.png"],
-            "the package has no size 512x512; it has 256x256",
+            ["generate", "{pkg}", "--prompt", "x", "--size", "512x128", "--out", "{tmp}/x.png"],
+            "512x128 bins to 512x128 (PixArt-Σ's aspect-ratio buckets, as diffusers bins sizes), which the package "
+            "lacks; it has 256x256",
         ),
         (["generate", "{tmp}", "--prompt", "x", "--out", "{tmp}/x.png"], "manifest.json"),
         (["validate", "{pkg}", "--reference", "tiny-sd3"], "is a sd3 pipeline"),

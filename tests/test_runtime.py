@@ -402,8 +402,8 @@ def test_export_then_generate_is_deterministic(tmp_path, capsys):
     assert (tmp_path / "a.png").read_bytes() != (tmp_path / "c.png").read_bytes()
 
     capsys.readouterr()
-    assert main([*args, "--out", str(tmp_path / "d.png"), "--resolution", "512x512"]) == 2
-    assert "the package has no size 512x512; it has 256x256" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "d.png"), "--size", "128x512"]) == 2
+    assert "128x512 bins to 128x512" in capsys.readouterr().err  # a PixArt-Σ bucket the package lacks
     assert not (tmp_path / "d.png").exists()
 
     # the recorded trajectory and inputs (what validation compares) are consistent with the image
