@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -129,8 +130,9 @@ def export_coreml(
     metadata: dict | None = None,
     seed: int = 0,
     twin: bool = True,
+    stem: str = "model",
 ) -> Path:
-    """Convert `spec.module` with static example inputs; writes `out_dir/model.mlpackage` and returns its path.
+    """Convert `spec.module` with static example inputs; writes `out_dir/<stem>.mlpackage` and returns its path.
 
     With `twin`, EDiT self-attentions are converted through their Neural Engine twin (export/coreml_twin.py),
     checked equal to the reference on the example inputs first."""
@@ -186,10 +188,26 @@ def export_coreml(
             "edit_mobile.ane_twin": json.dumps(twin_report),
         }
     )
-    path = out_dir / MLPACKAGE
+    path = out_dir / f"{stem}.mlpackage"
     mlmodel.save(str(path))
     logger.info("exported %s: %.1f MB", spec.name, package_size(path) / 1e6)
     return path
+
+
+def save_multifunction(functions: dict[str, Path], default: str, out: Path) -> None:
+    """Merge one-function ML programs into the multi-function program `out` (function name -> .mlpackage; the
+    sources are removed). coremltools deduplicates the weights the functions share."""
+    ct = import_coremltools()
+    descriptor = ct.utils.MultiFunctionDescriptor()
+    for name, path in functions.items():
+        descriptor.add_function(str(path), src_function_name="main", target_function_name=name)
+    descriptor.default_function_name = default
+    tmp = out.with_name(f"merging-{out.name}")  # coremltools wants the .mlpackage suffix
+    with quiet_coremltools():
+        ct.utils.save_multifunction(descriptor, str(tmp))
+    for path in functions.values():
+        shutil.rmtree(path)
+    tmp.rename(out)
 
 
 def package_size(path: Path) -> int:

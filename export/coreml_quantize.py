@@ -267,6 +267,7 @@ def quantize_coreml_package(
     if calibration_steps < 1:
         raise UserError(f"calibration steps must be >= 1, got {calibration_steps}")
     package = load_package(package_dir)
+    package.require_one_size("compressing")
     names = _parse_components(components, list(package.components), precision)
     for name in names:
         current = package.components[name].precision or "fp32"

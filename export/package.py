@@ -16,7 +16,6 @@ from ..runtime.manifest import Manifest, SchedulerEntry, SizeEntry, TokenizerEnt
 from ..runtime.package import installed_version, parse_resolution
 from .components import pipeline_components
 from .package_writer import write_package
-from .shared_weights import share_weights
 from .t5_chunks import streamed_t5_parts
 from .targets import convert_to_ort, export_target, write_reduced_operator_config
 
@@ -87,8 +86,6 @@ def export_package(
         sizes = list(dict.fromkeys([*sizes, *(classify(h, w, bins) for w, h in ASPECT_RATIO_SETS[aspect_ratios])]))
     if not sizes:
         raise UserError("no image size: give --resolution or --aspect-ratios")
-    if len(sizes) > 1 and not exporter.multi_size:
-        raise UserError(f"several sizes: --target {target} packages have one size for now")
     (height, width) = sizes[0]
 
     def components(size: tuple[int, int]):
@@ -139,27 +136,12 @@ def export_package(
                 entry.components[spec.name] = exported.entry
                 manifest.export[f"{spec.name}@{key}"] = exported.info
             manifest.sizes[key] = entry
-        if more:
-            manifest.export["shared_weights"] = _share_weights(manifest, tmp)
+        if more:  # one copy of the weights for all sizes, the target's way
+            manifest.export["sizes"] = exporter.combine_sizes(manifest, tmp, options)
         pipe.scheduler.save_config(tmp / "scheduler")
         exporter.finish(tmp, model_paths)
         manifest = writer.finish(manifest)  # every file's sha256, manifest.json last
     return manifest.to_dict()
-
-
-def _share_weights(manifest: Manifest, root: Path) -> dict:
-    """One weights file per folder that holds graphs of several sizes (a component, or one chunk of a chain)."""
-    by_folder: dict[Path, list[Path]] = {}
-    entries = [*manifest.components.values(), *(c for s in manifest.sizes.values() for c in s.components.values())]
-    for entry in entries:
-        for rel in entry.model_paths:
-            path = (root / rel).with_suffix(".onnx")  # ort-mobile: the .onnx beside the .ort file
-            by_folder.setdefault(path.parent, []).append(path)
-    return {
-        folder.relative_to(root).as_posix(): share_weights(paths)
-        for folder, paths in by_folder.items()
-        if len(paths) > 1
-    }
 
 
 def _save_tokenizer(pipe, spec, tmp: Path, manifest: Manifest) -> None:

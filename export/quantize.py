@@ -126,11 +126,7 @@ def quantize_package(
     if manifest.get("target") == "coreml":
         raise UserError("this is a Core ML package: `edit-mobile quantize` dispatches it to the Core ML quantizer")
     package = load_package(package_dir)
-    if package.manifest.sizes:
-        raise UserError(
-            f"{package_dir} has {len(package.sizes)} sizes ({', '.join(package.sizes)}): quantizing multi-size "
-            "packages is not supported yet; quantize a one-size export"
-        )
+    package.require_one_size("quantizing")
     plan = parse_plan(precision, components, list(package.components))
     for name in plan:
         current = package.components[name].precision or "fp32"

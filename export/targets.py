@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..runtime.errors import UserError
 from ..runtime.io_specs import TensorSpec
-from ..runtime.manifest import TARGETS, ChunkEntry, ComponentEntry, Manifest
+from ..runtime.manifest import TARGETS, ChunkEntry, ComponentEntry, Manifest, size_key
 from .components import ComponentSpec
 
 
@@ -53,7 +53,6 @@ class ExportTarget:
     """Base: no options, nothing to finish."""
 
     name: str = ""
-    multi_size = True  # one static graph per size (several --resolution), weights shared
     options: dict[str, str] = {}
     options_note = ""  # appended to the error for an option this target does not take
 
@@ -76,6 +75,11 @@ class ExportTarget:
 
     def finish(self, root: Path, model_paths: list[Path]) -> None:
         """Called once after every component is exported."""
+
+    def combine_sizes(self, manifest: Manifest, root: Path, options: dict) -> dict:
+        """A multi-size package, after every size is exported: store each component's weights once for all its
+        sizes' graphs (rewriting the manifest entries as needed); returns the manifest's `export.sizes` record."""
+        raise NotImplementedError
 
     def summary(self, manifest: dict, out) -> str:
         raise NotImplementedError
@@ -124,6 +128,19 @@ class OnnxTarget(ExportTarget):
         """The file the runtime opens, made from the exported model.onnx (ONNX: model.onnx itself)."""
         return model_path
 
+    def combine_sizes(self, manifest, root, options) -> dict:
+        """One weights file per folder that holds graphs of several sizes (a component, or one chunk of a chain;
+        export/shared_weights.py). ORT-mobile: the .onnx graphs share, their .ort files keep their own copies."""
+        from .shared_weights import share_weights
+
+        by_folder: dict[Path, list[Path]] = {}
+        for entry in _all_entries(manifest):
+            for rel in entry.model_paths:
+                path = (root / rel).with_suffix(".onnx")
+                by_folder.setdefault(path.parent, []).append(path)
+        shared = {f.relative_to(root).as_posix(): share_weights(p) for f, p in by_folder.items() if len(p) > 1}
+        return {"weights": "one weights.bin per component folder", "folders": shared}
+
     def summary(self, manifest, out) -> str:
         worst = max(v for e in manifest["export"].values() for v in e.get("onnx_vs_torch_max_abs", {}).values())
         sizes = [manifest["resolution"], *(s["resolution"] for s in manifest.get("sizes", {}).values())]
@@ -132,6 +149,10 @@ class OnnxTarget(ExportTarget):
             f"wrote {out}: {len(manifest['components'])} components at {shown}, max |ONNX - PyTorch| on random "
             f"inputs {worst:.2e}"
         )
+
+
+def _all_entries(manifest: Manifest) -> list[ComponentEntry]:
+    return [*manifest.components.values(), *(c for s in manifest.sizes.values() for c in s.components.values())]
 
 
 def convert_to_ort(model_path: Path) -> Path:
@@ -170,8 +191,9 @@ class CoreMLTarget(ExportTarget):
     """One Core ML ML program (model.mlpackage) per component, checked against PyTorch in the numpy MIL executor."""
 
     name = "coreml"
-    multi_size = False  # multi-function .mlpackage (iOS18) not written yet
     options = {"compute_precision": "fp16", "deployment_target": "iOS17"}
+    # Multi-function ML programs (one function per size, weights shared) need these deployment targets or later.
+    MULTIFUNCTION_TARGETS = ("iOS18", "macOS15")
 
     def resolve_options(self, **given) -> dict:
         from .coreml_export import check_options
@@ -179,6 +201,32 @@ class CoreMLTarget(ExportTarget):
         options = super().resolve_options(**given)
         check_options(options["compute_precision"], options["deployment_target"])
         return options
+
+    def combine_sizes(self, manifest, root, options) -> dict:
+        """iOS18 / macOS15 and later: each size-dependent component becomes one multi-function model.mlpackage
+        (function `image_WxH` per size, the default size's the default function; coremltools stores a weight that
+        several functions share once). Older targets cannot load multi-function programs: each size keeps its own
+        model_WxH.mlpackage, with its own weights."""
+        from .coreml_export import save_multifunction
+
+        if options["deployment_target"] not in self.MULTIFUNCTION_TARGETS:
+            return {
+                "weights": f"one .mlpackage per size, weights not shared: multi-function programs need "
+                f"--deployment-target {' or '.join(self.MULTIFUNCTION_TARGETS)}"
+            }
+        merged = {}
+        for name in {n for s in manifest.sizes.values() for n in s.components}:
+            entries = {size_key(manifest.resolution): manifest.components[name]}
+            entries.update({key: s.components[name] for key, s in manifest.sizes.items() if name in s.components})
+            functions = {f"image_{key}": root / e.path for key, e in entries.items()}
+            target = root / name / "model.mlpackage"
+            before = sum(f.stat().st_size for p in functions.values() for f in p.rglob("*") if f.is_file())
+            save_multifunction(functions, next(iter(functions)), target)
+            for key, entry in entries.items():
+                entry.path, entry.function = f"{name}/model.mlpackage", f"image_{key}"
+            after = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+            merged[name] = {"functions": list(functions), "bytes": after, "bytes_before": before}
+        return {"weights": "one multi-function model.mlpackage per component", "components": merged}
 
     def export_component(self, spec, root, manifest, options, stem="model") -> ExportedComponent:
         from ..runtime.mil import MILProgram
@@ -198,6 +246,7 @@ class CoreMLTarget(ExportTarget):
             precision,
             deployment_target,
             metadata={"source": manifest.source, "architecture": manifest.architecture},
+            stem=stem,
         )
         convert_seconds = time.perf_counter() - start
         parity = coreml_parity(graph, path, precision)
@@ -218,7 +267,7 @@ class CoreMLTarget(ExportTarget):
         worst = min(
             o["psnr_db"]
             for e in manifest["export"].values()
-            for o in e["coreml_reference_vs_torch"]["outputs"].values()
+            for o in e.get("coreml_reference_vs_torch", {"outputs": {}})["outputs"].values()
         )
         return (
             f"wrote {out}: {len(manifest['components'])} Core ML components, worst PSNR of the reference "

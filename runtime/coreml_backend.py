@@ -33,14 +33,14 @@ class CoreMLReferenceBackend:
     description = "the numpy executor of the saved Core ML program (runtime/mil)"
     targets = ("coreml",)
     platforms = None
-    options = frozenset()
+    options = frozenset({"function"})
 
-    def __init__(self, model_path: str | Path, input_specs, output_names: list[str]):
+    def __init__(self, model_path: str | Path, input_specs, output_names: list[str], function: str | None = None):
         self.model_path = Path(model_path)
         _check_mlpackage(self.model_path)
         self.input_specs = as_specs(input_specs)
         self.output_names = list(output_names)
-        self.program = MILProgram(self.model_path, component=self.model_path.parent.name)
+        self.program = MILProgram(self.model_path, component=self.model_path.parent.name, function=function)
         if set(self.program.inputs) != {s.name for s in self.input_specs} or not set(self.output_names) <= set(
             self.program.output_names
         ):
@@ -51,7 +51,8 @@ class CoreMLReferenceBackend:
 
     @staticmethod
     def manifest_options(entry) -> dict:
-        return {}
+        """A multi-function program's function for this size (`components.<name>.function`)."""
+        return {"function": entry.function} if entry.function else {}
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_inputs(inputs, self.input_specs, where=str(self.model_path))
@@ -66,9 +67,16 @@ class CoreMLBackend:
     description = "Core ML (macOS)"
     targets = ("coreml",)
     platforms = ("darwin",)
-    options = frozenset({"compute_units"})
+    options = frozenset({"compute_units", "function"})
 
-    def __init__(self, model_path: str | Path, input_specs, output_names: list[str], compute_units: str = "ALL"):
+    def __init__(
+        self,
+        model_path: str | Path,
+        input_specs,
+        output_names: list[str],
+        compute_units: str = "ALL",
+        function: str | None = None,
+    ):
         self.model_path = Path(model_path)
         _check_mlpackage(self.model_path)
         if sys.platform != "darwin":
@@ -87,16 +95,14 @@ class CoreMLBackend:
                 f"unknown Core ML compute units {compute_units!r} "
                 f"(choose from {', '.join(u.name for u in ct.ComputeUnit)})"
             ) from None
-        self.model = ct.models.MLModel(str(self.model_path), compute_units=units)
+        self.model = ct.models.MLModel(str(self.model_path), compute_units=units, function_name=function)
         codes = {65568: np.float32, 65552: np.float16, 131104: np.int32}  # ArrayFeatureType.ArrayDataType
         self._dtypes = {
             i.name: codes.get(i.type.multiArrayType.dataType, np.float32)
             for i in self.model.get_spec().description.input
         }
 
-    @staticmethod
-    def manifest_options(entry) -> dict:
-        return {}
+    manifest_options = CoreMLReferenceBackend.manifest_options
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_inputs(inputs, self.input_specs, where=str(self.model_path))

@@ -269,6 +269,7 @@ class ComponentEntry:
     precision: str | None = None
     opset: int | None = None  # ONNX / ORT
     deployment_target: str | None = None  # Core ML
+    function: str | None = None  # Core ML: the function of a multi-function program (one per size), else main
     tolerance: dict | None = None
     gate_psnr_db: float | None = None
     ort_session_config: dict | None = None
@@ -314,6 +315,7 @@ class ComponentEntry:
             precision=f.choice(c.get("precision"), f"{where}.precision", PRECISIONS, optional=True),
             opset=opset,
             deployment_target=f.string(c.get("deployment_target"), f"{where}.deployment_target", optional=True),
+            function=f.string(c.get("function"), f"{where}.function", optional=True),
             inputs=inputs,
             outputs=outputs,
             tolerance=c.get("tolerance"),
@@ -331,6 +333,7 @@ class ComponentEntry:
                 "precision": self.precision,
                 "opset": self.opset,
                 "deployment_target": self.deployment_target,
+                "function": self.function,
                 "inputs": [s.to_dict() for s in self.inputs],
                 "outputs": [s.to_dict() for s in self.outputs],
                 "chunks": [c.to_dict() for c in self.chunks] or None,

@@ -157,6 +157,14 @@ class Package:
         components = _components(self.root, manifest.components, f"sizes.{key}.components")
         return replace(self, manifest=manifest, components=components)
 
+    def require_one_size(self, what: str) -> None:
+        """UserError in one line when this is a multi-size package and `what` handles one size only."""
+        if self.manifest.sizes:
+            raise UserError(
+                f"{self.root} has {len(self.sizes)} sizes ({', '.join(self.sizes)}): {what} of multi-size packages "
+                "is not supported yet; use a one-size export"
+            )
+
     def generation_size(self, size: tuple[int, int] | None) -> tuple[str, tuple[int, int] | None]:
         """Where to generate an image of `size` (height, width; None: the default size): (the package's size "WxH",
         None) when it has that size; for a PixArt-Σ package, (the bucket diffusers bins it to, `size` to resize the

@@ -91,7 +91,6 @@ def test_the_default_size_matches_a_single_size_export(packages):
     [
         (["tiny-pixart", "--resolution", "128", "--resolution", "128x128"], "a size is given twice"),
         (["tiny-pixart", "--resolution", "128", "--resolution", "96x150"], "96x150: both sides must be multiples"),
-        (["tiny-pixart", "--target", "coreml", "--resolution", "128", "--resolution", "96x160"], "--target coreml"),
         (["tiny-sd3", "--resolution", "128", "--resolution", "4096x128"], "position embeddings cover"),
     ],
 )
@@ -122,11 +121,50 @@ def test_sizes_loaded_together_share_one_copy_in_memory(packages):
         )
 
 
+@pytest.fixture(scope="module")
+def coreml_packages(tiny_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sizes-coreml")
+    src = str(tiny_dirs["tiny-pixart-edit-trained"])
+    for target in ("iOS18", "iOS17"):
+        export_package(src, root / target, target="coreml", resolution=SIZES[:2], max_text_tokens=32,
+                       deployment_target=target)  # fmt: skip
+    export_package(src, root / "single", target="coreml", resolution=SIZES[0], max_text_tokens=32)
+    return root
+
+
+def test_coreml_sizes_are_functions_of_one_program(coreml_packages):
+    """iOS18: one multi-function .mlpackage per size-dependent component, its weights stored once; the reference
+    executor runs every function, and every size validates."""
+    from edit_mobile.runtime.mil import MILProgram
+
+    package = load_package(coreml_packages / "iOS18")
+    assert package.sizes == ["128x128", "96x160"]
+    for key in package.sizes:
+        entry = package.at_size(key).component("transformer").entry
+        assert entry.path == "transformer/model.mlpackage" and entry.function == f"image_{key}"
+    assert sorted(p.name for p in (coreml_packages / "iOS18" / "transformer").iterdir()) == ["model.mlpackage"]
+    program = MILProgram(coreml_packages / "iOS18" / "transformer" / "model.mlpackage", function="image_96x160")
+    grid = program.inputs["sample"][1][-2:]  # (dtype, shape): the latents of a 96 wide, 160 high image
+    assert grid == tuple(package.at_size("96x160").latent_shape[1:]) and grid[0] > grid[1]
+    one = _folder_bytes(coreml_packages / "single" / "transformer")
+    assert _folder_bytes(coreml_packages / "iOS18" / "transformer") < 1.2 * one
+    report = validate(str(coreml_packages / "iOS18"), opts=ValidationOptions(steps=2))
+    assert report["passed"] and list(report["sizes"]) == package.sizes
+
+
+def test_coreml_before_ios18_keeps_one_program_per_size(coreml_packages):
+    folder = coreml_packages / "iOS17" / "transformer"
+    assert sorted(p.name for p in folder.iterdir()) == ["model.mlpackage", "model_96x160.mlpackage"]
+    manifest = json.loads((coreml_packages / "iOS17" / "manifest.json").read_text())
+    assert "multi-function programs need --deployment-target iOS18 or macOS15" in manifest["export"]["sizes"]["weights"]
+    assert "function" not in manifest["sizes"]["96x160"]["components"]["transformer"]
+
+
 def test_quantize_refuses_a_multi_size_package_in_one_line(packages, tmp_path, capsys):
     argv = ["quantize", str(packages["pixart"]), "--precision", "int8-weights", "--out", str(tmp_path / "q")]
     assert cli(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert "quantizing multi-size packages is not supported yet" in err and len(err.splitlines()) == 1
+    assert "quantizing of multi-size packages is not supported yet" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "q").exists()
 
 

@@ -17,9 +17,10 @@ MODEL_FILE = Path("Data/com.apple.CoreML/model.mlmodel")
 
 
 class MILProgram:
-    """One `.mlpackage` read from disk; `run(inputs)` evaluates its `main` function in numpy."""
+    """One `.mlpackage` read from disk; `run(inputs)` evaluates one of its functions in numpy: `function`, or the
+    program's default (`main`, or the default function of a multi-function program)."""
 
-    def __init__(self, path: str | Path, component: str | None = None):
+    def __init__(self, path: str | Path, component: str | None = None, function: str | None = None):
         self.path = Path(path)
         self.component = component or self.path.name
         model_pb2, _ = proto_modules()
@@ -34,9 +35,12 @@ class MILProgram:
         if self.spec.WhichOneof("Type") != "mlProgram":
             raise UserError(f"{self.path} is not an ML program (it holds a {self.spec.WhichOneof('Type')!r} model)")
         functions = self.spec.mlProgram.functions
-        if "main" not in functions:
-            raise UserError(f"corrupted .mlpackage {self.path}: the program has no main function")
-        fn = functions["main"]
+        self.function = function or self.spec.description.defaultFunctionName or "main"
+        if self.function not in functions:
+            raise UserError(
+                f"{self.path}: the program has no function {self.function!r} (it has {', '.join(sorted(functions))})"
+            )
+        fn = functions[self.function]
         self.opset = fn.opset
         if fn.opset not in fn.block_specializations:
             raise UserError(f"corrupted .mlpackage {self.path}: no block for opset {fn.opset}")
