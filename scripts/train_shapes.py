@@ -161,8 +161,9 @@ def stage_ship(work: Path) -> None:
             shutil.copy2(student / "edit_mobile.json", tmp / f"shapes-{family}-{arch}" / "edit_mobile.json")
     shutil.rmtree(assets / "shapes", ignore_errors=True)
     tmp.rename(assets / "shapes")
-    for name in ("shapes_classifier.onnx", "shapes_classifier.json"):
-        shutil.copy2(work / "classifier" / name, assets / name)
+    if (work / "classifier").is_dir():  # a retrained classifier (the shipped one otherwise stays)
+        for name in ("shapes_classifier.onnx", "shapes_classifier.json"):
+            shutil.copy2(work / "classifier" / name, assets / name)
 
 
 STAGES = {
