@@ -218,15 +218,19 @@ def generate_with_package(
     steps: int,
     guidance: float | None,
     resolution: int | None = None,
-    backend: str = "ort",
+    backend: str | None = None,
     threads: int | None = None,
     progress: bool = False,
 ) -> tuple[list[Image.Image], dict]:
     """One image per prompt through the numpy runtime (Text2ImagePipeline), seed i -> its numpy initial noise."""
+    from .backends import backend_for_target
     from .families import family
+    from .package import load_package
     from .pipeline import Text2ImagePipeline
 
-    pipe = Text2ImagePipeline(package_dir, backend=backend, threads=threads, progress=progress)
+    package = load_package(package_dir)
+    backend = backend or backend_for_target(package.target)  # Core ML packages: Core ML, or its reference executor
+    pipe = Text2ImagePipeline(package, backend=backend, threads=threads, progress=progress)
     h, w = pipe.package.resolution
     if resolution is not None and (resolution, resolution) != (h, w):
         raise UserError(f"package was exported for {h}x{w}, not {resolution}x{resolution}")
@@ -245,7 +249,7 @@ def generate(
     steps: int = 20,
     guidance: float | None = None,
     resolution: int | None = None,
-    backend: str = "ort",
+    backend: str | None = None,
     threads: int | None = None,
     progress: bool = False,
 ) -> tuple[list[Image.Image], dict]:
@@ -308,7 +312,7 @@ def evaluate_with_images(
     prompt_file: str | Path | None = None,
     resolution: int | None = None,
     classifier: str | Path | None = None,
-    backend: str = "ort",
+    backend: str | None = None,
     threads: int | None = None,
     progress: bool = False,
 ) -> tuple[dict, list[Image.Image]]:
@@ -348,7 +352,7 @@ def evaluate(
     prompt_file: str | Path | None = None,
     resolution: int | None = None,
     classifier: str | Path | None = None,
-    backend: str = "ort",
+    backend: str | None = None,
     threads: int | None = None,
     progress: bool = False,
 ) -> dict:
