@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import posixpath
+import shutil
 import tempfile
 import time
 from dataclasses import replace
@@ -37,6 +38,7 @@ from .calibration import (
     spread,
 )
 from .package_writer import write_package
+from .shared_weights import share_weights
 from .targets import export_target
 
 logger = logging.getLogger(__name__)
@@ -126,7 +128,6 @@ def quantize_package(
     if manifest.get("target") == "coreml":
         raise UserError("this is a Core ML package: `edit-mobile quantize` dispatches it to the Core ML quantizer")
     package = load_package(package_dir)
-    package.require_one_size("quantizing")
     plan = parse_plan(precision, components, list(package.components))
     for name in plan:
         current = package.components[name].precision or "fp32"
@@ -143,10 +144,20 @@ def quantize_package(
     prompts = read_prompt_file(calibration_prompts) if calibration_prompts is not None else default_prompts()
 
     start = time.perf_counter()
+    # A multi-size package: the size-dependent components in the plan are quantized per size, each calibrated on
+    # its own size's trajectories, and their graphs then share one weights file again (export/shared_weights.py).
+    sized = {key: [n for n in plan if n in size.components] for key, size in package.manifest.sizes.items()}
+    if any(package.components[n].entry.chunks for names in sized.values() for n in names):
+        raise UserError("quantizing a chunked component of a multi-size package is not supported yet")
     if all(name.startswith("text_encoder") for name in plan):  # their inputs need no model run
         calib = record_text_inputs(package, prompts, list(plan))
     else:
         calib = record_calibration(package, prompts, steps=calibration_steps, seed=seed, threads=threads)
+    views = {key: package.at_size(key) for key, names in sized.items() if names}
+    size_calib = {
+        key: record_calibration(view, prompts, steps=calibration_steps, seed=seed, threads=threads)
+        for key, view in views.items()
+    }
     logger.info("calibration recorded in %.1f s", time.perf_counter() - start)
     new = copy.deepcopy(package.manifest)
     packaging = export_target(package.target)  # what an ONNX file becomes in this target (ort-mobile: .ort)
@@ -168,17 +179,34 @@ def quantize_package(
                 threads=threads,
                 keep_8bit=keep_8bit if prec == "int4-weights" else 0,
             )
-            # ort-mobile: model.ort beside each model.onnx
-            rels = [
-                packaging.convert(tmp / posixpath.dirname(rel) / "model.onnx").relative_to(tmp).as_posix()
-                for rel in entry.model_paths
-            ]
-            entry.path = rels[0]
-            entry.chunks = tuple(replace(c, path=rel) for c, rel in zip(entry.chunks, rels))
-            entry.precision = prec
-            entry.gate_psnr_db = GATES_DB[prec]
-            if prec == "int8-dynamic" or prec in qo.WEIGHT_ONLY:
-                entry.ort_session_config = dict(qo.WEIGHT_DQ_SESSION_CONFIG)
+            entries = {key: new.sizes[key].components[name] for key in views if name in sized[key]}
+            if entries:  # the other sizes' graphs of this component, then one weights file for all of them
+                graphs = {"": tmp / name / "model.onnx"}
+                for key in entries:
+                    work = tmp / name / f".size-{key}"
+                    entries[key].quantization = quantize_component(
+                        views[key], name, prec, work, size_calib[key], per_channel=per_channel,
+                        calibration_method=calibration_method, sensitivity=sensitivity, threads=threads,
+                        keep_8bit=keep_8bit if prec == "int4-weights" else 0,
+                    )  # fmt: skip
+                    graphs[key] = work / "model.onnx"
+                targets = [tmp / name / ("model.onnx" if key == "" else f"model_{key}.onnx") for key in graphs]
+                info["shared_weights"] = share_weights(list(graphs.values()), targets)
+                for key in entries:
+                    shutil.rmtree(tmp / name / f".size-{key}")
+            for key, e in [("", entry), *entries.items()]:
+                stem = "model" if key == "" else f"model_{key}"
+                # ort-mobile: model.ort beside each model.onnx
+                rels = [
+                    packaging.convert(tmp / posixpath.dirname(rel) / f"{stem}.onnx").relative_to(tmp).as_posix()
+                    for rel in e.model_paths
+                ]
+                e.path = rels[0]
+                e.chunks = tuple(replace(c, path=rel) for c, rel in zip(e.chunks, rels))
+                e.precision = prec
+                e.gate_psnr_db = GATES_DB[prec]
+                if prec == "int8-dynamic" or prec in qo.WEIGHT_ONLY:
+                    e.ort_session_config = dict(qo.WEIGHT_DQ_SESSION_CONFIG)
             entry.quantization = info
         # ort-mobile: the operator list
         packaging.finish(tmp, [tmp / rel for e in new.components.values() for rel in e.model_paths])

@@ -49,30 +49,31 @@ def _rename_inputs(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
             node.input[i] = renames.get(name, name)
 
 
-def share_weights(model_paths: list[Path], weights_file: str = WEIGHTS_FILE) -> dict:
-    """Rewrite the graphs `model_paths` (all in one folder) to read their initializers of at least MIN_BYTES from
-    one file `weights_file` beside them, every distinct tensor once, and write its index INDEX_FILE (per graph file:
-    initializer name -> offset, length, dtype, shape; the torch- and onnx-free runtime reads it to give several
-    sessions one copy). Returns {"tensors", "bytes", "bytes_before"}. The graphs' former external data files are
-    removed."""
-    folder = model_paths[0].parent
-    if any(p.parent != folder for p in model_paths):
-        raise ValueError("share_weights: the graphs must be in one folder")
+def share_weights(model_paths: list[Path], targets: list[Path] | None = None, weights_file: str = WEIGHTS_FILE) -> dict:
+    """Write the graphs `model_paths` to `targets` (default: in place; all in one folder) so that they read their
+    initializers of at least MIN_BYTES from one file `weights_file` beside them, every distinct tensor once, and
+    write its index INDEX_FILE (per graph file: initializer name -> offset, length, dtype, shape; the torch- and
+    onnx-free runtime reads it to give several sessions one copy). Returns {"tensors", "bytes", "bytes_before"}.
+    In place, the graphs' former external data files are removed."""
+    targets = targets or model_paths
+    folder = targets[0].parent
+    if any(p.parent != folder for p in targets):
+        raise ValueError("share_weights: the target graphs must be in one folder")
     stored: dict[tuple, tuple[str, int, int]] = {}  # content key -> (canonical name, offset, length)
     index: dict[str, dict] = {}
     old_files: set[str] = set()
     before = 0
     tmp = folder / f".{weights_file}.tmp"
     with open(tmp, "wb") as out:
-        for path in model_paths:
+        for path, target in zip(model_paths, targets):
             model = onnx.load(str(path), load_external_data=False)
             graph = model.graph
             names = {t.name for t in graph.initializer}
-            renames, tensors = {}, index.setdefault(path.name, {})
+            renames, tensors = {}, index.setdefault(target.name, {})
             for tensor in graph.initializer:
-                if uses_external_data(tensor):
+                if uses_external_data(tensor) and path.parent == folder:
                     old_files.add(ExternalDataInfo(tensor).location)
-                data = _tensor_bytes(tensor, folder)
+                data = _tensor_bytes(tensor, path.parent)
                 if len(data) < MIN_BYTES:
                     continue
                 before += len(data)
@@ -97,7 +98,7 @@ def share_weights(model_paths: list[Path], weights_file: str = WEIGHTS_FILE) -> 
                 dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).name
                 tensors[tensor.name] = {"offset": offset, "length": length, "dtype": dtype, "shape": list(tensor.dims)}
             _rename_inputs(graph, renames)
-            onnx.save_model(model, str(path))  # only the graph: the tensors point into weights_file
+            onnx.save_model(model, str(target))  # only the graph: the tensors point into weights_file
     tmp.replace(folder / weights_file)
     (folder / INDEX_FILE).write_text(json.dumps({"file": weights_file, "graphs": index}, indent=1) + "\n")
     for name in old_files - {weights_file}:

@@ -160,12 +160,27 @@ def test_coreml_before_ios18_keeps_one_program_per_size(coreml_packages):
     assert "function" not in manifest["sizes"]["96x160"]["components"]["transformer"]
 
 
-def test_quantize_refuses_a_multi_size_package_in_one_line(packages, tmp_path, capsys):
-    argv = ["quantize", str(packages["pixart"]), "--precision", "int8-weights", "--out", str(tmp_path / "q")]
-    assert cli(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert "quantizing of multi-size packages is not supported yet" in err and len(err.splitlines()) == 1
-    assert not (tmp_path / "q").exists()
+def test_quantized_sizes_validate_and_share_their_weights(packages, tmp_path):
+    """int8 weights of every size, each calibrated at its own size; the graphs share one weights file again."""
+    from edit_mobile.export.quantize import quantize_package
+
+    out = tmp_path / "int8"
+    manifest = quantize_package(packages["pixart"], out, "int8-weights", components="transformer", calibration_steps=2)
+    assert list(manifest["sizes"]) == ["96x160", "160x96"]
+    for key in ("96x160", "160x96"):
+        assert manifest["sizes"][key]["components"]["transformer"]["precision"] == "int8-weights"
+    graphs = sorted(p.name for p in (out / "transformer").glob("*.onnx"))
+    assert (
+        graphs == ["model.onnx", "model_160x96.onnx", "model_96x160.onnx"]
+        and (out / "transformer" / "weights.bin").is_file()
+    )
+    shared = manifest["components"]["transformer"]["quantization"]["shared_weights"]
+    assert shared["bytes"] < 0.5 * shared["bytes_before"]  # three sizes' int8 graphs, their weights stored once
+    assert shared["bytes"] < (packages["pixart"] / "transformer" / "weights.bin").stat().st_size  # less than fp32
+    report = validate(str(out), opts=ValidationOptions(steps=2))
+    assert report["passed"] and list(report["sizes"]) == ["128x128", "96x160", "160x96"]
+    for size_report in report["sizes"].values():
+        assert size_report["components"]["transformer"]["precision"] == "int8-weights"
 
 
 def test_bench_measures_the_size_asked_for(packages):
