@@ -106,7 +106,7 @@ def export_package(
         target=target,
         resolution=(height, width),
         batch=batch,
-        latent_shape=tuple(next(s for s in specs if s.name == "vae_decoder").inputs[0].shape[1:]),
+        latent_shape=_latent_shape(specs),
         vae=VaeConfig(scaling_factor=vae.scaling_factor, shift_factor=vae.get("shift_factor")),
         transformer_out_channels=pipe.transformer.config.out_channels,
         resolution_bins=bins,
@@ -127,9 +127,7 @@ def export_package(
             _save_tokenizer(pipe, spec, tmp, manifest)
         for size, size_specs in more.items():
             key = size_key(size)
-            entry = SizeEntry(
-                size, tuple(next(s for s in size_specs if s.name == "vae_decoder").inputs[0].shape[1:]), {}
-            )
+            entry = SizeEntry(size, _latent_shape(size_specs), {})
             for spec in tqdm(size_specs, desc=f"export {key}", unit="component"):
                 exported = exporter.export_component(spec, tmp, manifest, options, stem=f"model_{key}")
                 model_paths += [tmp / rel for rel in exported.entry.model_paths]
@@ -142,6 +140,11 @@ def export_package(
         exporter.finish(tmp, model_paths)
         manifest = writer.finish(manifest)  # every file's sha256, manifest.json last
     return manifest.to_dict()
+
+
+def _latent_shape(specs) -> tuple[int, int, int]:
+    """(C, h, w) of one latent: the VAE decoder's input."""
+    return tuple(next(s for s in specs if s.name == "vae_decoder").inputs[0].shape[1:])
 
 
 def _save_tokenizer(pipe, spec, tmp: Path, manifest: Manifest) -> None:

@@ -65,7 +65,7 @@ class PackageWriter:
         if self.manifest is not None:
             raise RuntimeError("package writer: finish() was already called")
         m = copy.deepcopy(manifest)
-        for entry in [*m.components.values(), *(c for size in m.sizes.values() for c in size.components.values())]:
+        for entry in m.all_entries():
             entry.files = self.hashes(entry.folder)
         for entry in m.text.values():
             entry.files = self.hashes(entry.path)

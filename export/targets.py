@@ -134,7 +134,7 @@ class OnnxTarget(ExportTarget):
         from .shared_weights import share_weights
 
         by_folder: dict[Path, list[Path]] = {}
-        for entry in _all_entries(manifest):
+        for entry in manifest.all_entries():
             for rel in entry.model_paths:
                 path = (root / rel).with_suffix(".onnx")
                 by_folder.setdefault(path.parent, []).append(path)
@@ -149,10 +149,6 @@ class OnnxTarget(ExportTarget):
             f"wrote {out}: {len(manifest['components'])} components at {shown}, max |ONNX - PyTorch| on random "
             f"inputs {worst:.2e}"
         )
-
-
-def _all_entries(manifest: Manifest) -> list[ComponentEntry]:
-    return [*manifest.components.values(), *(c for s in manifest.sizes.values() for c in s.components.values())]
 
 
 def convert_to_ort(model_path: Path) -> Path:

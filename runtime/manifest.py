@@ -578,6 +578,10 @@ class Manifest:
             manifest.at_size(key).check_consistent(Fields(f"{where} (size {key})"))
         return manifest
 
+    def all_entries(self) -> list[ComponentEntry]:
+        """Every component entry: the top level's and each further size's."""
+        return [*self.components.values(), *(c for s in self.sizes.values() for c in s.components.values())]
+
     @property
     def size_keys(self) -> list[str]:
         """Every image size of the package as "WxH", the top-level (default) size first."""
