@@ -5,7 +5,9 @@ teacher or converted (EDiT / MM-EDiT). The package (docs/package.md) holds manif
 component (text encoders, transformer, VAE decoder and encoder), the tokenizers and the scheduler config.
 --target ort-mobile also writes ONNX Runtime's .ort files and required_operators.config for a minimal build.
 --target coreml writes one Core ML ML program (model.mlpackage) per component, each checked against PyTorch by
-the numpy reference executor (docs/coreml.md).
+the numpy reference executor (docs/coreml.md). Several sizes (--resolution repeated, WIDTHxHEIGHT): one static
+transformer and VAE graph per size whose weights are stored once (ONNX: one weights.bin per component; Core ML
+from iOS18 / macOS15: one multi-function program per component), the text encoders once (docs/resolutions.md).
 
 example:
   edit-mobile export tiny-pixart --target onnx --resolution 256 --out pkg
@@ -13,6 +15,8 @@ example:
   edit-mobile export pixart-folder --max-component-mb 2048 --out pkg   # T5-XXL and transformer in <= 2 GB graphs
   edit-mobile export tiny-pixart --transformer-chunks 2 --out pkg     # the transformer as 2 graphs
   edit-mobile export tiny-pixart --resolution 1024 --vae-tile 256 --out pkg   # the VAE decodes 256² tiles
+  edit-mobile export tiny-pixart --resolution 256 --resolution 192x320 --out pkg   # two sizes, one copy of weights
+  edit-mobile export tiny-pixart --aspect-ratios common --out pkg     # PixArt-Σ's buckets for 1:1 ... 16:9
 """
 
 from __future__ import annotations
