@@ -97,6 +97,14 @@ def build_parser(parser):
         "tile by tile, blending the overlaps (as diffusers' enable_tiling), so that 2048² and 4096² images decode "
         "in the memory of one tile",
     )
+    parser.add_argument(
+        "--budget-mb",
+        type=float,
+        default=None,
+        metavar="MB",
+        help="refuse the package (nothing written) when its predicted peak memory with `generate --memory low` "
+        "exceeds this, naming the largest component and the options that shrink it (docs/memory.md)",
+    )
     parser.add_argument("--out", required=True, help="package folder to write (atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing package folder")
     return parser
@@ -120,6 +128,7 @@ def main(args) -> int:
         max_component_mb=args.max_component_mb,
         transformer_chunks=args.transformer_chunks,
         vae_tile=args.vae_tile,
+        budget_mb=args.budget_mb,
     )
     print(export_target(manifest["target"]).summary(manifest, args.out))
     return 0

@@ -9,6 +9,7 @@ share of the FLOPs and of the attention layers' nodes the provider takes, and th
 example:
   edit-mobile inspect pkg --json graph-report.json
   edit-mobile inspect pkg --android --json partitions.json
+  edit-mobile inspect pkg --budget-mb 5000          # predicted peak memory per phase; exit 1 if it cannot fit
 """
 
 from __future__ import annotations
@@ -22,12 +23,33 @@ def build_parser(parser):
     parser.add_argument(
         "--android", action="store_true", help="report the execution-provider partitions instead (ONNX packages)"
     )
+    parser.add_argument(
+        "--budget-mb",
+        type=float,
+        default=None,
+        metavar="MB",
+        help="predict the peak memory of each phase (load, text encoding, denoising, decoding) in both memory "
+        "modes and say whether the package fits in MB (exit 1 if not even --memory low does)",
+    )
     return parser
 
 
 def main(args) -> int:
     import json
 
+    from ..runtime.errors import UserError
+
+    if args.budget_mb is not None:
+        from ..export.budget import fits, format_prediction, predict
+
+        if not args.budget_mb > 0:
+            raise UserError(f"--budget-mb must be positive, got {args.budget_mb}")
+        prediction = predict(args.package)
+        print(format_prediction(prediction, args.budget_mb))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({**prediction, "budget_mb": args.budget_mb, "fits": fits(prediction, args.budget_mb)}, f)
+        return 0 if fits(prediction, args.budget_mb)["low"] else 1
     if args.android:
         from ..export.partitions import android_report as build
         from ..export.partitions import format_android_report as describe

@@ -46,6 +46,7 @@ def export_package(
     max_component_mb: float | None = None,
     transformer_chunks: int | None = None,
     vae_tile: int | None = None,
+    budget_mb: float | None = None,
 ) -> dict:
     """Export every component of the pipeline in `src`; returns the manifest.
 
@@ -60,7 +61,8 @@ def export_package(
     graphs within it, built one chunk at a time (a T5 from a folder is never loaded whole; export/t5_chunks.py).
     `transformer_chunks`: the transformer as that many graphs, split at block boundaries
     (models/transformer_chunks.py). `vae_tile`: the VAE decoder and encoder graphs take square tiles of this many
-    pixels, and the runtime runs them tile by tile with blended overlaps (runtime/tiling.py)."""
+    pixels, and the runtime runs them tile by tile with blended overlaps (runtime/tiling.py). `budget_mb`: refuse
+    (UserError, nothing written) a package whose predicted peak with `--memory low` exceeds it (export/budget.py)."""
     exporter = export_target(target)
     options = exporter.resolve_options(compute_precision=compute_precision, deployment_target=deployment_target)
     if batch not in (1, 2):
@@ -139,7 +141,23 @@ def export_package(
         pipe.scheduler.save_config(tmp / "scheduler")
         exporter.finish(tmp, model_paths)
         manifest = writer.finish(manifest)  # every file's sha256, manifest.json last
+        if budget_mb is not None:
+            _check_budget(tmp, budget_mb)
     return manifest.to_dict()
+
+
+def _check_budget(package: Path, budget_mb: float) -> None:
+    """UserError naming the largest component and what would shrink it when even the low-memory mode's predicted
+    peak exceeds the budget (the package is not written)."""
+    from .budget import fits, predict
+
+    prediction = predict(package)
+    verdict = fits(prediction, budget_mb)
+    if not verdict["low"]:
+        peak = max(prediction["low"].values())
+        raise UserError(f"predicted peak {peak:.0f} MB with --memory low exceeds --budget-mb {budget_mb:.0f}; "
+                        f"{verdict['advice']}")  # fmt: skip
+    logger.info("budget %.0f MB: predicted peaks %s", budget_mb, prediction)
 
 
 def _latent_shape(specs) -> tuple[int, int, int]:
