@@ -1,5 +1,5 @@
-"""`edit-mobile demo`, the README's main job, end to end on a tiny preset (the shipped shapes model is the default;
-its own accuracy is checked in tests/test_shapes.py)."""
+"""`edit-mobile demo`, the README's main job, end to end on the shipped shapes EDiT student (its accuracy is
+checked in tests/test_shipped_shapes.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from edit_mobile.cli.main import main as cli
 
 def test_demo_writes_package_grid_and_reports(tmp_path, capsys):
     out = tmp_path / "demo"
-    args = ["demo", "--model", "tiny-pixart", "--out", str(out), "--prompts", "8", "--steps", "4"]
+    args = ["demo", "--out", str(out), "--prompts", "8", "--steps", "4"]  # the shipped shapes EDiT student
     assert cli(args) == 0
     assert sorted(p.name for p in out.iterdir()) == ["evaluation.json", "grid.png", "package", "validation.json"]
     assert (out / "package" / "manifest.json").is_file()
