@@ -302,7 +302,8 @@ def bench_package(package_dir: str | Path, options: BenchOptions = BenchOptions(
     say = progress or (lambda msg: None)
     loadavg_before = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     start = time.perf_counter()
-    pkg = load_package(package_dir, verify=True).at_size(options.size)  # UserError on a broken package or size
+    whole = load_package(package_dir, verify=True)  # UserError on a missing / broken package
+    pkg = whole.at_size(options.size)  # ... or a size it lacks
     verify_s = time.perf_counter() - start
     # backends without these settings (Core ML) ignore them
     kw = {"threads": options.threads, "cpu_arena": options.cpu_arena, "mem_pattern": options.mem_pattern}
@@ -388,7 +389,7 @@ def bench_package(package_dir: str | Path, options: BenchOptions = BenchOptions(
             "architecture": pkg.architecture,
             "target": pkg.target,
             "resolution": list(pkg.resolution),
-            "sizes": load_package(pkg.root, verify=False).sizes,
+            "sizes": whole.sizes,
             "batch": pkg.batch,
             "latent_shape": list(pkg.latent_shape),
         },
