@@ -210,6 +210,39 @@ def save_multifunction(functions: dict[str, Path], default: str, out: Path) -> N
     tmp.rename(out)
 
 
+def extract_function(src: Path, function: str, out: Path) -> Path:
+    """One function of a multi-function ML program as a one-function program `out` (its function `main`).
+
+    coremltools.optimize refuses multi-function models; Apple's recipe is to compress each function's program and
+    merge them again (`save_multifunction`). coremltools has no public way back from a merged program, so this
+    reads it into a pymil program (the internal loader its own compression passes use; coremltools is pinned),
+    keeps the one function and converts it back without running any pass: the ops and weights are unchanged."""
+    ct = import_coremltools()
+    from coremltools.converters.mil.converter import mil_convert
+    from coremltools.models.utils import _apply_graph_pass
+
+    with quiet_coremltools():
+        model = ct.models.MLModel(str(src), skip_model_load=True)
+        version = model.get_spec().specificationVersion
+        program = _apply_graph_pass(model, [], spec_version=version, return_pymil_prog=True)
+        if function not in program.functions:
+            raise UserError(f"{src} has no function {function!r} (it has {', '.join(program.functions)})")
+        kept = program.functions[function]
+        program.functions.clear()
+        program.functions["main"] = kept
+        program.default_function_name = "main"
+        one = mil_convert(
+            program,
+            convert_to="mlprogram",
+            convert_from="milinternal",
+            specification_version=version,
+            compute_units=ct.ComputeUnit.ALL,
+            skip_model_load=True,
+        )
+        one.save(str(out))
+    return out
+
+
 def package_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 

@@ -40,7 +40,7 @@ from ..runtime.errors import UserError
 from ..runtime.manifest import COREML_PRECISIONS, GATES_DB
 from ..runtime.metrics import psnr
 from ..runtime.package import load_package, read_manifest
-from .coreml_export import import_coremltools, quiet_coremltools
+from .coreml_export import extract_function, import_coremltools, quiet_coremltools, save_multifunction
 from .package_writer import write_package
 
 logger = logging.getLogger(__name__)
@@ -267,7 +267,6 @@ def quantize_coreml_package(
     if calibration_steps < 1:
         raise UserError(f"calibration steps must be >= 1, got {calibration_steps}")
     package = load_package(package_dir)
-    package.require_one_size("compressing")
     names = _parse_components(components, list(package.components), precision)
     for name in names:
         current = package.components[name].precision or "fp32"
@@ -277,46 +276,45 @@ def quantize_coreml_package(
     start = time.perf_counter()
     prompts = list(calibration_prompts or (CALIBRATION_PROMPTS if precision == "w8a8" else CALIBRATION_PROMPTS[:1]))
     steps = calibration_steps if precision == "w8a8" else 2
-    feeds = record_inputs(package, prompts, steps)
+    # A multi-size package: each size's program of a size-dependent component is compressed and checked on that
+    # size's own recorded inputs (the text encoders once, at the default size).
+    keys_of = {
+        name: [package.sizes[0], *(k for k, size in package.manifest.sizes.items() if name in size.components)]
+        for name in names
+    }
+    views = {key: package.at_size(key) for key in dict.fromkeys(k for keys in keys_of.values() for k in keys)}
+    feeds = {key: record_inputs(view, prompts, steps) for key, view in views.items()}
+    calibration = {"prompts": len(prompts), "steps": steps} if precision == "w8a8" else None
     new = copy.deepcopy(package.manifest)
     new.validation = None
     with write_package(out_dir, overwrite=overwrite) as writer:
         tmp = writer.root
         writer.copy_from(package, skip_components=names)
         for name in names:
-            comp = package.components[name]
-            t0 = time.perf_counter()
-            dst = tmp / comp.relpath
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            samples = feeds[name]
-            compress_program(comp.path, dst, precision, samples, comp.entry.deployment_target or "iOS17")
-            seconds = time.perf_counter() - t0
-            expansion = check_expansion(dst)
-            check = _compare_programs(comp.path, dst, samples[: max(1, min(len(samples), 4))])
-            entry = new.components[name]
-            entry.precision = precision
-            entry.gate_psnr_db = GATES_DB[precision]
-            entry.quantization = {
-                "method": f"coremltools.optimize.coreml ({_describe(precision, comp.entry.deployment_target)})",
-                "source_precision": comp.precision,
-                "weight_threshold": WEIGHT_THRESHOLD,
-                "compressed_ops": list(COMPRESSED_OPS),
-                "calibration": {"prompts": len(prompts), "steps": steps, "samples": len(samples)}
-                if precision == "w8a8"
-                else None,
-                "expansion_check": expansion,
-                "check": check,
-                "seconds": round(seconds, 2),
-                "size_bytes": {"source": _size(comp.path), "quantized": _size(dst)},
-            }
-            logger.info(
-                "%s -> %s: %.1f dB vs the %s program, %.2fx the size",
-                name,
-                precision,
-                check["psnr_db"],
-                comp.precision,
-                _size(dst) / max(_size(comp.path), 1),
-            )
+            keys = keys_of[name]
+            entries = {key: new.at_size(key).components[name] for key in keys}
+            with tempfile.TemporaryDirectory(dir=tmp, prefix=f".{name}-") as work:
+                merged = {}  # multi-function program: function -> its compressed one-function program
+                for key in keys:
+                    comp, entry = views[key].components[name], entries[key]
+                    src, dst = comp.path, tmp / comp.relpath
+                    if entry.function is not None:  # compress one function at a time, merge them again below
+                        src = extract_function(comp.path, entry.function, Path(work) / f"{key}-source.mlpackage")
+                        dst = merged[entry.function] = Path(work) / f"{key}.mlpackage"
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    entry.quantization = _compress_checked(src, dst, precision, comp, feeds[key][name], calibration)
+                    entry.precision, entry.gate_psnr_db = precision, GATES_DB[precision]
+                    logger.info("%s%s -> %s: %.1f dB vs the %s program", name, f" {key}" if len(keys) > 1 else "",
+                                precision, entry.quantization["check"]["psnr_db"], comp.precision)  # fmt: skip
+                if merged:
+                    default = entries[keys[0]]
+                    save_multifunction(merged, default.function, tmp / default.path)
+            for key in keys:  # the file each entry's program is in, as written
+                entry = entries[key]
+                entry.quantization["size_bytes"] = {
+                    "source": _size(views[key].components[name].path),
+                    "quantized": _size(tmp / entry.path),
+                }
         new.quantization = {
             "precision": precision,
             "components": {n: precision for n in names},
@@ -324,6 +322,27 @@ def quantize_coreml_package(
         }
         new = writer.finish(new)  # every file's sha256, manifest.json last
     return new.to_dict()
+
+
+def _compress_checked(
+    src: Path, dst: Path, precision: str, comp, samples: list[dict], calibration: dict | None
+) -> dict:
+    """Compress one one-function program and check it: its constexpr weights against coremltools' own
+    decompression, its outputs against the source program on recorded inputs. Returns the manifest
+    `quantization` of its entry (without sizes)."""
+    t0 = time.perf_counter()
+    compress_program(src, dst, precision, samples, comp.entry.deployment_target or "iOS17")
+    seconds = time.perf_counter() - t0
+    return {
+        "method": f"coremltools.optimize.coreml ({_describe(precision, comp.entry.deployment_target)})",
+        "source_precision": comp.precision,
+        "weight_threshold": WEIGHT_THRESHOLD,
+        "compressed_ops": list(COMPRESSED_OPS),
+        "calibration": {**calibration, "samples": len(samples)} if calibration else None,
+        "expansion_check": check_expansion(dst),
+        "check": _compare_programs(src, dst, samples[: max(1, min(len(samples), 4))]),
+        "seconds": round(seconds, 2),
+    }
 
 
 def _describe(precision: str, deployment_target: str | None) -> str:

@@ -147,8 +147,6 @@ def quantize_package(
     # A multi-size package: the size-dependent components in the plan are quantized per size, each calibrated on
     # its own size's trajectories, and their graphs then share one weights file again (export/shared_weights.py).
     sized = {key: [n for n in plan if n in size.components] for key, size in package.manifest.sizes.items()}
-    if any(package.components[n].entry.chunks for names in sized.values() for n in names):
-        raise UserError("quantizing a chunked component of a multi-size package is not supported yet")
     if all(name.startswith("text_encoder") for name in plan):  # their inputs need no model run
         calib = record_text_inputs(package, prompts, list(plan))
     else:
@@ -181,17 +179,21 @@ def quantize_package(
             )
             entries = {key: new.sizes[key].components[name] for key in views if name in sized[key]}
             if entries:  # the other sizes' graphs of this component, then one weights file for all of them
-                graphs = {"": tmp / name / "model.onnx"}
                 for key in entries:
-                    work = tmp / name / f".size-{key}"
                     entries[key].quantization = quantize_component(
-                        views[key], name, prec, work, size_calib[key], per_channel=per_channel,
+                        views[key], name, prec, tmp / name / f".size-{key}", size_calib[key], per_channel=per_channel,
                         calibration_method=calibration_method, sensitivity=sensitivity, threads=threads,
                         keep_8bit=keep_8bit if prec == "int4-weights" else 0,
                     )  # fmt: skip
-                    graphs[key] = work / "model.onnx"
-                targets = [tmp / name / ("model.onnx" if key == "" else f"model_{key}.onnx") for key in graphs]
-                info["shared_weights"] = share_weights(list(graphs.values()), targets)
+                info["shared_weights"] = {}
+                for folder in dict.fromkeys(posixpath.dirname(rel) for rel in entry.model_paths):  # chunk-NN/ each
+                    sub = posixpath.relpath(folder, name)  # "." or "chunk-NN"
+                    graphs = [
+                        tmp / folder / "model.onnx",
+                        *(tmp / name / f".size-{k}" / sub / "model.onnx" for k in entries),
+                    ]
+                    targets = [tmp / folder / "model.onnx", *(tmp / folder / f"model_{k}.onnx" for k in entries)]
+                    info["shared_weights"][folder] = share_weights(graphs, targets)
                 for key in entries:
                     shutil.rmtree(tmp / name / f".size-{key}")
             for key, e in [("", entry), *entries.items()]:

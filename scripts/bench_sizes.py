@@ -3,11 +3,14 @@ resident memory of one process that keeps every size's transformer and VAE decod
 (without and with `SharedWeights`; once the sessions are created, and after each ran once, when ONNX Runtime's
 arenas hold their activations), and the transformer's step time per size and per image token.
 
-    python scripts/bench_sizes.py SRC --resolution 512 --resolution 768x1344 --resolution 1024 --work DIR \\
-        --json docs/bench_sizes.json
+    python scripts/bench_sizes.py SRC --resolution 1024 --resolution 768x1344 --resolution 512 --resolution 2048 \\
+        --vae-tile 256 --int8 --work DIR --json docs/bench_sizes.json
 
 SRC is a preset or a diffusers folder (e.g. the `pixart-sigma-xl` preset converted to EDiT). The packages are
-exported into WORK once and reused. Memory is measured in a fresh process per case (spawn), after creating the
+exported into WORK once and reused. `--vae-tile` exports the VAE for tiles (what 2048² needs: its untiled decoder's
+mid-block attention alone would take 17 GB); `--int8` also quantizes both packages' transformer and text encoder
+to int8-weights (calibrated on one prompt, two steps per size: enough to pass the gate, and what the package size
+needs) and compares their sizes. Memory is measured in a fresh process per case (spawn), after creating the
 sessions and after running each once, as the VmRSS of that process minus its baseline after importing the runtime.
 """
 
@@ -86,6 +89,7 @@ def _in_fresh_process(fn, *args):
 
 def main() -> None:
     from edit_mobile.export.package import export_package
+    from edit_mobile.export.quantize import quantize_package
     from edit_mobile.runtime.bench import folder_size_mb, machine_info
     from edit_mobile.runtime.package import load_package
 
@@ -93,6 +97,8 @@ def main() -> None:
     parser.add_argument("src")
     parser.add_argument("--resolution", action="append", required=True, metavar="N|WxH")
     parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--vae-tile", type=int, metavar="PX")
+    parser.add_argument("--int8", action="store_true", help="also compare the int8-weights packages' sizes")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -100,12 +106,26 @@ def main() -> None:
     one, every = args.work / "one-size", args.work / "all-sizes"
     for out, sizes in ((one, args.resolution[:1]), (every, args.resolution)):
         if not out.is_dir():
-            export_package(args.src, out, resolution=sizes)
+            export_package(args.src, out, resolution=sizes, vae_tile=args.vae_tile)
+    package_mb = {"fp32": {"one_size": folder_size_mb(one), "all_sizes": folder_size_mb(every)}}
+    if args.int8:
+        prompts = args.work / "calibration.txt"
+        prompts.write_text("a red circle on a blue background\n")
+        for out in (one, every):
+            quantized = out.with_name(out.name + "-int8")
+            if not quantized.is_dir():
+                quantize_package(out, quantized, "int8-weights", calibration_prompts=prompts, calibration_steps=2)
+        package_mb["int8-weights"] = {
+            "one_size": folder_size_mb(f"{one}-int8"),
+            "all_sizes": folder_size_mb(f"{every}-int8"),
+        }
+    for entry in package_mb.values():
+        entry["ratio"] = round(entry["all_sizes"] / entry["one_size"], 3)
     sizes = load_package(every, verify=False).sizes
     report = {
         "src": args.src,
         "machine": machine_info(),
-        "package_mb": {"one_size": folder_size_mb(one), "all_sizes": folder_size_mb(every)},
+        "package_mb": package_mb,
         "memory": [
             _in_fresh_process(sessions_memory, str(every), sizes[:1], False),
             _in_fresh_process(sessions_memory, str(every), sizes, False),
@@ -113,7 +133,6 @@ def main() -> None:
         ],
         "steps": [step_time(str(every), key, args.runs) for key in sizes],
     }
-    report["package_mb"]["ratio"] = round(report["package_mb"]["all_sizes"] / report["package_mb"]["one_size"], 3)
     one = report["memory"][0]
     for case in report["memory"]:
         case["loaded_vs_one_size"] = round(case["loaded_mb"] / one["loaded_mb"], 3)

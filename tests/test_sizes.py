@@ -160,6 +160,36 @@ def test_coreml_before_ios18_keeps_one_program_per_size(coreml_packages):
     assert "function" not in manifest["sizes"]["96x160"]["components"]["transformer"]
 
 
+@pytest.mark.parametrize("target", ["iOS18", "iOS17"])
+def test_coreml_sizes_compress_each_function(coreml_packages, tmp_path, target):
+    """Core ML compression of a multi-size package: each size's program (iOS18: each function of the one
+    multi-function program, merged again with its weights stored once) compressed and checked on its own size's
+    recorded inputs; every size validates."""
+    from edit_mobile.export.coreml_export import extract_function
+    from edit_mobile.export.coreml_quantize import quantize_coreml_package
+    from edit_mobile.runtime.mil import MILProgram
+
+    out = tmp_path / "int8"
+    manifest = quantize_coreml_package(coreml_packages / target, out, "int8-weights", components="transformer")
+    folder = out / "transformer"
+    for key, entry in [("128x128", manifest["components"]["transformer"]),
+                       ("96x160", manifest["sizes"]["96x160"]["components"]["transformer"])]:  # fmt: skip
+        assert entry["precision"] == "int8-weights" and entry["quantization"]["check"]["psnr_db"] > 35
+        assert entry.get("function") == (f"image_{key}" if target == "iOS18" else None)
+    if target == "iOS18":
+        assert sorted(p.name for p in folder.iterdir()) == ["model.mlpackage"]
+        one = extract_function(folder / "model.mlpackage", "image_96x160", tmp_path / "one.mlpackage")
+        compressed = [op for op in MILProgram(one).ops if op.type.startswith("constexpr_")]
+        assert compressed  # the function's weights are compressed ...
+        # ... and stored once for both functions (only the per-size position table differs)
+        (merged,), (alone,) = folder.rglob("weight.bin"), one.rglob("weight.bin")
+        assert merged.stat().st_size < 1.2 * alone.stat().st_size
+    else:
+        assert sorted(p.name for p in folder.iterdir()) == ["model.mlpackage", "model_96x160.mlpackage"]
+    report = validate(str(out), opts=ValidationOptions(steps=2))
+    assert report["passed"] and list(report["sizes"]) == ["128x128", "96x160"]
+
+
 def test_quantized_sizes_validate_and_share_their_weights(packages, tmp_path):
     """int8 weights of every size, each calibrated at its own size; the graphs share one weights file again."""
     from edit_mobile.export.quantize import quantize_package
@@ -174,13 +204,30 @@ def test_quantized_sizes_validate_and_share_their_weights(packages, tmp_path):
         graphs == ["model.onnx", "model_160x96.onnx", "model_96x160.onnx"]
         and (out / "transformer" / "weights.bin").is_file()
     )
-    shared = manifest["components"]["transformer"]["quantization"]["shared_weights"]
+    shared = manifest["components"]["transformer"]["quantization"]["shared_weights"]["transformer"]
     assert shared["bytes"] < 0.5 * shared["bytes_before"]  # three sizes' int8 graphs, their weights stored once
     assert shared["bytes"] < (packages["pixart"] / "transformer" / "weights.bin").stat().st_size  # less than fp32
     report = validate(str(out), opts=ValidationOptions(steps=2))
     assert report["passed"] and list(report["sizes"]) == ["128x128", "96x160", "160x96"]
     for size_report in report["sizes"].values():
         assert size_report["components"]["transformer"]["precision"] == "int8-weights"
+
+
+def test_chunked_sizes_quantize_chunk_by_chunk(tiny_dirs, tmp_path):
+    """A chunked transformer at two sizes: each chunk's graphs of both sizes quantized and sharing one weights file
+    in that chunk's folder; both sizes validate."""
+    from edit_mobile.export.quantize import quantize_package
+
+    src, fp32, out = str(tiny_dirs["tiny-pixart-edit-trained"]), tmp_path / "fp32", tmp_path / "int8"
+    export_package(src, fp32, resolution=SIZES[:2], max_text_tokens=32, transformer_chunks=2)
+    manifest = quantize_package(fp32, out, "int8-weights", components="transformer", calibration_steps=2)
+    shared = manifest["components"]["transformer"]["quantization"]["shared_weights"]
+    assert list(shared) == ["transformer/chunk-00", "transformer/chunk-01"]
+    for folder in shared:
+        assert sorted(p.name for p in (out / folder).glob("*.onnx")) == ["model.onnx", "model_96x160.onnx"]
+        assert shared[folder]["bytes"] < 0.6 * shared[folder]["bytes_before"]
+    report = validate(str(out), opts=ValidationOptions(steps=2))
+    assert report["passed"] and list(report["sizes"]) == ["128x128", "96x160"]
 
 
 def test_bench_measures_the_size_asked_for(packages):
