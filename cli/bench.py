@@ -17,7 +17,12 @@ HELP = "latency, load time, memory and size of a package (per component and end 
 def build_parser(parser):
     parser.add_argument("package", metavar="PKG", help="package folder written by `edit-mobile export` / `quantize`")
     # Validated in main (not with argparse choices), so that a bad value is one error line, like every input error.
-    parser.add_argument("--backend", default="ort", help="ort (default), coreml (macOS) or coreml-reference")
+    parser.add_argument(
+        "--backend",
+        default=None,
+        help="ort, coreml (macOS), coreml-reference or executorch (default: the package's: ort for ONNX, "
+        "coreml on macOS and coreml-reference elsewhere for Core ML, executorch for ExecuTorch)",
+    )
     parser.add_argument("--runs", type=int, default=5, help="timed runs per component and end to end (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs before them (default 1)")
     parser.add_argument(

@@ -8,10 +8,13 @@ component (text encoders, transformer, VAE decoder and encoder), the tokenizers 
 the numpy reference executor (docs/coreml.md). Several sizes (--resolution repeated, WIDTHxHEIGHT): one static
 transformer and VAE graph per size whose weights are stored once (ONNX: one weights.bin per component; Core ML
 from iOS18 / macOS15: one multi-function program per component), the text encoders once (docs/resolutions.md).
+--target executorch writes one ExecuTorch program (model.pte) per component, lowered to the XNNPACK delegate and
+checked against PyTorch in ExecuTorch's own runtime (pip install -e '.[executorch]'; docs/executorch.md).
 
 example:
   edit-mobile export tiny-pixart --target onnx --resolution 256 --out pkg
   edit-mobile export tiny-pixart --target coreml --resolution 256 --compute-precision fp16 --out pkg-coreml
+  edit-mobile export tiny-pixart --target executorch --resolution 256 --out pkg-et   # .pte, XNNPACK
   edit-mobile export pixart-folder --max-component-mb 2048 --out pkg   # T5-XXL and transformer in <= 2 GB graphs
   edit-mobile export tiny-pixart --transformer-chunks 2 --out pkg     # the transformer as 2 graphs
   edit-mobile export tiny-pixart --resolution 1024 --vae-tile 256 --out pkg   # the VAE decodes 256² tiles
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 from ..runtime.manifest import TARGETS
 
-HELP = "export a pipeline to an ONNX / ORT-mobile package with static shapes"
+HELP = "export a pipeline to an ONNX / ORT-mobile / Core ML / ExecuTorch package with static shapes"
 
 
 def build_parser(parser):
@@ -71,6 +74,13 @@ def build_parser(parser):
         default=None,
         metavar="iOS17|iOS18|macOS14|macOS15",
         help="Core ML only: minimum deployment target (default iOS17)",
+    )
+    parser.add_argument(
+        "--delegate",
+        default=None,
+        metavar="xnnpack|portable",
+        help="ExecuTorch only: the delegate the programs are lowered to (default xnnpack; portable: none, "
+        "ExecuTorch's portable CPU kernels)",
     )
     parser.add_argument(
         "--max-component-mb",
@@ -125,6 +135,7 @@ def main(args) -> int:
         overwrite=args.overwrite,
         compute_precision=args.compute_precision,
         deployment_target=args.deployment_target,
+        delegate=args.delegate,
         max_component_mb=args.max_component_mb,
         transformer_chunks=args.transformer_chunks,
         vae_tile=args.vae_tile,

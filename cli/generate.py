@@ -32,7 +32,9 @@ def build_parser(parser):
         help=f"classifier-free guidance scale; <= 1 disables it (default: {describe(lambda f: f.default_guidance)})",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the numpy initial noise (default 0)")
-    parser.add_argument("--backend", default="ort", help="inference backend (default ort)")
+    parser.add_argument(
+        "--backend", default=None, help="inference backend (default: the package's; ort for ONNX packages)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the backend's)")
     parser.add_argument(
         "--size",

@@ -65,7 +65,7 @@ _EXTRA_OF = {
         "psutil",
     )
 }
-_EXTRA_OF.update(coremltools="coreml", sklearn="coreml")
+_EXTRA_OF.update(coremltools="coreml", sklearn="coreml", executorch="executorch", torchao="executorch")
 
 
 def _hide_torchvision_notice(record: logging.LogRecord) -> bool:

@@ -271,8 +271,59 @@ class CoreMLTarget(ExportTarget):
         )
 
 
+class ExecuTorchTarget(ExportTarget):
+    """One ExecuTorch program (model.pte) per component, lowered to XNNPACK by default, checked against PyTorch in
+    ExecuTorch's own runtime (export/executorch_export.py)."""
+
+    name = "executorch"
+    options = {"delegate": "xnnpack"}
+
+    def resolve_options(self, **given) -> dict:
+        from .executorch_export import check_delegate, import_executorch
+
+        options = super().resolve_options(**given)
+        check_delegate(options["delegate"])
+        import_executorch()  # a one-line error before anything is loaded when the extra is missing
+        return options
+
+    def export_component(self, spec, root, manifest, options, stem="model") -> ExportedComponent:
+        from .executorch_export import export_pte, pte_parity
+
+        if spec.chunks:
+            raise UserError(
+                f"{spec.name} is chunked (--max-component-mb / --transformer-chunks): chunked components export to "
+                "ONNX only"
+            )
+        start = time.perf_counter()
+        graph = spec.graph()
+        path, delegation = export_pte(graph, root / spec.name, options["delegate"], stem=stem)
+        parity = pte_parity(graph, path)
+        entry = component_entry(spec, path.relative_to(root), precision="fp32", tiling=spec.tiling)
+        info = {
+            "seconds": round(time.perf_counter() - start, 2),
+            "delegate": options["delegate"],
+            "bytes": path.stat().st_size,
+            "delegation": delegation,
+            "executorch_vs_torch_max_abs": parity,
+        }
+        return ExportedComponent(path, entry, info)
+
+    def combine_sizes(self, manifest, root, options) -> dict:
+        return {"weights": "one .pte per size, weights not shared"}
+
+    def summary(self, manifest, out) -> str:
+        records = [e for e in manifest["export"].values() if "executorch_vs_torch_max_abs" in e]
+        worst = max(v for e in records for v in e["executorch_vs_torch_max_abs"].values())
+        return (
+            f"wrote {out}: {len(manifest['components'])} ExecuTorch components ({records[0]['delegate']}), "
+            f"max |ExecuTorch - PyTorch| on random inputs {worst:.2e}"
+        )
+
+
 # Same names and order as runtime/manifest.py's TARGETS (the closed set a manifest may name; a test checks it).
-EXPORT_TARGETS: dict[str, ExportTarget] = {t.name: t for t in (OnnxTarget(), OrtMobileTarget(), CoreMLTarget())}
+EXPORT_TARGETS: dict[str, ExportTarget] = {
+    t.name: t for t in (OnnxTarget(), OrtMobileTarget(), CoreMLTarget(), ExecuTorchTarget())
+}
 
 
 def export_target(name: str) -> ExportTarget:

@@ -13,7 +13,8 @@ A backend is a class registered in `BACKENDS` under its `name`, with:
   `__init__(model_path, input_specs, output_names, **options)` and `run(inputs)`.
 The runtime asks the registry (`create_backend`, `component_backend`, `backend_for_target`) and never branches on a
 backend's name. Built in: `ort` (runtime/ort_backend.py), `coreml` and `coreml-reference`
-(runtime/coreml_backend.py; the latter runs the numpy MIL executor of runtime/mil).
+(runtime/coreml_backend.py; the latter runs the numpy MIL executor of runtime/mil), `executorch`
+(runtime/executorch_backend.py; optional, it imports torch and executorch when created).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 
 from .coreml_backend import CoreMLBackend, CoreMLReferenceBackend
 from .errors import UserError
+from .executorch_backend import ExecuTorchBackend
 from .io_specs import TensorSpec, as_specs, check_inputs
 from .ort_backend import OrtBackend
 from .package import Package
@@ -53,7 +55,7 @@ def register_backend(cls: type) -> type:
     return cls
 
 
-for _cls in (OrtBackend, CoreMLBackend, CoreMLReferenceBackend):
+for _cls in (OrtBackend, CoreMLBackend, CoreMLReferenceBackend, ExecuTorchBackend):
     register_backend(_cls)
 
 
@@ -84,8 +86,8 @@ def create_backend(
     **options,
 ) -> Backend:
     """A backend by name: "ort" (ONNX Runtime), "coreml" (Core ML, macOS), "coreml-reference" (numpy executor of
-    the Core ML program, runtime/mil). `options` that this backend does not take but another one does are
-    ignored (e.g. `threads` for Core ML); an option no backend takes is a TypeError."""
+    the Core ML program, runtime/mil), "executorch" (ExecuTorch's runtime). `options` that this backend does not
+    take but another one does are ignored (e.g. `threads` for Core ML); an option no backend takes is a TypeError."""
     cls = backend_class(name)
     known = set().union(*(c.options for c in BACKENDS.values()))
     unknown = sorted(set(options) - known)
@@ -117,12 +119,19 @@ class ChainBackend:
 
 
 def component_backend(
-    package: Package, component: str, backend: str = "ort", stream_chunks: bool = False, **options
+    package: Package, component: str, backend: str | None = None, stream_chunks: bool = False, **options
 ) -> Backend:
     """The backend for one package component, with the manifest's input specs and output names, and the options
     its manifest entry sets (explicit `options` take precedence); a chained one for a chunked component, a tiled
-    one for a tiled component (`stream_chunks`: its chunks created one at a time as the chain runs)."""
+    one for a tiled component (`stream_chunks`: its chunks created one at a time as the chain runs). `backend`
+    None: the package target's (`backend_for_target`); one that does not run this target is a UserError."""
+    backend = backend or backend_for_target(package.target)
     cls = backend_class(backend)
+    if (package.target or "onnx") not in cls.targets:
+        raise UserError(
+            f"the {backend} backend runs {' / '.join(cls.targets)} packages, not {package.root} (target "
+            f"{package.target}): use --backend {backend_for_target(package.target)}"
+        )
     comp = package.component(component)
     options = {**cls.manifest_options(comp.entry), **options}
     tiling = comp.entry.tiling

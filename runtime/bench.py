@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import backend_class, component_backend
+from .backends import backend_class, backend_for_target, component_backend
 from .errors import UserError
 from .io_specs import to_numpy_dtype
 from .package import Package, installed_version, load_package
@@ -38,7 +38,7 @@ DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon"
 
 @dataclass(frozen=True)
 class BenchOptions:
-    backend: str = "ort"
+    backend: str | None = None  # None: the package target's (ONNX Runtime, Core ML, ExecuTorch)
     runs: int = 5  # timed samples per component and end to end (N)
     warmup: int = 1  # untimed calls before them (K)
     threads: int | None = None  # ONNX Runtime intra-op threads (None: its default, one per physical core)
@@ -53,7 +53,8 @@ class BenchOptions:
     size: str | None = None  # image size "WxH" of a multi-size package (None: its default size)
 
     def check(self) -> None:
-        backend_class(self.backend)  # UserError naming the registered backends
+        if self.backend is not None:
+            backend_class(self.backend)  # UserError naming the registered backends
         if self.runs < 1:
             raise UserError(f"--runs must be >= 1, got {self.runs}")
         if self.warmup < 0:
@@ -395,6 +396,7 @@ def bench_package(package_dir: str | Path, options: BenchOptions = BenchOptions(
         },
         "protocol": {
             **asdict(options),
+            "backend": options.backend or backend_for_target(pkg.target),
             "e2e_runs": e2e_runs,
             "guidance": guidance,
             "cfg": guidance > 1.0,

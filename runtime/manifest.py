@@ -26,7 +26,7 @@ from .tiling import Tiling
 
 SCHEMA_VERSION = 1
 FAMILIES = tuple(FAMILY_REGISTRY)  # the family registry's names (runtime/families.py)
-TARGETS = ("onnx", "ort-mobile", "coreml")
+TARGETS = ("onnx", "ort-mobile", "coreml", "executorch")
 # What `edit-mobile quantize` makes of an fp32 package's components, per format.
 ONNX_PRECISIONS = ("fp16", "int8-dynamic", "int8-static", "int8-weights", "int4-weights")
 COREML_PRECISIONS = ("int8-weights", "int4-weights", "palettize-4", "palettize-6", "w8a8")

@@ -57,7 +57,7 @@ class Text2ImagePipeline:
     def __init__(
         self,
         package: Package | str | Path,
-        backend: str = "ort",
+        backend: str | None = None,
         threads: int | None = None,
         optimization: str = "all",
         providers: list[str] | None = None,
@@ -79,7 +79,7 @@ class Text2ImagePipeline:
         (default mode only) and pre-planned activation buffers (runtime/ort_backend.py; other backends ignore them).
         `shared_weights`: one `runtime/shared_weights.py: SharedWeights` given to the pipelines of several sizes of
         one package, so that their sessions hold one copy of the weights."""
-        if backend not in BACKENDS:
+        if backend is not None and backend not in BACKENDS:
             raise UserError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
         if memory not in MEMORY_MODES:
             raise UserError(f"unknown memory mode {memory!r} (choose from {', '.join(MEMORY_MODES)})")

@@ -72,7 +72,7 @@ class TrajectoryRecorder:
     """Records trajectories with the package's own sampling loop (numpy + `backend`)."""
 
     def __init__(
-        self, package: Package, backend: str = "ort", threads: int | None = None, backends: dict | None = None
+        self, package: Package, backend: str | None = None, threads: int | None = None, backends: dict | None = None
     ):
         """`backends`: already created backends by component name, as `Text2ImagePipeline` takes them."""
         self.package = package

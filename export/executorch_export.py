@@ -1,0 +1,161 @@
+"""ExecuTorch export of one component: `torch.export` -> Edge dialect, lowered to a delegate -> a `.pte` program.
+
+ExecuTorch is what more and more phones run PyTorch models with: its XNNPACK delegate is the CPU path on Android and
+iOS, and unlike Core ML it runs on Linux, so the kernels a phone uses check the export here (`executorch.runtime`).
+
+The program is traced with the component's static example inputs (shapes are fixed, as in every target), lowered
+with `to_edge_transform_and_lower` and the delegate's partitioner (default XNNPACK; "portable" keeps every operator
+on ExecuTorch's portable CPU kernels, the reference the delegate is compared with), and serialised with
+`to_executorch()`. One rewrite is needed first: ConvFusion's GroupNorm statistics use `aten.var_mean`, which is not
+in the core ATen opset ExecuTorch's verifier accepts; it becomes `var` + `mean` (both core ATen, same arithmetic).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..runtime.errors import UserError
+from .components import ComponentSpec
+
+logger = logging.getLogger(__name__)
+
+DELEGATES = ("xnnpack", "portable")  # portable: no delegate, ExecuTorch's portable CPU kernels
+
+
+def import_executorch():
+    """The executorch package, or a one-line UserError naming the extra that installs it."""
+    try:
+        import executorch
+        import executorch.exir  # noqa: F401  (the exporter; a broken install fails here, not mid-export)
+    except ImportError as e:
+        raise UserError(f"--target executorch needs ExecuTorch: pip install -e '.[executorch]' ({e})") from None
+    return executorch
+
+
+def check_delegate(delegate: str) -> None:
+    if delegate not in DELEGATES:
+        raise UserError(f"unknown --delegate {delegate!r}; expected one of {', '.join(DELEGATES)}")
+
+
+def _decompositions() -> dict:
+    """ATen ops our models emit that are outside the core ATen opset ExecuTorch verifies, rewritten into core ones
+    (everything else stays as exported, so the delegate sees linear / conv / sdpa whole)."""
+    aten = torch.ops.aten
+
+    def var_mean(x, dim=None, *, correction=None, keepdim=False):
+        return aten.var.correction(x, dim, correction=correction, keepdim=keepdim), aten.mean.dim(x, dim, keepdim)
+
+    return {aten.var_mean.correction: var_mean}
+
+
+def partitioners(delegate: str) -> list:
+    if delegate == "portable":
+        return []
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    return [XnnpackPartitioner()]
+
+
+def export_pte(spec: ComponentSpec, out_dir: Path, delegate: str = "xnnpack", stem: str = "model") -> tuple[Path, dict]:
+    """Trace `spec.module` with static example inputs, lower it to `delegate` and write `out_dir/<stem>.pte`;
+    returns its path and what the delegate took (`delegation`)."""
+    check_delegate(delegate)
+    import_executorch()
+    from executorch.exir import to_edge_transform_and_lower
+
+    gen = torch.Generator().manual_seed(0)
+    example = tuple(s.example(gen) for s in spec.inputs)
+    with torch.no_grad():
+        program = torch.export.export(spec.module.eval(), example).run_decompositions(_decompositions())
+    lowered = to_edge_transform_and_lower(program, partitioner=partitioners(delegate))
+    report = delegation(lowered.exported_program())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{stem}.pte"
+    path.write_bytes(lowered.to_executorch().buffer)
+    return path, report
+
+
+# Layout-only operators: no arithmetic (XNNPACK folds most of them into its kernels' strides).
+LAYOUT_OPS = ("view", "permute", "unsqueeze", "squeeze", "expand", "slice", "select", "clone", "alias", "dim_order")
+
+
+def _op_name(node) -> str:
+    return getattr(node.target, "__name__", str(node.target))  # an Edge op: "aten.linear.default"
+
+
+def _shape(node) -> tuple:
+    val = node.meta.get("val")
+    val = val[0] if isinstance(val, (tuple, list)) else val
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else ()
+
+
+def node_flops(node) -> int:
+    """Arithmetic of one Edge operator from its static shapes: 2·out·K for linear / matmul / convolution (K the
+    reduction length), one per output element for the rest, none for layout operators."""
+    name, out = _op_name(node), int(np.prod(_shape(node))) if _shape(node) else 0
+    if any(op in name for op in LAYOUT_OPS):
+        return 0
+    if ".linear." in name:
+        return 2 * out * _shape(node.args[1])[-1]  # weight (out_features, in_features)
+    if ".convolution." in name:
+        return 2 * out * int(np.prod(_shape(node.args[1])[1:]))  # weight (C_out, C_in / groups, kh, kw)
+    if any(f".{op}." in name for op in ("mm", "bmm", "matmul")):
+        return 2 * out * _shape(node.args[0])[-1]
+    if ".addmm." in name:
+        return 2 * out * _shape(node.args[1])[-1]
+    return out
+
+
+def delegation(program) -> dict:
+    """What the delegate took from a lowered Edge program: its operators and FLOPs (`node_flops`) inside delegate
+    calls, and the operators left to ExecuTorch's portable CPU kernels (counted by name)."""
+    gm = program.graph_module
+    delegated_ops = delegated_flops = portable_flops = 0
+    portable: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and hasattr(getattr(gm, node.target), "original_module"):
+            inner = [n for n in getattr(gm, node.target).original_module.graph.nodes if n.op == "call_function"]
+            delegated_ops += len([n for n in inner if "getitem" not in _op_name(n)])
+            delegated_flops += sum(node_flops(n) for n in inner)
+        elif node.op == "call_function" and _op_name(node) not in ("getitem", "executorch_call_delegate"):
+            name = _op_name(node)
+            portable[name] = portable.get(name, 0) + 1
+            portable_flops += node_flops(node)
+    ops = delegated_ops + sum(portable.values())
+    flops = delegated_flops + portable_flops
+    return {
+        "delegated_ops": delegated_ops,
+        "portable_ops": dict(sorted(portable.items())),
+        "delegated_op_fraction": round(delegated_ops / ops, 4) if ops else 0.0,
+        "delegated_flop_fraction": round(delegated_flops / flops, 4) if flops else 0.0,
+        "gflops": round(flops / 1e9, 3),
+    }
+
+
+def load_method(path: Path):
+    """The `forward` method of a .pte program, loaded by ExecuTorch's runtime (the one phones link)."""
+    from executorch.runtime import Runtime
+
+    try:
+        return Runtime.get().load_program(str(path)).load_method("forward")
+    except Exception as e:  # the runtime raises RuntimeError / ValueError with its own status text
+        raise UserError(f"{path}: ExecuTorch cannot load this program ({str(e).splitlines()[0]})") from None
+
+
+def pte_parity(spec: ComponentSpec, path: Path, seed: int = 1) -> dict:
+    """Run the program in ExecuTorch's runtime and the module in PyTorch on the same random inputs: max |diff| per
+    output."""
+    gen = torch.Generator().manual_seed(seed)
+    example = [s.example(gen) for s in spec.inputs]
+    with torch.inference_mode():
+        ref = spec.module(*example)
+    ref = [ref] if isinstance(ref, torch.Tensor) else list(ref)
+    got = load_method(path).execute(example)
+    for s, g in zip(spec.outputs, got):
+        if tuple(g.shape) != tuple(s.shape):
+            raise RuntimeError(f"{spec.name}: ExecuTorch returned {s.name} of shape {tuple(g.shape)}, spec {s.shape}")
+    return {s.name: float(np.abs(g.numpy() - r.numpy()).max()) for s, g, r in zip(spec.outputs, got, ref)}

@@ -1,0 +1,58 @@
+"""The ExecuTorch backend: `--backend executorch` runs a package's `.pte` programs in ExecuTorch's runtime (its
+XNNPACK delegate is the CPU path of Android and iOS apps), here through its Python bindings.
+
+It is optional: the `executorch` extra installs it, and its bindings take torch tensors, so this module imports
+torch and executorch only when the backend is created (the rest of the runtime stays torch-free).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .io_specs import as_specs, check_inputs
+
+
+class ExecuTorchBackend:
+    """`--backend executorch`: the program's `forward` method in ExecuTorch's runtime, inputs in manifest order."""
+
+    name = "executorch"
+    description = "ExecuTorch's runtime (XNNPACK delegate; pip install -e '.[executorch]')"
+    targets = ("executorch",)
+    platforms = None
+    options = frozenset()
+
+    def __init__(self, model_path: str | Path, input_specs, output_names: list[str]):
+        self.model_path = Path(model_path)
+        if self.model_path.suffix != ".pte":
+            raise UserError(
+                f"{self.model_path} is not an ExecuTorch program (.pte): the executorch backend needs a package "
+                "exported with --target executorch"
+            )
+        try:
+            import torch
+            from executorch.runtime import Runtime
+        except ImportError as e:
+            raise UserError(f"--backend executorch needs ExecuTorch: pip install -e '.[executorch]' ({e})") from None
+        self._torch = torch
+        self.input_specs = as_specs(input_specs)
+        self.output_names = list(output_names)
+        try:
+            program = Runtime.get().load_program(str(self.model_path))
+            self.method = program.load_method("forward")
+        except Exception as e:  # the bindings raise RuntimeError / ValueError carrying ExecuTorch's status
+            raise UserError(
+                f"{self.model_path}: ExecuTorch cannot load this program ({str(e).splitlines()[0]})"
+            ) from None
+
+    @staticmethod
+    def manifest_options(entry) -> dict:
+        return {}
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_inputs(inputs, self.input_specs, where=str(self.model_path))
+        feeds = [self._torch.from_numpy(np.ascontiguousarray(inputs[s.name])) for s in self.input_specs]
+        outputs = self.method.execute(feeds)
+        return {name: out.numpy() for name, out in zip(self.output_names, outputs)}
