@@ -83,6 +83,13 @@ def build_parser(parser):
         "ExecuTorch's portable CPU kernels)",
     )
     parser.add_argument(
+        "--precision",
+        default=None,
+        metavar="int8-dynamic|int4-weights",
+        help="ExecuTorch only: quantize at export for XNNPACK (torchao): int8-dynamic (the transformer and text "
+        "encoders) or int4-weights (the transformer); ONNX and Core ML packages: `edit-mobile quantize`",
+    )
+    parser.add_argument(
         "--max-component-mb",
         type=float,
         default=None,
@@ -136,6 +143,7 @@ def main(args) -> int:
         compute_precision=args.compute_precision,
         deployment_target=args.deployment_target,
         delegate=args.delegate,
+        precision=args.precision,
         max_component_mb=args.max_component_mb,
         transformer_chunks=args.transformer_chunks,
         vae_tile=args.vae_tile,

@@ -12,6 +12,7 @@ in the core ATen opset ExecuTorch's verifier accepts; it becomes `var` + `mean` 
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -19,11 +20,16 @@ import numpy as np
 import torch
 
 from ..runtime.errors import UserError
+from ..runtime.manifest import EXECUTORCH_PRECISIONS
 from .components import ComponentSpec
 
 logger = logging.getLogger(__name__)
 
 DELEGATES = ("xnnpack", "portable")  # portable: no delegate, ExecuTorch's portable CPU kernels
+INT4_BLOCK = 32  # input channels per int4 weight scale, as the ONNX int4-weights
+# The components a precision applies to by default, as `edit-mobile quantize` does for ONNX: 4-bit text encoders
+# of the tiny presets fall under the int4 gate (docs/quantization.md), so int4 takes the transformer only.
+DEFAULT_COMPONENTS = {"int8-dynamic": ("transformer", "text_encoder"), "int4-weights": ("transformer",)}
 
 
 def import_executorch():
@@ -39,6 +45,40 @@ def import_executorch():
 def check_delegate(delegate: str) -> None:
     if delegate not in DELEGATES:
         raise UserError(f"unknown --delegate {delegate!r}; expected one of {', '.join(DELEGATES)}")
+
+
+def check_precision(precision: str | None) -> None:
+    if precision is not None and precision not in EXECUTORCH_PRECISIONS:
+        raise UserError(
+            f"unknown ExecuTorch --precision {precision!r}; expected one of {', '.join(EXECUTORCH_PRECISIONS)}"
+        )
+
+
+def component_precision(name: str, precision: str | None) -> str:
+    """The precision component `name` is exported in for the package-wide `--precision` (None: fp32)."""
+    if precision is None or not any(name.startswith(c) for c in DEFAULT_COMPONENTS[precision]):
+        return "fp32"
+    return precision
+
+
+def quantized_module(module: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """`module` itself for fp32, else a quantized copy in the form ExecuTorch's XNNPACK delegate runs (torchao's
+    `quantize_`, as ExecuTorch documents it): int8 activations quantized at run time per token, and int8 weights
+    with one scale per output channel (int8-dynamic) or int4 weights with a scale per block of INT4_BLOCK input
+    channels (int4-weights, XNNPACK's "8da4w"). Linear layers only; convolutions stay fp32."""
+    if precision == "fp32":
+        return module
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    config = (
+        Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+        if precision == "int8-dynamic"
+        else Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(INT4_BLOCK))
+    )
+    quantized = copy.deepcopy(module).eval()
+    quantize_(quantized, config)
+    return quantized
 
 
 def _decompositions() -> dict:

@@ -1,4 +1,5 @@
-"""`edit-mobile inspect`: what is inside each exported graph, and what would stop it on a device."""
+"""`edit-mobile inspect`: what is inside each exported graph, and what would stop it on a device (ONNX graphs: their
+operators against the mobile execution providers' lists; ExecuTorch programs: what the delegate took)."""
 
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ def inspect_package(package: str | Path) -> dict:
             f"{package} is a Core ML package: inspect reads ONNX graphs (Core ML programs are checked by "
             "`edit-mobile validate` through the reference executor)"
         )
+    if pkg.target == "executorch":
+        return {name: inspect_program(pkg, name) for name in pkg.components}
     report = {}
     for name, comp in pkg.components.items():
         for path in comp.chunk_paths or (comp.path,):  # a chunked component: one entry per chunk
@@ -78,9 +81,36 @@ def inspect_package(package: str | Path) -> dict:
     return report
 
 
+def inspect_program(pkg, name: str) -> dict:
+    """An ExecuTorch component: what its delegate took, as measured on the lowered program at export
+    (export/executorch_export.py: `delegation`), and the program's size."""
+    comp = pkg.components[name]
+    record = pkg.manifest.export.get(name, {})
+    if "delegation" not in record:
+        raise UserError(f"{name}: the manifest has no delegation record (export it again with --target executorch)")
+    return {
+        "precision": comp.precision,
+        "size_mb": round(comp.path.stat().st_size / 1e6, 3),
+        "delegate": record["delegate"],
+        "delegation": record["delegation"],
+    }
+
+
 def format_report(report: dict) -> str:
     lines = []
     for name, r in report.items():
+        if "delegation" in r:  # an ExecuTorch program
+            d = r["delegation"]
+            portable = ", ".join(
+                f"{op.removeprefix('aten.').removesuffix('.default')}×{n}" for op, n in d["portable_ops"].items()
+            )
+            lines.append(f"{name}: {r['size_mb']:.1f} MB, {r['precision']}, {d['gflops']:.3f} GFLOP per call")
+            lines.append(
+                f"  delegated to {r['delegate']}: {d['delegated_op_fraction']:.1%} of the operators, "
+                f"{d['delegated_flop_fraction']:.2%} of the FLOPs"
+            )
+            lines.append(f"  left to the portable CPU kernels: {portable or 'none'}")
+            continue
         top = ", ".join(f"{op}×{n}" for op, n in list(r["ops"].items())[:8])
         lines.append(
             f"{name}: {r['parameters'] / 1e6:.2f} M params, {r['size_mb']:.1f} MB, {r['precision']}, opset {r['opset']}"

@@ -44,6 +44,7 @@ def export_package(
     compute_precision: str | None = None,
     deployment_target: str | None = None,
     delegate: str | None = None,
+    precision: str | None = None,
     max_component_mb: float | None = None,
     transformer_chunks: int | None = None,
     vae_tile: int | None = None,
@@ -57,8 +58,9 @@ def export_package(
     `aspect_ratios` (a name of ASPECT_RATIO_SETS) adds the model's own buckets nearest to those ratios (PixArt-Σ).
 
     `compute_precision` (fp16 | fp32, default fp16) and `deployment_target` (iOS17 | iOS18 | macOS14 | macOS15,
-    default iOS17) apply to target "coreml" only, `delegate` (xnnpack | portable, default xnnpack) to target
-    "executorch" only: each target takes its own options (export/targets.py).
+    default iOS17) apply to target "coreml" only, `delegate` (xnnpack | portable, default xnnpack) and
+    `precision` (int8-dynamic | int4-weights, default fp32) to target "executorch" only: each target takes its own
+    options (export/targets.py).
     `max_component_mb`: a T5 text encoder or transformer with more fp32 weights than this is exported as a chain of
     graphs within it, built one chunk at a time (a T5 from a folder is never loaded whole; export/t5_chunks.py).
     `transformer_chunks`: the transformer as that many graphs, split at block boundaries
@@ -67,7 +69,7 @@ def export_package(
     (UserError, nothing written) a package whose predicted peak with `--memory low` exceeds it (export/budget.py)."""
     exporter = export_target(target)
     options = exporter.resolve_options(
-        compute_precision=compute_precision, deployment_target=deployment_target, delegate=delegate
+        compute_precision=compute_precision, deployment_target=deployment_target, delegate=delegate, precision=precision
     )
     if batch not in (1, 2):
         raise UserError(f"--batch must be 1 or 2, got {batch}")

@@ -60,7 +60,7 @@ class ExportTarget:
         foreign = [k for k, v in given.items() if v is not None and k not in self.options]
         if foreign:
             owners = [t for t in EXPORT_TARGETS.values() if any(k in t.options for k in foreign)]
-            flags = [_flag(k) for t in owners for k in t.options]
+            flags = [_flag(k) for k in foreign]  # the flags given, not every flag of their target
             verb = "apply" if len(flags) > 1 else "applies"
             raise UserError(
                 f"{' and '.join(flags)} {verb} to --target {', '.join(t.name for t in owners)} only{self.options_note}"
@@ -276,18 +276,22 @@ class ExecuTorchTarget(ExportTarget):
     ExecuTorch's own runtime (export/executorch_export.py)."""
 
     name = "executorch"
-    options = {"delegate": "xnnpack"}
+    options = {"delegate": "xnnpack", "precision": None}
 
     def resolve_options(self, **given) -> dict:
-        from .executorch_export import check_delegate, import_executorch
+        from .executorch_export import check_delegate, check_precision, import_executorch
 
         options = super().resolve_options(**given)
         check_delegate(options["delegate"])
+        check_precision(options["precision"])
         import_executorch()  # a one-line error before anything is loaded when the extra is missing
         return options
 
     def export_component(self, spec, root, manifest, options, stem="model") -> ExportedComponent:
-        from .executorch_export import export_pte, pte_parity
+        from dataclasses import replace
+
+        from ..runtime.manifest import GATES_DB
+        from .executorch_export import INT4_BLOCK, component_precision, export_pte, pte_parity, quantized_module
 
         if spec.chunks:
             raise UserError(
@@ -295,10 +299,22 @@ class ExecuTorchTarget(ExportTarget):
                 "ONNX only"
             )
         start = time.perf_counter()
+        precision = component_precision(spec.name, options["precision"])
         graph = spec.graph()
+        graph = replace(graph, module=quantized_module(graph.module, precision))
         path, delegation = export_pte(graph, root / spec.name, options["delegate"], stem=stem)
-        parity = pte_parity(graph, path)
-        entry = component_entry(spec, path.relative_to(root), precision="fp32", tiling=spec.tiling)
+        parity = pte_parity(graph, path)  # against the module exported: the quantized one for a quantized component
+        entry = component_entry(spec, path.relative_to(root), precision=precision, tiling=spec.tiling)
+        if precision != "fp32":
+            entry.gate_psnr_db = GATES_DB[precision]
+            weights = (
+                "int8, one scale per output channel" if precision == "int8-dynamic" else f"int4, blocks of {INT4_BLOCK}"
+            )
+            entry.quantization = {
+                "method": f"torchao quantize_ (Int8DynamicActivationIntxWeightConfig): int8 dynamic activations, "
+                f"{weights}; linear layers, lowered to {options['delegate']}",
+                "source_precision": "fp32",
+            }
         info = {
             "seconds": round(time.perf_counter() - start, 2),
             "delegate": options["delegate"],

@@ -30,6 +30,7 @@ TARGETS = ("onnx", "ort-mobile", "coreml", "executorch")
 # What `edit-mobile quantize` makes of an fp32 package's components, per format.
 ONNX_PRECISIONS = ("fp16", "int8-dynamic", "int8-static", "int8-weights", "int4-weights")
 COREML_PRECISIONS = ("int8-weights", "int4-weights", "palettize-4", "palettize-6", "w8a8")
+EXECUTORCH_PRECISIONS = ("int8-dynamic", "int4-weights")  # `export --target executorch --precision`
 # Minimum PSNR (dB) of a component's output against PyTorch fp32, by its precision: checked when the component is
 # written (export, quantize) and by `validate`, and recorded as the component's `gate_psnr_db`. Core ML compression
 # (docs/coreml.md) was set from the tiny presets through the reference executor (their random weights are the hard

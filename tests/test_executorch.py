@@ -51,6 +51,29 @@ def test_transformer_work_is_delegated_to_xnnpack(packages):
         assert not any(op in name for op in ("linear", "convolution", "bmm") for name in report["portable_ops"])
 
 
+def test_inspect_reports_the_delegation(packages, capsys):
+    from edit_mobile.cli.main import main
+
+    assert main(["inspect", str(packages / MODELS[0])]) == 0
+    out = capsys.readouterr().out
+    assert "transformer:" in out and "delegated to xnnpack" in out and "% of the FLOPs" in out
+
+
+@pytest.mark.parametrize("precision", ["int8-dynamic", "int4-weights"])
+def test_quantized_programs_pass_their_gates(tiny_dirs, tmp_path, precision):
+    """Quantized at export (torchao, XNNPACK's int8-dynamic-activation kernels): the quantized components carry their
+    precision and gate, and the package validates against the fp32 diffusers pipeline."""
+    out = tmp_path / precision
+    manifest = export_package(
+        str(tiny_dirs[MODELS[0]]), out, target="executorch", resolution="128", max_text_tokens=32, precision=precision
+    )
+    quantized = {n for n, e in manifest["components"].items() if e["precision"] == precision}
+    assert quantized == ({"transformer", "text_encoder"} if precision == "int8-dynamic" else {"transformer"})
+    report = validate(str(out), opts=ValidationOptions(steps=2))
+    assert report["passed"], report
+    assert report["components"]["transformer"]["gate_db"] == 25
+
+
 def test_wrong_backend_and_broken_program_are_one_line_errors(packages, tmp_path):
     package = load_package(packages / MODELS[0])
     with pytest.raises(UserError, match="use --backend executorch"):
@@ -69,6 +92,8 @@ def test_wrong_backend_and_broken_program_are_one_line_errors(packages, tmp_path
 def test_unknown_delegate_writes_nothing(tiny_dirs, tmp_path):
     with pytest.raises(UserError, match="unknown --delegate 'qnn'"):
         export_package(str(tiny_dirs[MODELS[0]]), tmp_path / "p", target="executorch", delegate="qnn")
+    with pytest.raises(UserError, match="unknown ExecuTorch --precision 'int2'"):
+        export_package(str(tiny_dirs[MODELS[0]]), tmp_path / "p", target="executorch", precision="int2")
     with pytest.raises(UserError, match="--delegate applies to --target executorch only"):
         export_package(str(tiny_dirs[MODELS[0]]), tmp_path / "p", delegate="xnnpack")
     assert not (tmp_path / "p").exists()

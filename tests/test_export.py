@@ -119,11 +119,11 @@ def test_one_changed_byte_is_refused(packages, tmp_path, capsys, command):
         (["export", "no-such-model", "--resolution", "256"], "neither a preset"),
         (
             ["export", "tiny-pixart", "--resolution", "256", "--compute-precision", "fp32"],
-            "--compute-precision and --deployment-target apply to --target coreml only (ONNX packages get fp16",
+            "--compute-precision applies to --target coreml only (ONNX packages get fp16",
         ),
         (
             ["export", "tiny-pixart", "--target", "ort-mobile", "--resolution", "256", "--deployment-target", "iOS18"],
-            "apply to --target coreml only",
+            "--deployment-target applies to --target coreml only",
         ),
     ],
 )
