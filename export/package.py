@@ -142,7 +142,9 @@ def export_package(
                 entry.components[spec.name] = exported.entry
                 manifest.export[f"{spec.name}@{key}"] = exported.info
             manifest.sizes[key] = entry
-        if more:  # one copy of the weights for all sizes, the target's way
+            if exporter.combine_each_size:  # ONNX: the disk holds the shared weights and one size's, not every size's
+                manifest.export["sizes"] = exporter.combine_sizes(manifest, tmp, options)
+        if more and not exporter.combine_each_size:  # one copy of the weights for all sizes, the target's way
             manifest.export["sizes"] = exporter.combine_sizes(manifest, tmp, options)
         pipe.scheduler.save_config(tmp / "scheduler")
         exporter.finish(tmp, model_paths)

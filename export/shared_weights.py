@@ -29,10 +29,30 @@ ALIGN, ALIGN_THRESHOLD, SMALL_ALIGN = 4096, 1 << 20, 64
 MIN_BYTES = 1024  # smaller tensors (scalars, shapes) stay inside the graph
 
 
-def _tensor_bytes(tensor: onnx.TensorProto, folder: Path) -> bytes:
-    """The raw little-endian bytes of an initializer, read from its external file when it has one."""
+def _location(tensor: onnx.TensorProto) -> str | None:
+    return ExternalDataInfo(tensor).location if uses_external_data(tensor) else None
+
+
+def _reads(model_paths: list[Path], weights_file: str) -> bool:
+    """Whether any of the graphs already keeps initializers in `weights_file` (a size shared before)."""
+    for path in model_paths:
+        graph = onnx.load(str(path), load_external_data=False).graph
+        if any(_location(t) == weights_file for t in graph.initializer):
+            return True
+    return False
+
+
+def _tensor_bytes(tensor: onnx.TensorProto, folder: Path, open_file=None) -> bytes:
+    """The raw little-endian bytes of an initializer, read from its external file when it has one (`open_file`:
+    the shared file being appended to, read through the same handle)."""
     if uses_external_data(tensor):
         info = ExternalDataInfo(tensor)
+        if open_file is not None and info.location == open_file.name.rsplit("/", 1)[-1]:
+            end = open_file.tell()
+            open_file.seek(info.offset or 0)
+            data = open_file.read(info.length) if info.length else open_file.read()
+            open_file.seek(end)
+            return data
         with open(folder / info.location, "rb") as f:
             f.seek(info.offset or 0)
             return f.read(info.length) if info.length else f.read()
@@ -63,8 +83,13 @@ def share_weights(model_paths: list[Path], targets: list[Path] | None = None, we
     index: dict[str, dict] = {}
     old_files: set[str] = set()
     before = 0
-    tmp = folder / f".{weights_file}.tmp"
-    with open(tmp, "wb") as out:
+    # Graphs that already read `weights_file` (sizes shared before): its tensors are kept where they are and the new
+    # graphs' tensors appended, so that the disk holds the shared file plus one size's data, never every size's.
+    current = folder / weights_file
+    extend = all(p.parent == folder for p in model_paths) and _reads(model_paths, weights_file)
+    tmp = current if extend else folder / f".{weights_file}.tmp"
+    with open(tmp, "r+b" if extend else "wb") as out:
+        out.seek(0, 2)
         for path, target in zip(model_paths, targets):
             model = onnx.load(str(path), load_external_data=False)
             graph = model.graph
@@ -73,11 +98,14 @@ def share_weights(model_paths: list[Path], targets: list[Path] | None = None, we
             for tensor in graph.initializer:
                 if uses_external_data(tensor) and path.parent == folder:
                     old_files.add(ExternalDataInfo(tensor).location)
-                data = _tensor_bytes(tensor, path.parent)
+                data = _tensor_bytes(tensor, path.parent, out if extend else None)
                 if len(data) < MIN_BYTES:
                     continue
                 before += len(data)
                 key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(data).hexdigest())
+                if key not in stored and extend and _location(tensor) == weights_file:
+                    info = ExternalDataInfo(tensor)  # already in the shared file: it stays where it is
+                    stored[key] = (tensor.name, info.offset or 0, info.length or len(data))
                 if key not in stored:
                     align = ALIGN if len(data) >= ALIGN_THRESHOLD else SMALL_ALIGN
                     out.seek(-out.tell() % align, 1)  # pad to the next aligned offset
@@ -99,7 +127,8 @@ def share_weights(model_paths: list[Path], targets: list[Path] | None = None, we
                 tensors[tensor.name] = {"offset": offset, "length": length, "dtype": dtype, "shape": list(tensor.dims)}
             _rename_inputs(graph, renames)
             onnx.save_model(model, str(target))  # only the graph: the tensors point into weights_file
-    tmp.replace(folder / weights_file)
+    if not extend:
+        tmp.replace(current)
     (folder / INDEX_FILE).write_text(json.dumps({"file": weights_file, "graphs": index}, indent=1) + "\n")
     for name in old_files - {weights_file}:
         (folder / name).unlink(missing_ok=True)

@@ -55,6 +55,7 @@ class ExportTarget:
     name: str = ""
     options: dict[str, str] = {}
     options_note = ""  # appended to the error for an option this target does not take
+    combine_each_size = False  # combine_sizes after every further size (it extends what it combined before)
 
     def resolve_options(self, **given) -> dict:
         foreign = [k for k, v in given.items() if v is not None and k not in self.options]
@@ -89,6 +90,7 @@ class OnnxTarget(ExportTarget):
     """model.onnx per component (opset 17, static shapes), checked against PyTorch in ONNX Runtime."""
 
     name = "onnx"
+    combine_each_size = True
     options_note = " (ONNX packages get fp16 / int8 from `edit-mobile quantize`)"
 
     def export_component(self, spec, root, manifest, options, stem="model") -> ExportedComponent:

@@ -79,6 +79,52 @@ def test_the_sizes_share_one_copy_of_the_weights(packages, family):
     assert (multi / "text_encoder" / "model.onnx").read_bytes() == (single / "text_encoder" / "model.onnx").read_bytes()
 
 
+def _matmul_graph(path, weights: dict[str, np.ndarray]) -> None:
+    """x @ w1 @ w2 ... as an ONNX graph with its weights in its own external data file (as the exporter writes)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    names, prev, nodes = list(weights), "x", []
+    for i, name in enumerate(names):
+        nodes.append(helper.make_node("MatMul", [prev, name], [f"y{i}"]))
+        prev = f"y{i}"
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32])],
+        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [2, 32])],
+        [numpy_helper.from_array(w, name) for name, w in weights.items()],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data", size_threshold=0)
+
+
+def test_a_further_size_is_appended_to_the_shared_weights(tmp_path):
+    """Sizes shared one at a time (what `export` does, so that the disk never holds every size's copy): graphs
+    already reading weights.bin keep their tensors where they are; only the new graph's new tensors are appended,
+    and its own data file goes."""
+    import onnxruntime as ort
+
+    from edit_mobile.export.shared_weights import share_weights
+
+    rng = np.random.default_rng(0)
+    w1, w2, w3 = (rng.standard_normal((32, 32)).astype(np.float32) for _ in range(3))
+    paths = [tmp_path / f"model_{k}.onnx" for k in range(3)]
+    _matmul_graph(paths[0], {"a": w1, "b": w2})
+    _matmul_graph(paths[1], {"c": w1, "d": w2})
+    first = share_weights(paths[:2])
+    before, inode = (tmp_path / "weights.bin").read_bytes(), (tmp_path / "weights.bin").stat().st_ino
+    index = json.loads((tmp_path / "weights.json").read_text())["graphs"]["model_0.onnx"]
+    _matmul_graph(paths[2], {"e": w1, "f": w3})  # one tensor shared, one new
+    second = share_weights(paths)
+    after = (tmp_path / "weights.bin").read_bytes()
+    assert after[: len(before)] == before and len(after) > len(before)  # appended, nothing moved ...
+    assert (tmp_path / "weights.bin").stat().st_ino == inode  # ... in place, not a rewritten copy beside it
+    assert json.loads((tmp_path / "weights.json").read_text())["graphs"]["model_0.onnx"] == index
+    assert (first["tensors"], second["tensors"]) == (2, 3) and not (tmp_path / "model_2.onnx.data").exists()
+    x = rng.standard_normal((2, 32)).astype(np.float32)
+    for path, expected in zip(paths, (x @ w1 @ w2, x @ w1 @ w2, x @ w1 @ w3)):
+        (out,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-4)
+
+
 def test_the_default_size_matches_a_single_size_export(packages):
     """Sharing the weights changes where they are stored, not what the graph computes: same image, bit for bit."""
     multi = Text2ImagePipeline(packages["pixart"], progress=False)("a red circle", steps=2, seed=3).image
