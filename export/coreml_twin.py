@@ -108,7 +108,11 @@ def ane_twin(module: nn.Module, example: tuple[torch.Tensor, ...]):
             a.processor = p
 
 
-def check_twin(module: nn.Module, example, reference, layers: int) -> dict:
+def check_twin(
+    module: nn.Module, example, reference, layers: int, label: str = "the ANE twin of EDiT attention"
+) -> dict:
+    """`module` (its twins swapped in) on `example` against `reference`, its output with the reference layers:
+    RuntimeError beyond TWIN_RTOL of the output's range; returns the report recorded in the package."""
     with torch.no_grad():
         twin = module(*example)
     ref = reference if torch.is_tensor(reference) else reference[0]
@@ -117,8 +121,8 @@ def check_twin(module: nn.Module, example, reference, layers: int) -> dict:
     err = float((got - ref).abs().max())
     if not err <= TWIN_RTOL * scale:
         raise RuntimeError(
-            f"the ANE twin of EDiT attention differs from the reference: max |diff| {err:.3e} "
+            f"{label} differs from the reference: max |diff| {err:.3e} "
             f"(output range {scale:.3e}, allowed {TWIN_RTOL:.0e} relative)"
         )
-    logger.info("ANE twin: %d EDiT attentions, max |twin - reference| %.2e", layers, err)
+    logger.info("%s: %d layers, max |twin - reference| %.2e", label, layers, err)
     return {"layers": layers, "max_abs_diff": err, "relative": err / scale}

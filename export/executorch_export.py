@@ -12,6 +12,7 @@ in the core ATen opset ExecuTorch's verifier accepts; it becomes `var` + `mean` 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 from ..runtime.errors import UserError
 from ..runtime.manifest import EXECUTORCH_PRECISIONS
 from .components import ComponentSpec
+from .executorch_twin import xnnpack_twin
 
 logger = logging.getLogger(__name__)
 
@@ -109,10 +111,12 @@ def export_pte(spec: ComponentSpec, out_dir: Path, delegate: str = "xnnpack", st
 
     gen = torch.Generator().manual_seed(0)
     example = tuple(s.example(gen) for s in spec.inputs)
-    with torch.no_grad():
-        program = torch.export.export(spec.module.eval(), example).run_decompositions(_decompositions())
+    module = spec.module.eval()
+    # XNNPACK: ConvFusion through its twin, whose normalisation statistics the delegate takes (checked equal first)
+    with xnnpack_twin(module, example) if delegate == "xnnpack" else contextlib.nullcontext() as twin, torch.no_grad():
+        program = torch.export.export(module, example).run_decompositions(_decompositions())
     lowered = to_edge_transform_and_lower(program, partitioner=partitioners(delegate))
-    report = delegation(lowered.exported_program())
+    report = {**delegation(lowered.exported_program()), "convfusion_twin": twin}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{stem}.pte"
     path.write_bytes(lowered.to_executorch().buffer)

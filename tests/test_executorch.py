@@ -49,6 +49,9 @@ def test_transformer_work_is_delegated_to_xnnpack(packages):
         report = manifest["export"]["transformer"]["delegation"]
         assert report["delegated_flop_fraction"] >= 0.95 and report["delegated_ops"] > 0
         assert not any(op in name for op in ("linear", "convolution", "bmm") for name in report["portable_ops"])
+        # EDiT's own operators delegate: ConvFusion's normalisation through its twin (checked equal to it)
+        assert not any(op.startswith("aten.var") for op in report["portable_ops"])
+        assert report["convfusion_twin"]["layers"] > 0 and report["convfusion_twin"]["relative"] < 1e-4
 
 
 def test_inspect_reports_the_delegation(packages, capsys):
