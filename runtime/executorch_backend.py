@@ -22,9 +22,11 @@ class ExecuTorchBackend:
     description = "ExecuTorch's runtime (XNNPACK delegate; pip install -e '.[executorch]')"
     targets = ("executorch",)
     platforms = None
-    options = frozenset()
+    options = frozenset({"threads"})
 
-    def __init__(self, model_path: str | Path, input_specs, output_names: list[str]):
+    def __init__(self, model_path: str | Path, input_specs, output_names: list[str], threads: int | None = None):
+        """`threads`: the size of ExecuTorch's thread pool, which XNNPACK runs on (None: one per core). The pool is
+        one per process: the last backend created with `threads` sets it for all."""
         self.model_path = Path(model_path)
         if self.model_path.suffix != ".pte":
             raise UserError(
@@ -36,6 +38,10 @@ class ExecuTorchBackend:
             from executorch.runtime import Runtime
         except ImportError as e:
             raise UserError(f"--backend executorch needs ExecuTorch: pip install -e '.[executorch]' ({e})") from None
+        if threads is not None:
+            from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+            _unsafe_reset_threadpool(threads)  # "unsafe" only while another program runs: none does here
         self._torch = torch
         self.input_specs = as_specs(input_specs)
         self.output_names = list(output_names)
