@@ -39,8 +39,9 @@ def _random_inputs(specs, rng) -> dict:
     return {s.name: rng.standard_normal(s.shape).astype(to_numpy_dtype(s.dtype)) for s in specs}
 
 
-def sessions_memory(package_dir: str, sizes: list[str], shared: bool) -> dict:
-    """In this (fresh) process: the size-dependent components of `sizes`, each created and run once."""
+def sessions_memory(package_dir: str, sizes: list[str], shared: bool, run: bool = True) -> dict:
+    """In this (fresh) process: the size-dependent components of `sizes`, each created (and, with `run`, run
+    once)."""
     from edit_mobile.runtime.backends import component_backend
     from edit_mobile.runtime.package import load_package
     from edit_mobile.runtime.shared_weights import SharedWeights
@@ -53,6 +54,8 @@ def sessions_memory(package_dir: str, sizes: list[str], shared: bool) -> dict:
         view = package.at_size(key)
         alive += [(view, name, component_backend(view, name, "ort", shared_weights=weights)) for name in SIZE_DEPENDENT]
     loaded = _rss_mb() - base
+    if not run:
+        return {"sizes": sizes, "shared_weights": shared, "loaded_mb": round(loaded, 1)}
     for view, name, backend in alive:  # activations: each session's arena keeps what its run needed
         backend.run(_random_inputs(view.input_specs(name), rng))
     ran = _rss_mb() - base
@@ -99,6 +102,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--vae-tile", type=int, metavar="PX")
     parser.add_argument("--int8", action="store_true", help="also compare the int8-weights packages' sizes")
+    parser.add_argument(
+        "--loaded-only", action="store_true", help="memory once the sessions exist, without running them"
+    )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -127,16 +133,17 @@ def main() -> None:
         "machine": machine_info(),
         "package_mb": package_mb,
         "memory": [
-            _in_fresh_process(sessions_memory, str(every), sizes[:1], False),
-            _in_fresh_process(sessions_memory, str(every), sizes, False),
-            _in_fresh_process(sessions_memory, str(every), sizes, True),
+            _in_fresh_process(sessions_memory, str(every), sizes[:1], False, not args.loaded_only),
+            _in_fresh_process(sessions_memory, str(every), sizes, False, not args.loaded_only),
+            _in_fresh_process(sessions_memory, str(every), sizes, True, not args.loaded_only),
         ],
         "steps": [step_time(str(every), key, args.runs) for key in sizes],
     }
     one = report["memory"][0]
     for case in report["memory"]:
         case["loaded_vs_one_size"] = round(case["loaded_mb"] / one["loaded_mb"], 3)
-        case["after_runs_vs_one_size"] = round(case["after_runs_mb"] / one["after_runs_mb"], 3)
+        if "after_runs_mb" in case:
+            case["after_runs_vs_one_size"] = round(case["after_runs_mb"] / one["after_runs_mb"], 3)
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:
