@@ -425,8 +425,10 @@ def test_reference_backend_generates_an_image(packages, tmp_path):
 
 
 def test_ort_backend_refuses_a_core_ml_package(packages, tmp_path, capsys):
-    assert cli(["generate", str(packages["pixart"]), "--prompt", "x", "--out", str(tmp_path / "x.png")]) == 2
-    assert "is a Core ML model: use --backend coreml" in _one_line_error(capsys)
+    argv = ["generate", str(packages["pixart"]), "--prompt", "x", "--backend", "ort", "--out", str(tmp_path / "x.png")]
+    assert cli(argv) == 2
+    error = _one_line_error(capsys)
+    assert "the ort backend runs onnx / ort-mobile packages" in error and "use --backend coreml" in error
 
 
 @pytest.mark.macos
