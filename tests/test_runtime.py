@@ -257,11 +257,15 @@ def test_backend_factory_errors(tmp_path):
     from edit_mobile.runtime.backends import create_backend
 
     model = tiny_model(tmp_path / "m.onnx")
-    with pytest.raises(UserError, match=r"unknown backend 'tflite' \(choose from ort, coreml, coreml-reference\)"):
+    with pytest.raises(
+        UserError, match=r"unknown backend 'tflite' \(choose from ort, coreml, coreml-reference, executorch\)"
+    ):
         create_backend("tflite", model, SPECS, ["y"])
     for name in ("coreml", "coreml-reference"):  # an ONNX model given to a Core ML backend
         with pytest.raises(UserError, match=r"is not a Core ML model \(\.mlpackage\)"):
             create_backend(name, model, SPECS, ["y"])
+    with pytest.raises(UserError, match=r"is not an ExecuTorch program \(\.pte\)"):
+        create_backend("executorch", model, SPECS, ["y"])
     with pytest.raises(UserError, match=r"NoSuchExecutionProvider not available here \(available: .*CPU"):
         create_backend("ort", model, SPECS, ["y"], providers=["NoSuchExecutionProvider"])
     with pytest.raises(UserError, match="unknown ONNX Runtime optimization level"):
@@ -274,8 +278,9 @@ def test_backend_registry(tmp_path):
     """Backends are chosen by name from one registry; which one runs a target is the registry's answer."""
     from edit_mobile.runtime.backends import BACKENDS, backend_for_target, create_backend
 
-    assert list(BACKENDS) == ["ort", "coreml", "coreml-reference"]
+    assert list(BACKENDS) == ["ort", "coreml", "coreml-reference", "executorch"]
     assert backend_for_target("onnx") == backend_for_target("ort-mobile") == "ort"
+    assert backend_for_target("executorch") == "executorch"
     assert backend_for_target("coreml", platform="darwin") == "coreml"
     assert backend_for_target("coreml", platform="linux") == "coreml-reference"
     for cls in BACKENDS.values():
