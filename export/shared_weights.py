@@ -42,17 +42,11 @@ def _reads(model_paths: list[Path], weights_file: str) -> bool:
     return False
 
 
-def _tensor_bytes(tensor: onnx.TensorProto, folder: Path, open_file=None) -> bytes:
-    """The raw little-endian bytes of an initializer, read from its external file when it has one (`open_file`:
-    the shared file being appended to, read through the same handle)."""
+def _tensor_bytes(tensor: onnx.TensorProto, folder: Path) -> bytes:
+    """The raw little-endian bytes of an initializer, read from its external file when it has one. (A file being
+    appended to is read safely: only tensors written before this call are ever read from it.)"""
     if uses_external_data(tensor):
         info = ExternalDataInfo(tensor)
-        if open_file is not None and info.location == open_file.name.rsplit("/", 1)[-1]:
-            end = open_file.tell()
-            open_file.seek(info.offset or 0)
-            data = open_file.read(info.length) if info.length else open_file.read()
-            open_file.seek(end)
-            return data
         with open(folder / info.location, "rb") as f:
             f.seek(info.offset or 0)
             return f.read(info.length) if info.length else f.read()
@@ -98,7 +92,7 @@ def share_weights(model_paths: list[Path], targets: list[Path] | None = None, we
             for tensor in graph.initializer:
                 if uses_external_data(tensor) and path.parent == folder:
                     old_files.add(ExternalDataInfo(tensor).location)
-                data = _tensor_bytes(tensor, path.parent, out if extend else None)
+                data = _tensor_bytes(tensor, path.parent)
                 if len(data) < MIN_BYTES:
                     continue
                 before += len(data)
