@@ -122,6 +122,19 @@ def _example(spec: ComponentSpec, seed: int) -> tuple[torch.Tensor, ...]:
     return tuple(s.example(gen) for s in spec.inputs)
 
 
+def _name_inputs(ct, mlmodel, names: list[str]):
+    """The program with its inputs named `names`, in order. The torch.export route names a program's inputs after
+    the forward's parameters: a transformer chunk's forward takes `*args` (its inputs depend on where the model is
+    cut), which would make them args_0, args_1, ..."""
+    spec = mlmodel.get_spec()
+    current = [i.name for i in spec.description.input]
+    if current == names or len(current) != len(names):
+        return mlmodel  # a count mismatch is reported by the caller's check
+    for old, new in zip(current, names):
+        ct.utils.rename_feature(spec, old, new, rename_outputs=False)
+    return ct.models.MLModel(spec, weights_dir=mlmodel.weights_dir, skip_model_load=True)
+
+
 def export_coreml(
     spec: ComponentSpec,
     out_dir: Path,
@@ -158,6 +171,7 @@ def export_coreml(
             minimum_deployment_target=getattr(ct.target, DEPLOYMENT_TARGETS[deployment_target]),
             skip_model_load=True,  # loading compiles the model: macOS only
         )
+    mlmodel = _name_inputs(ct, mlmodel, [s.name for s in spec.inputs])
     got_in = [i.name for i in mlmodel.get_spec().description.input]
     got_out = [o.name for o in mlmodel.get_spec().description.output]
     if got_in != [s.name for s in spec.inputs] or got_out != [s.name for s in spec.outputs]:

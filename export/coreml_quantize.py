@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import posixpath
 import tempfile
 import time
 from collections import defaultdict
@@ -294,26 +295,33 @@ def quantize_coreml_package(
             keys = keys_of[name]
             entries = {key: new.at_size(key).components[name] for key in keys}
             with tempfile.TemporaryDirectory(dir=tmp, prefix=f".{name}-") as work:
-                merged = {}  # multi-function program: function -> its compressed one-function program
+                merged: dict[str, dict] = {}  # multi-function program -> {function: its compressed program}
                 for key in keys:
                     comp, entry = views[key].components[name], entries[key]
-                    src, dst = comp.path, tmp / comp.relpath
-                    if entry.function is not None:  # compress one function at a time, merge them again below
-                        src = extract_function(comp.path, entry.function, Path(work) / f"{key}-source.mlpackage")
-                        dst = merged[entry.function] = Path(work) / f"{key}.mlpackage"
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    entry.quantization = _compress_checked(src, dst, precision, comp, feeds[key][name], calibration)
+                    # one program, or each chunk's of a chunked component (on its inputs along the source chain)
+                    paths = comp.chunk_paths or (comp.path,)
+                    programs = zip(comp.entry.model_paths, paths, _program_samples(comp, feeds[key][name]))
+                    checks = {}
+                    for i, (rel, src, samples) in enumerate(programs):
+                        dst = tmp / rel
+                        if entry.function is not None:  # compress one function at a time, merge them again below
+                            src = extract_function(src, entry.function, Path(work) / f"{key}-{i}-source.mlpackage")
+                            dst = merged.setdefault(rel, {})[entry.function] = Path(work) / f"{key}-{i}.mlpackage"
+                        dst.parent.mkdir(parents=True, exist_ok=True)
+                        checks[posixpath.basename(posixpath.dirname(rel))] = _compress_checked(
+                            src, dst, precision, comp, samples, calibration
+                        )
+                    entry.quantization = checks.popitem()[1] if len(checks) == 1 else _chunks_record(checks)
                     entry.precision, entry.gate_psnr_db = precision, GATES_DB[precision]
                     logger.info("%s%s -> %s: %.1f dB vs the %s program", name, f" {key}" if len(keys) > 1 else "",
                                 precision, entry.quantization["check"]["psnr_db"], comp.precision)  # fmt: skip
-                if merged:
-                    default = entries[keys[0]]
-                    save_multifunction(merged, default.function, tmp / default.path)
-            for key in keys:  # the file each entry's program is in, as written
-                entry = entries[key]
+                for rel, functions in merged.items():
+                    save_multifunction(functions, entries[keys[0]].function, tmp / rel)
+            for key in keys:  # the files each entry's programs are in, as written
+                comp, entry = views[key].components[name], entries[key]
                 entry.quantization["size_bytes"] = {
-                    "source": _size(views[key].components[name].path),
-                    "quantized": _size(tmp / entry.path),
+                    "source": sum(_size(p) for p in comp.chunk_paths or (comp.path,)),
+                    "quantized": sum(_size(tmp / rel) for rel in entry.model_paths),
                 }
         new.quantization = {
             "precision": precision,
@@ -322,6 +330,35 @@ def quantize_coreml_package(
         }
         new = writer.finish(new)  # every file's sha256, manifest.json last
     return new.to_dict()
+
+
+def _program_samples(comp, samples: list[dict]) -> list[list[dict]]:
+    """The recorded inputs of each program of a component: `samples` for a single program; for a chunked one, each
+    chunk's inputs as the source chain computes them from `samples` (the reference executor)."""
+    from ..runtime.mil import MILProgram
+
+    if not comp.entry.chunks:
+        return [samples]
+    values, per_chunk = [dict(s) for s in samples], []
+    for path, chunk in zip(comp.chunk_paths, comp.entry.chunks):
+        names = [s.name for s in chunk.inputs]
+        per_chunk.append([{n: v[n] for n in names} for v in values])
+        program = MILProgram(path, function=comp.entry.function)
+        for v in values:
+            v.update(program.run({n: v[n] for n in names}))
+    return per_chunk
+
+
+def _chunks_record(checks: dict[str, dict]) -> dict:
+    """A chunked component's `quantization`: each chunk's record, the method and the worst chunk's check."""
+    first = next(iter(checks.values()))
+    worst = min((c["check"] for c in checks.values()), key=lambda c: c["psnr_db"])
+    return {
+        **{k: v for k, v in first.items() if k not in ("expansion_check", "check", "seconds")},
+        "chunks": checks,
+        "check": {**worst, "against": worst["against"] + ", the worst chunk"},
+        "seconds": round(sum(c["seconds"] for c in checks.values()), 2),
+    }
 
 
 def _compress_checked(

@@ -19,8 +19,9 @@ Adding a target: one class here, registered in EXPORT_TARGETS, plus its name in 
 from __future__ import annotations
 
 import json
+import posixpath
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..runtime.errors import UserError
@@ -205,7 +206,7 @@ class CoreMLTarget(ExportTarget):
         (function `image_WxH` per size, the default size's the default function; coremltools stores a weight that
         several functions share once). Older targets cannot load multi-function programs: each size keeps its own
         model_WxH.mlpackage, with its own weights."""
-        from .coreml_export import save_multifunction
+        from .coreml_export import package_size, save_multifunction
 
         if options["deployment_target"] not in self.MULTIFUNCTION_TARGETS:
             return {
@@ -216,50 +217,72 @@ class CoreMLTarget(ExportTarget):
         for name in {n for s in manifest.sizes.values() for n in s.components}:
             entries = {size_key(manifest.resolution): manifest.components[name]}
             entries.update({key: s.components[name] for key, s in manifest.sizes.items() if name in s.components})
-            functions = {f"image_{key}": root / e.path for key, e in entries.items()}
-            target = root / name / "model.mlpackage"
-            before = sum(f.stat().st_size for p in functions.values() for f in p.rglob("*") if f.is_file())
-            save_multifunction(functions, next(iter(functions)), target)
+            # one multi-function program per folder: the component's, or each chunk's of a chunked component
+            for i, rel in enumerate(entries[size_key(manifest.resolution)].model_paths):
+                functions = {f"image_{key}": root / e.model_paths[i] for key, e in entries.items()}
+                target = root / posixpath.dirname(rel) / "model.mlpackage"
+                before = sum(package_size(p) for p in functions.values())
+                save_multifunction(functions, next(iter(functions)), target)
+                merged[posixpath.dirname(rel)] = {
+                    "functions": list(functions), "bytes": package_size(target), "bytes_before": before
+                }  # fmt: skip
             for key, entry in entries.items():
-                entry.path, entry.function = f"{name}/model.mlpackage", f"image_{key}"
-            after = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
-            merged[name] = {"functions": list(functions), "bytes": after, "bytes_before": before}
-        return {"weights": "one multi-function model.mlpackage per component", "components": merged}
+                paths = [f"{posixpath.dirname(rel)}/model.mlpackage" for rel in entry.model_paths]
+                entry.path, entry.function = paths[0], f"image_{key}"
+                entry.chunks = tuple(replace(c, path=rel) for c, rel in zip(entry.chunks, paths))
+        return {"weights": "one multi-function model.mlpackage per component (per chunk)", "components": merged}
 
     def export_component(self, spec, root, manifest, options, stem="model") -> ExportedComponent:
+        start = time.perf_counter()
+        precision, deployment_target = options["compute_precision"], options["deployment_target"]
+        fields = dict(precision=precision, deployment_target=deployment_target, tiling=spec.tiling)
+        if not spec.chunks:
+            path, info = self._export_program(spec.graph(), root / spec.name, manifest, options, stem)
+            return ExportedComponent(path, component_entry(spec, path.relative_to(root), **fields), info)
+        # A chunked component (apple/ml-stable-diffusion's --chunk-unet): one program per chunk, each built,
+        # converted, checked against its PyTorch module and released before the next (peak memory: one chunk).
+        chunks, records = [], {}
+        for k, build in enumerate(spec.chunks):
+            chunk = build()
+            path, records[f"chunk-{k:02d}"] = self._export_program(
+                chunk, root / spec.name / f"chunk-{k:02d}", manifest, options, stem
+            )
+            chunks.append(ChunkEntry(path.relative_to(root).as_posix(), _specs(chunk.inputs), _specs(chunk.outputs)))
+            del chunk
+        entry = component_entry(spec, Path(chunks[0].path), chunks=tuple(chunks), **fields)
+        parity = [r["coreml_reference_vs_torch"] for r in records.values()]
+        info = {
+            "seconds": round(time.perf_counter() - start, 2),
+            "convert_seconds": round(sum(r["convert_seconds"] for r in records.values()), 2),
+            "bytes": sum(r["bytes"] for r in records.values()),
+            "chunks": records,
+            "coreml_reference_vs_torch": {  # every chunk's outputs, for the summary's worst case
+                "gate_db": parity[0]["gate_db"],
+                "outputs": {f"{key}.{o}": c for key, p in zip(records, parity) for o, c in p["outputs"].items()},
+            },
+        }
+        return ExportedComponent(root / chunks[0].path, entry, info)
+
+    def _export_program(self, graph, folder: Path, manifest, options, stem: str) -> tuple[Path, dict]:
+        """One module as `folder/<stem>.mlpackage`, checked against PyTorch in the reference executor; its path and
+        `export` record."""
         from ..runtime.mil import MILProgram
         from .coreml_export import coreml_parity, export_coreml, package_size
 
-        precision, deployment_target = options["compute_precision"], options["deployment_target"]
-        if spec.chunks:
-            raise UserError(
-                f"{spec.name} is chunked (--max-component-mb / --transformer-chunks): chunked components export to "
-                "ONNX only"
-            )
         start = time.perf_counter()
-        graph = spec.graph()
-        path = export_coreml(
-            graph,
-            root / spec.name,
-            precision,
-            deployment_target,
-            metadata={"source": manifest.source, "architecture": manifest.architecture},
-            stem=stem,
-        )
+        metadata = {"source": manifest.source, "architecture": manifest.architecture}
+        precision = options["compute_precision"]
+        path = export_coreml(graph, folder, precision, options["deployment_target"], metadata=metadata, stem=stem)
         convert_seconds = time.perf_counter() - start
         parity = coreml_parity(graph, path, precision)
-        entry = component_entry(
-            spec, path.relative_to(root), precision=precision, deployment_target=deployment_target, tiling=spec.tiling
-        )
         twin = json.loads(MILProgram(path).metadata()["user_defined"].get("edit_mobile.ane_twin", "null"))
-        info = {
+        return path, {
             "seconds": round(time.perf_counter() - start, 2),
             "convert_seconds": round(convert_seconds, 2),
             "bytes": package_size(path),
             "ane_twin": twin,
             "coreml_reference_vs_torch": parity,
         }
-        return ExportedComponent(path, entry, info)
 
     def summary(self, manifest, out) -> str:
         worst = min(
@@ -290,15 +313,13 @@ class ExecuTorchTarget(ExportTarget):
         return options
 
     def export_component(self, spec, root, manifest, options, stem="model") -> ExportedComponent:
-        from dataclasses import replace
-
         from ..runtime.manifest import GATES_DB
         from .executorch_export import INT4_BLOCK, component_precision, export_pte, pte_parity, quantized_module
 
         if spec.chunks:
             raise UserError(
                 f"{spec.name} is chunked (--max-component-mb / --transformer-chunks): chunked components export to "
-                "ONNX only"
+                "ONNX and Core ML, not yet ExecuTorch"
             )
         start = time.perf_counter()
         precision = component_precision(spec.name, options["precision"])

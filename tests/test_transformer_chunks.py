@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel
@@ -15,6 +16,7 @@ from edit_mobile.export.components import TensorSpec, transformer_component
 from edit_mobile.models.edit_attention import EDiTConfig
 from edit_mobile.models.families import torch_family
 from edit_mobile.models.transformer_chunks import block_bytes, plan_blocks
+from edit_mobile.runtime.backends import component_backend
 from edit_mobile.runtime.package import load_package
 
 
@@ -133,3 +135,47 @@ def test_a_bad_chunk_count_is_refused_in_one_line(tiny_dirs, tmp_path, capsys, c
     err = capsys.readouterr().err.strip()  # after the pipeline loader's progress bars: one line
     assert err.splitlines()[-1].startswith("edit-mobile export: error: --transformer-chunks: chunks must be in 2..2")
     assert "Traceback" not in err and not out.exists()
+
+
+def test_core_ml_chunks_are_programs_per_chunk_and_size(tiny_dirs, tmp_path):
+    """Core ML gets the same chunking (apple/ml-stable-diffusion's --chunk-unet): one ML program per chunk; at two
+    sizes on iOS18 each chunk's programs merge into one multi-function program. The chain validates at both sizes
+    through the reference executor, and compressing it compresses each chunk on its own inputs along the chain."""
+    from edit_mobile.export.coreml_quantize import quantize_coreml_package
+    from edit_mobile.export.package import export_package
+    from edit_mobile.export.validate import ValidationOptions, validate
+
+    src, out, q = str(tiny_dirs["tiny-pixart-edit-trained"]), tmp_path / "coreml", tmp_path / "int8"
+    export_package(src, out, target="coreml", resolution=["128", "96x160"], max_text_tokens=32,
+                   transformer_chunks=2, deployment_target="iOS18")  # fmt: skip
+    package = load_package(out)
+    for key in package.sizes:
+        entry = package.at_size(key).components["transformer"].entry
+        assert entry.model_paths == ["transformer/chunk-00/model.mlpackage", "transformer/chunk-01/model.mlpackage"]
+        assert entry.function == f"image_{key}"
+    assert sorted(p.name for p in (out / "transformer").iterdir()) == ["chunk-00", "chunk-01"]  # sizes merged
+    parity = package.manifest.export["transformer"]["coreml_reference_vs_torch"]["outputs"]
+    assert {k.split(".")[0] for k in parity} == {"chunk-00", "chunk-01"}
+    report = validate(str(out), opts=ValidationOptions(steps=2))
+    assert report["passed"] and list(report["sizes"]) == ["128x128", "96x160"]
+    for size_report in report["sizes"].values():
+        assert size_report["components"]["transformer"]["psnr_db"] >= 40  # the fp16 chain against PyTorch
+    # the chain computes exactly what the unchunked program computes (fp16 values cross the cut losslessly)
+    whole = tmp_path / "whole"
+    export_package(src, whole, target="coreml", resolution="128", max_text_tokens=32, deployment_target="iOS18")
+    rng = np.random.default_rng(0)
+    feed = {s.name: rng.standard_normal(s.shape).astype(np.float32) for s in package.components["transformer"].inputs}
+    feed.update(timestep=np.full(2, 500.0, np.float32), encoder_attention_mask=np.ones((2, 32), np.float32))
+    chained = component_backend(package, "transformer", "coreml-reference").run(feed)["out_sample"]
+    one = component_backend(load_package(whole), "transformer", "coreml-reference").run(feed)["out_sample"]
+    np.testing.assert_array_equal(chained, one)
+
+    quantize_coreml_package(out, q, "int8-weights", components="transformer")
+    entry = load_package(q).components["transformer"].entry
+    assert set(entry.quantization["chunks"]) == {"chunk-00", "chunk-01"}
+    assert entry.quantization["check"]["psnr_db"] >= 30
+    for rel in entry.model_paths:  # each chunk's weights (both sizes' functions share them): int8, not fp16
+        (fp16,), (int8,) = (out / rel).rglob("weight.bin"), (q / rel).rglob("weight.bin")
+        assert int8.stat().st_size < 0.65 * fp16.stat().st_size
+    report = validate(str(q), opts=ValidationOptions(steps=2))
+    assert report["passed"] and list(report["sizes"]) == ["128x128", "96x160"]
