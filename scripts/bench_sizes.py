@@ -105,6 +105,12 @@ def main() -> None:
     parser.add_argument(
         "--loaded-only", action="store_true", help="memory once the sessions exist, without running them"
     )
+    parser.add_argument(
+        "--package-sizes-only",
+        action="store_true",
+        help="measure the packages' sizes only and update them in an existing --json report (its memory and step "
+        "figures stay as measured): sizes are not timings, they need no quiet machine",
+    )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -127,6 +133,13 @@ def main() -> None:
         }
     for entry in package_mb.values():
         entry["ratio"] = round(entry["all_sizes"] / entry["one_size"], 3)
+    if args.package_sizes_only:
+        if not (args.json and args.json.is_file()):
+            parser.error("--package-sizes-only updates an existing --json report")
+        report = {**json.loads(args.json.read_text()), "package_mb": package_mb}
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps(package_mb, indent=2))
+        return
     sizes = load_package(every, verify=False).sizes
     report = {
         "src": args.src,

@@ -47,7 +47,9 @@ def test_transformer_work_is_delegated_to_xnnpack(packages):
     for name in MODELS:
         manifest = json.loads((packages / name / "manifest.json").read_text())
         report = manifest["export"]["transformer"]["delegation"]
-        assert report["delegated_flop_fraction"] >= 0.95 and report["delegated_ops"] > 0
+        # >= 99 %: the target; torch's own attention decomposition (its softmax guard) left 2.1 % of the
+        # tiny MM-EDiT's FLOPs to the portable kernels (97.89 %) before export/executorch_export.py's own
+        assert report["delegated_flop_fraction"] >= 0.99 and report["delegated_ops"] > 0
         assert not any(op in name for op in ("linear", "convolution", "bmm") for name in report["portable_ops"])
         # EDiT's own operators delegate: ConvFusion's normalisation through its twin (checked equal to it)
         assert not any(op.startswith("aten.var") for op in report["portable_ops"])
