@@ -132,11 +132,11 @@ def export_pte(spec: ComponentSpec, out_dir: Path, delegate: str = "xnnpack", st
     gen = torch.Generator().manual_seed(0)
     example = tuple(s.example(gen) for s in spec.inputs)
     module = spec.module.eval()
-    # XNNPACK: ConvFusion through its twin, whose normalisation statistics the delegate takes (checked equal first)
+    # XNNPACK: ConvFusion and the norms through their twins, whose statistics the delegate takes (checked first)
     with xnnpack_twin(module, example) if delegate == "xnnpack" else contextlib.nullcontext() as twin, torch.no_grad():
         program = torch.export.export(module, example).run_decompositions(_decompositions())
     lowered = to_edge_transform_and_lower(program, partitioner=partitioners(delegate))
-    report = {**delegation(lowered.exported_program()), "convfusion_twin": twin}
+    report = {**delegation(lowered.exported_program()), "xnnpack_twin": twin}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{stem}.pte"
     path.write_bytes(lowered.to_executorch().buffer)

@@ -1,4 +1,4 @@
-"""An export twin of ConvFusion for ExecuTorch's XNNPACK delegate.
+"""Export twins of ConvFusion and of the normalisation layers for ExecuTorch's XNNPACK delegate.
 
 ConvFusion (models/edit_attention.py) normalises its hidden convolution's output with GroupNorm statistics taken on
 the token-major view, `var_mean` over tokens and the group's channels: the right layout for PyTorch on a CPU, but
@@ -8,8 +8,15 @@ those statistics fall to ExecuTorch's portable kernels and split the program int
 `ConvFusionXNNPACK` computes the same function from the same submodules with the statistics as global average
 pooling of the (B, G, C/G, h·w) view, two passes like `var_mean` (the mean, then the mean of the squared
 deviations), and the affine as broadcast multiply-adds: every operator of it is one XNNPACK takes.
-`xnnpack_twin(module, example)` swaps it into every ConvFusion of a transformer for the duration of an export and
-checks the twin equal to the reference first (export/coreml_twin.py: `check_twin`).
+
+XNNPACK in ExecuTorch 1.5.1 has no LayerNorm or GroupNorm either, and diffusers' RMSNorm and T5's layer norm take
+their mean over the last axis only: all of them ran on the portable kernels, each splitting the program into one
+more delegate call (tiny SD3 MM-EDiT: 14 of them in 2 blocks; the VAE decoder: 22). `LayerNormXNNPACK`,
+`RMSNormXNNPACK` and `GroupNormXNNPACK` take their statistics the same way, as global average pooling of a
+(M, 1, D, 1) or (B, G, C/G, H·W) view.
+
+`xnnpack_twin(module, example)` swaps the twins into a module for the duration of an export and checks the module
+equal to the reference first (export/coreml_twin.py: `check_twin`).
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.normalization import RMSNorm
 from torch import nn
+from transformers.models.t5.modeling_t5 import T5LayerNorm
 
 from ..models.edit_attention import ConvFusion
 from .coreml_twin import check_twin
@@ -44,21 +53,101 @@ class ConvFusionXNNPACK(nn.Module):
         return self.conv_out(z.reshape(b, c, h, w))  # (B, C, h, w)
 
 
+def _mean_last(x: torch.Tensor) -> torch.Tensor:
+    """The mean over the last axis, keepdim, as global average pooling of a (M, 1, D, 1) view."""
+    return x.reshape(-1, 1, x.shape[-1], 1).mean(dim=(2, 3), keepdim=True).reshape(*x.shape[:-1], 1)
+
+
+class LayerNormXNNPACK(nn.Module):
+    """nn.LayerNorm over the last axis with its statistics as global average pooling (same weights)."""
+
+    def __init__(self, reference: nn.LayerNorm):
+        super().__init__()
+        self.weight, self.bias, self.eps = reference.weight, reference.bias, reference.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., D)
+        d = x - _mean_last(x)
+        y = d * torch.rsqrt(_mean_last(d * d) + self.eps)  # biased variance, as LayerNorm
+        y = y * self.weight if self.weight is not None else y
+        return y + self.bias if self.bias is not None else y
+
+
+class RMSNormXNNPACK(nn.Module):
+    """diffusers' RMSNorm and T5's layer norm (fp32 weights) with the mean of squares as global average pooling (same
+    weights)."""
+
+    def __init__(self, reference: nn.Module):
+        super().__init__()
+        self.weight, self.bias = reference.weight, getattr(reference, "bias", None)
+        self.eps = reference.eps if isinstance(reference, RMSNorm) else reference.variance_epsilon
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., D)
+        y = x * torch.rsqrt(_mean_last(x * x) + self.eps)
+        y = y * self.weight if self.weight is not None else y
+        return y + self.bias if self.bias is not None else y
+
+
+class GroupNormXNNPACK(nn.Module):
+    """nn.GroupNorm of a (B, C, ...) tensor with its statistics as global average pooling of the (B, G, C/G, rest)
+    view (same weights): the VAE's GroupNorms."""
+
+    def __init__(self, reference: nn.GroupNorm):
+        super().__init__()
+        self.groups, self.eps = reference.num_groups, reference.eps
+        self.weight, self.bias = reference.weight, reference.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, H, W) or (B, C, N)
+        b, c, g = x.shape[0], x.shape[1], self.groups
+        xg = x.reshape(b, g, c // g, -1)  # (B, G, C/G, HW)
+        d = xg - xg.mean(dim=(2, 3), keepdim=True)
+        y = d * torch.rsqrt((d * d).mean(dim=(2, 3), keepdim=True) + self.eps)  # biased, as GroupNorm
+        if self.weight is not None:
+            y = y * self.weight.view(1, g, c // g, 1) + self.bias.view(1, g, c // g, 1)
+        return y.reshape(x.shape)
+
+
+def _twin_of(child: nn.Module) -> nn.Module | None:
+    if isinstance(child, ConvFusion):
+        return ConvFusionXNNPACK(child)
+    if isinstance(child, nn.LayerNorm) and len(child.normalized_shape) == 1:
+        return LayerNormXNNPACK(child)
+    if isinstance(child, (RMSNorm, T5LayerNorm)):  # the same function; T5's names its eps variance_epsilon
+        return RMSNormXNNPACK(child)
+    if isinstance(child, nn.GroupNorm):
+        return GroupNormXNNPACK(child)
+    return None
+
+
+def _swaps(module: nn.Module):
+    """(owner, attribute, layer, its twin) for every layer that has a twin, not looking inside those layers (a
+    ConvFusion's own GroupNorm is part of its twin)."""
+    for name, child in module.named_children():
+        twin = _twin_of(child)
+        if twin is not None:
+            yield module, name, child, twin
+        else:
+            yield from _swaps(child)
+
+
 @contextlib.contextmanager
 def xnnpack_twin(module: nn.Module, example: tuple[torch.Tensor, ...]):
-    """Within the block, every ConvFusion of `module` is its XNNPACK twin; yields the twin report (None without
-    ConvFusion). RuntimeError before yielding if the twin's output differs from the reference's beyond TWIN_RTOL."""
-    owners = [(m, name) for m in module.modules() for name, c in m.named_children() if isinstance(c, ConvFusion)]
-    if not owners:
+    """Within the block, every ConvFusion, LayerNorm and RMSNorm of `module` is its XNNPACK twin; yields the twin
+    report (None when it has none of them), with the count of each kind. RuntimeError before yielding if the output
+    differs from the reference's beyond TWIN_RTOL."""
+    swaps = list(_swaps(module))
+    if not swaps:
         yield None
         return
     with torch.no_grad():
         reference = module(*example)
-    originals = [getattr(m, name) for m, name in owners]
+    kinds: dict[str, int] = {}
+    for *_, twin in swaps:
+        kinds[type(twin).__name__] = kinds.get(type(twin).__name__, 0) + 1
     try:
-        for (m, name), fusion in zip(owners, originals):
-            setattr(m, name, ConvFusionXNNPACK(fusion))
-        yield check_twin(module, example, reference, len(owners), label="the XNNPACK twin of ConvFusion")
+        for m, name, _, twin in swaps:
+            setattr(m, name, twin)
+        report = check_twin(module, example, reference, len(swaps), label="the module with its XNNPACK twins")
+        yield {**report, "kinds": dict(sorted(kinds.items()))}
     finally:
-        for (m, name), fusion in zip(owners, originals):
-            setattr(m, name, fusion)
+        for m, name, original, _ in swaps:
+            setattr(m, name, original)

@@ -1,12 +1,14 @@
 """The transformer step on ExecuTorch (XNNPACK) and on ONNX Runtime (CPU), side by side in one run, with the same
-threads, fp32 and int8 (docs/executorch.md):
+threads, fp32, int8 and int4 (docs/executorch.md):
 
     python scripts/bench_executorch.py SRC --resolution 512 --threads 2 --work DIR --json docs/bench_executorch.json
 
 SRC is a preset or a diffusers folder (EDiT / MM-EDiT). Into WORK (reused when present): the ONNX package and its
-int8-dynamic quantization (`edit-mobile quantize`), and the ExecuTorch packages in fp32 and int8-dynamic
-(`export --target executorch --precision int8-dynamic`). Each transformer runs on the same random inputs, warm-up
-first, then `--runs` timed calls; the report gives the medians and ExecuTorch's time over ONNX Runtime's.
+transformer quantized to int8-dynamic and int4-weights (`edit-mobile quantize`: MatMulInteger, and MatMulNBits
+weight-only), and the ExecuTorch packages in fp32, int8-dynamic and int4-weights (`export --target executorch
+--precision ...`: torchao's int8 dynamic activations with int8 / int4 weights, XNNPACK's kernels). Each
+transformer runs on the same random inputs, warm-up first, then `--runs` timed calls; the report gives the medians,
+ExecuTorch's time over ONNX Runtime's and each quantized transformer's size over its fp32 one.
 """
 
 from __future__ import annotations
@@ -53,18 +55,19 @@ def main() -> None:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     common = {"resolution": args.resolution, "max_text_tokens": args.max_text_tokens}
+    precisions = ("fp32", "int8-dynamic", "int4-weights")
     packages = {
-        ("onnxruntime", "fp32"): args.work / "onnx",
-        ("onnxruntime", "int8-dynamic"): args.work / "onnx-int8",
-        ("executorch", "fp32"): args.work / "executorch",
-        ("executorch", "int8-dynamic"): args.work / "executorch-int8",
+        (runtime, precision): args.work / (runtime if precision == "fp32" else f"{runtime}-{precision}")
+        for precision in precisions
+        for runtime in ("onnxruntime", "executorch")
     }
     if not packages["onnxruntime", "fp32"].is_dir():
         export_package(args.src, packages["onnxruntime", "fp32"], **common)
-    if not packages["onnxruntime", "int8-dynamic"].is_dir():
-        quantize_package(packages["onnxruntime", "fp32"], packages["onnxruntime", "int8-dynamic"], "int8-dynamic",
-                         components="transformer", calibration_steps=2)  # fmt: skip
-    for precision in ("fp32", "int8-dynamic"):
+    for precision in precisions[1:]:
+        if not packages["onnxruntime", precision].is_dir():
+            quantize_package(packages["onnxruntime", "fp32"], packages["onnxruntime", precision], precision,
+                             components="transformer", calibration_steps=2)  # fmt: skip
+    for precision in precisions:
         out = packages["executorch", precision]
         if not out.is_dir():
             export_package(args.src, out, target="executorch",
@@ -77,13 +80,16 @@ def main() -> None:
             "step_ms": step_ms(path, args.threads, args.runs),
         })  # fmt: skip
     ms = {(r["runtime"], r["precision"]): r["step_ms"] for r in rows}
+    mb = {(r["runtime"], r["precision"]): r["transformer_mb"] for r in rows}
     report = {
         "src": args.src,
         "resolution": args.resolution,
         "machine": machine_info(),
         "rows": rows,
-        "executorch_over_onnxruntime": {
-            p: round(ms["executorch", p] / ms["onnxruntime", p], 3) for p in ("fp32", "int8-dynamic")
+        "executorch_over_onnxruntime": {p: round(ms["executorch", p] / ms["onnxruntime", p], 3) for p in precisions},
+        "size_vs_fp32": {
+            runtime: {p: round(mb[runtime, p] / mb[runtime, "fp32"], 3) for p in precisions[1:]}
+            for runtime in ("onnxruntime", "executorch")
         },
     }
     text = json.dumps(report, indent=2)

@@ -53,7 +53,10 @@ def test_transformer_work_is_delegated_to_xnnpack(packages):
         assert not any(op in name for op in ("linear", "convolution", "bmm") for name in report["portable_ops"])
         # EDiT's own operators delegate: ConvFusion's normalisation through its twin (checked equal to it)
         assert not any(op.startswith("aten.var") for op in report["portable_ops"])
-        assert report["convfusion_twin"]["layers"] > 0 and report["convfusion_twin"]["relative"] < 1e-4
+        twin = report["xnnpack_twin"]
+        assert twin["kinds"]["ConvFusionXNNPACK"] > 0 and twin["kinds"]["LayerNormXNNPACK"] > 0
+        assert twin["relative"] < 1e-4
+        assert not any("layer_norm" in op for op in report["portable_ops"])
 
 
 def test_inspect_reports_the_delegation(packages, capsys):
@@ -102,3 +105,44 @@ def test_unknown_delegate_writes_nothing(tiny_dirs, tmp_path):
     with pytest.raises(UserError, match="--delegate applies to --target executorch only"):
         export_package(str(tiny_dirs[MODELS[0]]), tmp_path / "p", delegate="xnnpack")
     assert not (tmp_path / "p").exists()
+
+
+def test_norm_twins_compute_the_reference_and_a_planted_error_is_refused(monkeypatch):
+    """The XNNPACK twins (statistics as global average pooling) equal LayerNorm, diffusers' RMSNorm, T5's layer norm
+    and GroupNorm to float32 rounding; a twin that forgets to centre is refused before any export."""
+    import torch
+    from diffusers.models.normalization import RMSNorm
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    from edit_mobile.export import executorch_twin as et
+    from edit_mobile.models.edit_attention import ConvFusion
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 24, 64) * 3 + 1  # (B, N, D), off-centre so that a missing mean shows
+    image = torch.randn(2, 32, 8, 8) * 3 + 1
+    cases = [
+        (torch.nn.LayerNorm(64), x),
+        (torch.nn.LayerNorm(64, elementwise_affine=False, eps=1e-6), x),
+        (RMSNorm(64, eps=1e-6), x),
+        (T5LayerNorm(64), x),
+        (torch.nn.GroupNorm(8, 32), image),
+    ]
+    for norm, value in cases:
+        with torch.no_grad():
+            for p in norm.parameters():
+                p.copy_(torch.randn_like(p))
+            twin, reference = et._twin_of(norm)(value), norm(value)
+        scale = float(reference.abs().max())
+        assert float((twin - reference).abs().max()) <= 1e-5 * scale, type(norm).__name__
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64))
+    with et.xnnpack_twin(model, (x,)) as report:
+        assert report["kinds"] == {"LayerNormXNNPACK": 1} and isinstance(model[1], et.LayerNormXNNPACK)
+    assert isinstance(model[1], torch.nn.LayerNorm)  # restored after the export
+    fusion = torch.nn.Sequential(ConvFusion(32, 4, 2))  # its GroupNorm is inside its own twin: one swap
+    with et.xnnpack_twin(fusion, (image,)) as report:
+        assert report["kinds"] == {"ConvFusionXNNPACK": 1}
+    monkeypatch.setattr(et, "_mean_last", lambda t: torch.zeros_like(t[..., :1]))  # planted: no centring
+    with pytest.raises(RuntimeError, match="the module with its XNNPACK twins differs from the reference"):
+        with et.xnnpack_twin(model, (x,)):
+            pass
