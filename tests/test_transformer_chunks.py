@@ -56,6 +56,24 @@ def _inputs(family: str, batch: int = 2) -> tuple[list[TensorSpec], list[torch.T
     return specs, values
 
 
+@pytest.mark.parametrize("family", ["pixart", "sd3"])
+def test_position_embedding_is_stored_as_a_row_and_a_column_part(family):
+    """The exported patch embedding keeps (h + w)·D position numbers instead of h·w·D (the only weights that differ
+    between the sizes of a multi-size package) and computes diffusers' `PatchEmbed` bit for bit, at a non-square
+    size other than the model's own (PixArt interpolates its embedding there, SD3 crops its table); an embedding
+    that is not separable keeps diffusers' module."""
+    from edit_mobile.models.transformer_chunks import SeparablePositions
+
+    embed = (_pixart if family == "pixart" else _sd3)(False).pos_embed
+    latent = torch.randn(2, 4, 16, 12)
+    twin = SeparablePositions.wrap(embed, (16, 12))
+    assert isinstance(twin, SeparablePositions) and twin.rows.shape == (8, 1, 32) and twin.columns.shape == (1, 6, 32)
+    with torch.no_grad():
+        assert torch.equal(twin(latent), embed(latent))
+        embed.pos_embed.copy_(torch.randn_like(embed.pos_embed))  # planted: not a sin-cos table
+    assert SeparablePositions.wrap(embed, (8, 8) if family == "pixart" else (16, 12)) is embed  # PixArt: its own size
+
+
 @pytest.mark.parametrize("chunks", [None, 3])
 @pytest.mark.parametrize("family,edit", [("pixart", False), ("pixart", True), ("sd3", False), ("sd3", True)])
 def test_the_chain_computes_what_the_transformer_computes(family, edit, chunks):
