@@ -52,8 +52,8 @@ class SeparablePositions(nn.Module):
     def __init__(self, patch_embed, rows: torch.Tensor, columns: torch.Tensor):
         super().__init__()
         self.proj = patch_embed.proj
-        self.register_buffer("rows", rows, persistent=False)  # (h, 1, D)
-        self.register_buffer("columns", columns, persistent=False)  # (1, w, D)
+        self.register_buffer("rows", rows)  # (h, 1, D); persistent: ExecuTorch lowers only those
+        self.register_buffer("columns", columns)  # (1, w, D)
 
     @staticmethod
     def wrap(patch_embed, sample_hw: tuple[int, int]) -> nn.Module:
