@@ -41,7 +41,13 @@ from ..runtime.errors import UserError
 from ..runtime.manifest import COREML_PRECISIONS, GATES_DB
 from ..runtime.metrics import psnr
 from ..runtime.package import load_package, read_manifest
-from .coreml_export import extract_function, import_coremltools, quiet_coremltools, save_multifunction
+from .coreml_export import (
+    extract_function,
+    import_coremltools,
+    package_size,
+    quiet_coremltools,
+    save_multifunction,
+)
 from .package_writer import write_package
 
 logger = logging.getLogger(__name__)
@@ -320,8 +326,8 @@ def quantize_coreml_package(
             for key in keys:  # the files each entry's programs are in, as written
                 comp, entry = views[key].components[name], entries[key]
                 entry.quantization["size_bytes"] = {
-                    "source": sum(_size(p) for p in comp.chunk_paths or (comp.path,)),
-                    "quantized": sum(_size(tmp / rel) for rel in entry.model_paths),
+                    "source": sum(package_size(p) for p in comp.chunk_paths or (comp.path,)),
+                    "quantized": sum(package_size(tmp / rel) for rel in entry.model_paths),
                 }
         new.quantization = {
             "precision": precision,
@@ -392,10 +398,6 @@ def _describe(precision: str, deployment_target: str | None) -> str:
         "int4-weights": f"linear_quantize_weights, int4 with zero points, blocks of {INT4_BLOCK} input channels",
         "w8a8": "int8 activations calibrated with the reference executor + linear_quantize_weights int8",
     }[precision]
-
-
-def _size(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def _compare_programs(src: Path, dst: Path, samples: list[dict]) -> dict:
