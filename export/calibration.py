@@ -89,9 +89,10 @@ def record_calibration(
     guidance: float | None = None,
     seed: int = 0,
     threads: int | None = None,
+    decode: bool = True,
 ) -> CalibrationSet:
     """Run the sampling loop of `package` on each prompt and record every component's real inputs
-    (`runtime/trajectory.py`)."""
+    (`runtime/trajectory.py`). `decode=False` skips the VAE decode, so records nothing for the VAE encoder."""
     from ..runtime.trajectory import TrajectoryRecorder
 
     if not prompts:
@@ -103,7 +104,7 @@ def record_calibration(
     calib = CalibrationSet(
         prompts=list(prompts), steps=steps, guidance=guidance, feeds={name: [] for name in package.components}
     )
-    for p, trajectory in enumerate(recorder.record_prompts(prompts, steps, guidance, seed)):
+    for p, trajectory in enumerate(recorder.record_prompts(prompts, steps, guidance, seed, decode)):
         for i, (t, calls) in enumerate(zip(trajectory.timesteps, trajectory.calls)):
             calib.transformer_meta += [(p, i, float(t))] * len(calls)
         for name, feeds in recorder.inputs(trajectory).items():

@@ -147,15 +147,15 @@ def quantize_package(
     # A multi-size package: the size-dependent components in the plan are quantized per size, each calibrated on
     # its own size's trajectories, and their graphs then share one weights file again (export/shared_weights.py).
     sized = {key: [n for n in plan if n in size.components] for key, size in package.manifest.sizes.items()}
+    # Only the VAE encoder calibrates on decoded images; without it the decode is skipped (at 2048² the tiled
+    # decode was most of the calibration time).
+    kw = dict(steps=calibration_steps, seed=seed, threads=threads, decode="vae_encoder" in plan)
     if all(name.startswith("text_encoder") for name in plan):  # their inputs need no model run
         calib = record_text_inputs(package, prompts, list(plan))
     else:
-        calib = record_calibration(package, prompts, steps=calibration_steps, seed=seed, threads=threads)
+        calib = record_calibration(package, prompts, **kw)
     views = {key: package.at_size(key) for key, names in sized.items() if names}
-    size_calib = {
-        key: record_calibration(view, prompts, steps=calibration_steps, seed=seed, threads=threads)
-        for key, view in views.items()
-    }
+    size_calib = {key: record_calibration(view, prompts, **kw) for key, view in views.items()}
     logger.info("calibration recorded in %.1f s", time.perf_counter() - start)
     new = copy.deepcopy(package.manifest)
     packaging = export_target(package.target)  # what an ONNX file becomes in this target (ort-mobile: .ort)

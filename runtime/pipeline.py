@@ -37,7 +37,7 @@ def initial_noise(package: Package, seed: int) -> np.ndarray:
 
 @dataclass
 class GenerationResult:
-    image: np.ndarray  # uint8 (H, W, 3)
+    image: np.ndarray | None  # uint8 (H, W, 3); None when called with decode=False
     latents: list[np.ndarray]  # latents after each step, float32 (1, C, h, w)
     initial_latents: np.ndarray  # the loop's starting latents (noise * init_noise_sigma where diffusers scales)
     timesteps: np.ndarray
@@ -191,12 +191,15 @@ class Text2ImagePipeline:
         record: bool = False,
         phase: Callable[[str], None] | None = None,
         output_size: tuple[int, int] | None = None,
+        decode: bool = True,
     ) -> GenerationResult:
         """Generate one image. `latents` (unscaled noise, (1,C,h,w)) overrides `seed`; `record` keeps the text
         embeddings, every transformer input and every guided noise prediction (memory: steps x inputs); `phase` is
         told each phase as it starts ("text_encoding", "denoising", "decoding") and "done" at the end (`bench`
         measures memory per phase with it). `output_size` (height, width): the image is resized to it from the
-        package's size (`Package.generation_size`: a size binned to one of the package's buckets)."""
+        package's size (`Package.generation_size`: a size binned to one of the package's buckets). `decode=False`
+        stops after the last step (no image): what calibration needs when no VAE encoder is quantized, and the tiled
+        decode is most of a 2048² run."""
         if steps < 1:
             raise UserError(f"steps must be >= 1, got {steps}")
         phase = phase or (lambda name: None)
@@ -245,12 +248,13 @@ class Text2ImagePipeline:
                 callback(i, t, latents)
 
         self._release("transformer")
-        phase("decoding")
-        result.image, decoded = self.decode(latents, output_size)
-        self._release("vae_decoder")
+        if decode:
+            phase("decoding")
+            result.image, decoded = self.decode(latents, output_size)
+            self._release("vae_decoder")
+            if record:
+                result.decoded = decoded
         phase("done")
-        if record:
-            result.decoded = decoded
         return result
 
 

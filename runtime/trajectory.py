@@ -40,11 +40,12 @@ class Trajectory:
     timesteps: np.ndarray  # the scheduler's timesteps, one per step
     calls: list[list[dict[str, np.ndarray]]]  # per step, every transformer call's inputs
     latents: list[np.ndarray]  # after every step, float32 (1, C, h, w), as the transformer sees them (scaled)
-    image: np.ndarray  # the decoded image, float32 (1, 3, H, W) in [-1, 1]
+    image: np.ndarray | None  # the decoded image, float32 (1, 3, H, W) in [-1, 1]; None if recorded undecoded
     source: str = "package"  # "package" (the package's own loop) or "reference" (diffusers): names the image
 
     def inputs(self, package: Package, tokenizers: Mapping) -> dict[str, list[Feed]]:
-        """Per component (every text encoder of the family, transformer, vae_decoder, vae_encoder): [(label, feed)].
+        """Per component (every text encoder of the family, transformer, vae_decoder, vae_encoder if the run was
+        decoded): [(label, feed)].
 
         `tokenizers`: text encoder name -> PromptTokenizer (a `Text2ImagePipeline`'s); text feeds carry exactly
         the inputs the package's graph takes."""
@@ -64,7 +65,8 @@ class Trajectory:
         ]
         latents = unscale_latents(self.latents[-1], package.vae).astype(np.float32)
         feeds["vae_decoder"] = [({"input": "final latents"}, {"latent_sample": latents})]
-        feeds["vae_encoder"] = [({"input": f"{self.source} image"}, {"sample": self.image.astype(np.float32)})]
+        if self.image is not None:
+            feeds["vae_encoder"] = [({"input": f"{self.source} image"}, {"sample": self.image.astype(np.float32)})]
         return feeds
 
 
@@ -83,24 +85,34 @@ class TrajectoryRecorder:
         return family(self.package.family).default_guidance
 
     def record(
-        self, prompt: str, negative_prompt: str = "", steps: int = 20, guidance: float | None = None, seed: int = 0
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        steps: int = 20,
+        guidance: float | None = None,
+        seed: int = 0,
+        decode: bool = True,
     ) -> Trajectory:
-        result = self.runtime(prompt, negative_prompt, steps=steps, guidance=guidance, seed=seed, record=True)
+        """`decode=False`: no image (and no vae_encoder inputs), for callers that need the transformer's and the
+        decoder's inputs only."""
+        result = self.runtime(
+            prompt, negative_prompt, steps=steps, guidance=guidance, seed=seed, record=True, decode=decode
+        )
         return Trajectory(
             prompt=prompt,
             negative_prompt=negative_prompt,
             timesteps=result.timesteps,
             calls=result.transformer_inputs,
             latents=result.latents,
-            image=np.clip(result.decoded, -1.0, 1.0),
+            image=None if result.decoded is None else np.clip(result.decoded, -1.0, 1.0),
         )
 
     def record_prompts(
-        self, prompts: list[str], steps: int, guidance: float | None = None, seed: int = 0
+        self, prompts: list[str], steps: int, guidance: float | None = None, seed: int = 0, decode: bool = True
     ) -> Iterator[Trajectory]:
         """One trajectory per prompt (empty negative prompt, seed `seed + index`), recorded as it is consumed."""
         for p, prompt in enumerate(prompts):
-            yield self.record(prompt, "", steps=steps, guidance=guidance, seed=seed + p)
+            yield self.record(prompt, "", steps=steps, guidance=guidance, seed=seed + p, decode=decode)
 
     def inputs(self, trajectory: Trajectory) -> dict[str, list[Feed]]:
         """`trajectory.inputs` with this package's tokenizers."""

@@ -365,6 +365,28 @@ def test_text_encoder_inputs_without_running_the_loop_equal_the_loops(packages, 
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_calibration_without_decoding_records_the_same_inputs_and_runs_no_decoder(packages, prompts, monkeypatch):
+    """Without a VAE encoder to calibrate, the decode is skipped: every other component's inputs are the same,
+    the decoder never runs and the VAE encoder gets no inputs."""
+    from edit_mobile.export.calibration import read_prompt_file, record_calibration
+    from edit_mobile.runtime.package import load_package
+    from edit_mobile.runtime.pipeline import Text2ImagePipeline
+
+    pkg = load_package(packages["pixart"])
+    texts = read_prompt_file(prompts)
+    full = record_calibration(pkg, texts, steps=2)
+    decodes = []
+    real_decode = Text2ImagePipeline.decode
+    monkeypatch.setattr(Text2ImagePipeline, "decode", lambda *a, **k: decodes.append(1) or real_decode(*a, **k))
+    undecoded = record_calibration(pkg, texts, steps=2, decode=False)
+    assert not decodes
+    assert full.feeds["vae_encoder"] and not undecoded.feeds["vae_encoder"]
+    for name in ("text_encoder", "transformer", "vae_decoder"):
+        assert len(full.feeds[name]) == len(undecoded.feeds[name]) > 0
+        for a, b in zip(full.feeds[name], undecoded.feeds[name]):
+            assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_calibration_records_every_step_of_the_trajectory(packages, prompts):
     from edit_mobile.export.calibration import read_prompt_file, record_calibration
     from edit_mobile.runtime.package import load_package
