@@ -12,6 +12,7 @@ import onnx
 import torch
 
 from .components import ComponentSpec
+from .onnx_files import EXTERNAL_DATA_THRESHOLD, external_data_file, save_onnx
 
 logger = logging.getLogger(__name__)
 
@@ -20,9 +21,6 @@ logger = logging.getLogger(__name__)
 # The TorchScript exporter (dynamo=False) is used because it exports diffusers' PixArt and SD3 transformers with
 # error <= 1e-6, whereas the dynamo exporter's PixArt graph fails to load in ONNX Runtime.
 OPSET = 17
-# ONNX protobufs are limited to 2 GB: larger models keep their weights in one external data file.
-EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
-EXTERNAL_DATA_FILE = "model.onnx.data"
 
 
 def export_onnx(spec: ComponentSpec, out_dir: Path, seed: int = 0, stem: str = "model") -> Path:
@@ -91,25 +89,6 @@ def inline_initializer_identities(model: onnx.ModelProto) -> None:
                 node.input[i] = alias[name]
     del model.graph.node[:]
     model.graph.node.extend(keep)
-
-
-def external_data_file(path: Path) -> str:
-    """The external data file of graph `path`: model.onnx -> model.onnx.data (EXTERNAL_DATA_FILE)."""
-    return path.name + ".data"
-
-
-def save_onnx(model: onnx.ModelProto, path: Path, large: bool) -> None:
-    if large:
-        onnx.save_model(
-            model,
-            str(path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=external_data_file(path),
-            size_threshold=1024,
-        )
-    else:
-        onnx.save_model(model, str(path))
 
 
 def fold_static_shapes(src: Path, dst: Path, large: bool, spec: ComponentSpec) -> None:

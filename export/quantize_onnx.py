@@ -30,7 +30,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..runtime.metrics import psnr
-from .onnx_export import EXTERNAL_DATA_FILE, EXTERNAL_DATA_THRESHOLD
+from .onnx_files import EXTERNAL_DATA_THRESHOLD, external_data_file, save_onnx
 
 logger = logging.getLogger(__name__)
 
@@ -56,18 +56,9 @@ def save_model(model: onnx.ModelProto, path: str | Path) -> list[Path]:
     """Save `model` to `path`, its weights in one external file when over the 2 GB protobuf limit; the files."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(
-            model,
-            str(path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=EXTERNAL_DATA_FILE,
-            size_threshold=1024,
-        )
-        return [path, path.parent / EXTERNAL_DATA_FILE]
-    onnx.save_model(model, str(path))
-    return [path]
+    large = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+    save_onnx(model, path, large)
+    return [path, path.parent / external_data_file(path)] if large else [path]
 
 
 def name_nodes(model: onnx.ModelProto) -> None:
@@ -706,7 +697,8 @@ def _unfused_names(names) -> list[str]:
 
 
 def _large(path: Path) -> bool:
-    return (Path(path).parent / EXTERNAL_DATA_FILE).is_file() or Path(path).stat().st_size > EXTERNAL_DATA_THRESHOLD
+    path = Path(path)
+    return (path.parent / external_data_file(path)).is_file() or path.stat().st_size > EXTERNAL_DATA_THRESHOLD
 
 
 def weighted_nodes(model: onnx.ModelProto, op_types=STATIC_OP_TYPES) -> list[str]:

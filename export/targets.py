@@ -23,11 +23,14 @@ import posixpath
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..runtime.errors import UserError
 from ..runtime.io_specs import TensorSpec
 from ..runtime.manifest import TARGETS, ChunkEntry, ComponentEntry, Manifest, size_key
-from .components import ComponentSpec
+
+if TYPE_CHECKING:  # torch-free at run time: `quantize` imports the targets and must not load torch
+    from .components import ComponentSpec
 
 
 @dataclass
