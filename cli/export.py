@@ -9,7 +9,8 @@ the numpy reference executor (docs/coreml.md). Several sizes (--resolution repea
 transformer and VAE graph per size whose weights are stored once (ONNX: one weights.bin per component; Core ML
 from iOS18 / macOS15: one multi-function program per component), the text encoders once (docs/resolutions.md).
 --target executorch writes one ExecuTorch program (model.pte) per component, lowered to the XNNPACK delegate and
-checked against PyTorch in ExecuTorch's own runtime (pip install -e '.[executorch]'; docs/executorch.md).
+checked against PyTorch in ExecuTorch's own runtime (pip install -e '.[executorch]'; docs/executorch.md);
+--delegate coreml lowers to Core ML instead (Apple devices; checked here by the Core ML reference executor).
 
 example:
   edit-mobile export tiny-pixart --target onnx --resolution 256 --out pkg
@@ -78,9 +79,9 @@ def build_parser(parser):
     parser.add_argument(
         "--delegate",
         default=None,
-        metavar="xnnpack|portable",
-        help="ExecuTorch only: the delegate the programs are lowered to (default xnnpack; portable: none, "
-        "ExecuTorch's portable CPU kernels)",
+        metavar="xnnpack|coreml|portable",
+        help="ExecuTorch only: the delegate the programs are lowered to (default xnnpack; coreml: fp16 Core ML "
+        "programs inside the .pte, for Apple devices; portable: none, ExecuTorch's portable CPU kernels)",
     )
     parser.add_argument(
         "--precision",

@@ -1,7 +1,8 @@
 """Report what each exported graph of a package contains: op histogram, parameter count, file size, dynamic
 dimensions (must be none), fp64 tensors (must be none), and the ops outside the Core ML / NNAPI execution
 providers' supported lists (those would run on the CPU on a phone). ExecuTorch packages: per program, the share of
-the operators and of the FLOPs its delegate (XNNPACK) took, and every operator left to the portable CPU kernels.
+the operators and of the FLOPs its delegate (XNNPACK or Core ML) took, and every operator left to the portable CPU
+kernels.
 
 --android: for each graph of an ONNX package, how ONNX Runtime would partition it between the NNAPI, XNNPACK and
 Core ML execution providers and the CPU (ONNX Runtime's own usability checker): supported nodes, partitions, the

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +25,14 @@ import torch
 from ..runtime.errors import UserError
 from ..runtime.manifest import EXECUTORCH_PRECISIONS
 from .components import ComponentSpec
+from .coreml_export import import_coremltools, quiet_coremltools
 from .executorch_twin import xnnpack_twin
 
 logger = logging.getLogger(__name__)
 
-DELEGATES = ("xnnpack", "portable")  # portable: no delegate, ExecuTorch's portable CPU kernels
+# xnnpack: the CPU path of Android and iOS; coreml: Apple's delegate (Core ML programs inside the .pte, run on Apple
+# devices only: checked here by the Core ML reference executor); portable: no delegate, ExecuTorch's portable kernels
+DELEGATES = ("xnnpack", "coreml", "portable")
 INT4_BLOCK = 32  # input channels per int4 weight scale, as the ONNX int4-weights
 # The components a precision applies to by default, as `edit-mobile quantize` does for ONNX: 4-bit text encoders
 # of the tiny presets fall under the int4 gate (docs/quantization.md), so int4 takes the transformer only.
@@ -117,6 +122,16 @@ def _decompositions() -> dict:
 def partitioners(delegate: str) -> list:
     if delegate == "portable":
         return []
+    if delegate == "coreml":
+        from executorch.backends.apple.coreml.compiler import CoreMLBackend
+        from executorch.backends.apple.coreml.partition import CoreMLPartitioner
+
+        ct = import_coremltools()
+        # fp16 programs (what the Neural Engine runs), iOS 17 / macOS 14 and later: as `--target coreml` exports
+        specs = CoreMLBackend.generate_compile_specs(
+            minimum_deployment_target=ct.target.iOS17, compute_precision=ct.precision.FLOAT16
+        )
+        return [CoreMLPartitioner(compile_specs=specs)]
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
     return [XnnpackPartitioner()]
@@ -135,8 +150,11 @@ def export_pte(spec: ComponentSpec, out_dir: Path, delegate: str = "xnnpack", st
     # XNNPACK: ConvFusion and the norms through their twins, whose statistics the delegate takes (checked first)
     with xnnpack_twin(module, example) if delegate == "xnnpack" else contextlib.nullcontext() as twin, torch.no_grad():
         program = torch.export.export(module, example).run_decompositions(_decompositions())
-    lowered = to_edge_transform_and_lower(program, partitioner=partitioners(delegate))
+    with quiet_coremltools():
+        lowered = to_edge_transform_and_lower(program, partitioner=partitioners(delegate))
     report = {**delegation(lowered.exported_program()), "xnnpack_twin": twin}
+    if delegate == "coreml":  # ExecuTorch cannot run these here: their programs through the reference executor
+        report["coreml_reference_vs_torch"] = coreml_delegate_parity(spec, lowered.exported_program())
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{stem}.pte"
     path.write_bytes(lowered.to_executorch().buffer)
@@ -198,6 +216,64 @@ def delegation(program) -> dict:
         "delegated_flop_fraction": round(delegated_flops / flops, 4) if flops else 0.0,
         "gflops": round(flops / 1e9, 3),
     }
+
+
+def coreml_delegate_parity(spec: ComponentSpec, program, seed: int = 1) -> dict:
+    """The lowered program as an Apple device computes it, against the module in PyTorch on the same random inputs.
+
+    ExecuTorch on Linux has no Core ML backend, so the program is evaluated here: the operators left outside the
+    delegate in PyTorch (the Edge operators ExecuTorch's portable kernels implement), and every Core ML partition
+    by the numpy reference executor on the `.mlpackage` the delegate embedded (unpacked from its payload). PSNR per
+    output; raises UserError below the fp16 gate or on a non-finite output."""
+    from executorch.backends.apple.coreml import executorchcoreml
+
+    from ..runtime.manifest import GATES_DB
+    from ..runtime.metrics import compare
+    from ..runtime.mil import MILProgram
+
+    gm = program.module()  # parameters as attributes: the interpreter takes the user inputs only
+    gen = torch.Generator().manual_seed(seed)
+    example = [s.example(gen) for s in spec.inputs]
+    with torch.inference_mode():
+        ref = spec.module(*example)
+    ref = [ref] if isinstance(ref, torch.Tensor) else list(ref)
+    with tempfile.TemporaryDirectory() as tmp:
+        programs = {}
+        for name, sub in gm.named_children():
+            if getattr(sub, "backend_id", None) == "CoreMLBackend":
+                folder = Path(tmp) / name
+                folder.mkdir()
+                # the payload is the delegate's folder (model.mlpackage, metadata.json), flattened into bytes
+                unpacked = executorchcoreml.unflatten_directory_contents(sub.processed_bytes, str(folder))
+                found = list(folder.glob("*/model.mlpackage"))
+                if not unpacked or len(found) != 1:
+                    raise RuntimeError(f"{spec.name}: cannot unpack the Core ML payload of {name}")
+                meta = json.loads((found[0].parent / "metadata.json").read_text())
+                mil = MILProgram(found[0], f"{spec.name}/{name}")
+                programs[id(sub)] = (mil, meta["inputNames"], meta["outputNames"])
+
+        class Hybrid(torch.fx.Interpreter):
+            def call_function(self, target, args, kwargs):
+                if target is not torch.ops.higher_order.executorch_call_delegate:
+                    return super().call_function(target, args, kwargs)
+                mil, inputs, outputs = programs[id(args[0])]
+                out = mil.run({n: t.numpy() for n, t in zip(inputs, args[1:])})
+                return tuple(torch.from_numpy(np.asarray(out[n], dtype=np.float32)) for n in outputs)
+
+        with torch.no_grad():
+            got = Hybrid(gm).run(*example)
+    got = [got] if isinstance(got, torch.Tensor) else list(got)
+    gate = GATES_DB["fp16"]
+    report = {"partitions": len(programs), "gate_db": gate, "outputs": {}}
+    for s, r, g in zip(spec.outputs, ref, got):
+        report["outputs"][s.name] = compare(r.float().numpy(), g.float().numpy())
+    for name, c in report["outputs"].items():
+        if not c["finite"] or c["psnr_db"] < gate:
+            raise UserError(
+                f"ExecuTorch {spec.name} (Core ML delegate): output {name} {c['psnr_db']:.1f} dB against PyTorch on "
+                f"random inputs (finite: {c['finite']}), below the {gate:.0f} dB fp16 gate; refusing the export"
+            )
+    return report
 
 
 def load_method(path: Path):

@@ -110,6 +110,13 @@ def format_report(report: dict) -> str:
                 f"{d['delegated_flop_fraction']:.2%} of the FLOPs"
             )
             lines.append(f"  left to the portable CPU kernels: {portable or 'none'}")
+            if "coreml_reference_vs_torch" in d:  # checked at export: no Core ML backend in ExecuTorch off Apple
+                check = d["coreml_reference_vs_torch"]
+                worst = min(c["psnr_db"] for c in check["outputs"].values())
+                lines.append(
+                    f"  {check['partitions']} Core ML program(s), checked at export by the reference executor: "
+                    f"{worst:.1f} dB vs PyTorch (gate {check['gate_db']:.0f} dB)"
+                )
             continue
         top = ", ".join(f"{op}×{n}" for op, n in list(r["ops"].items())[:8])
         lines.append(

@@ -51,6 +51,7 @@ class ExecuTorchBackend:
         except Exception as e:  # the bindings raise RuntimeError / ValueError carrying ExecuTorch's status
             raise UserError(
                 f"{self.model_path}: ExecuTorch cannot load this program ({str(e).splitlines()[0]})"
+                f"{missing_delegates(self.model_path)}"
             ) from None
 
     @staticmethod
@@ -62,3 +63,22 @@ class ExecuTorchBackend:
         feeds = [self._torch.from_numpy(np.ascontiguousarray(inputs[s.name])) for s in self.input_specs]
         outputs = self.method.execute(feeds)
         return {name: out.numpy() for name, out in zip(self.output_names, outputs)}
+
+
+def missing_delegates(path: Path) -> str:
+    """Why a program failed to load when the reason is a delegate this ExecuTorch build lacks (a `.pte` lowered to
+    Core ML, on Linux): "; it is lowered to ..., which this build lacks (it has ...)", else ""."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+    from executorch.extension.pybindings.portable_lib import _get_registered_backend_names
+
+    try:
+        pte = deserialize_pte_binary(Path(path).read_bytes())
+    except Exception:  # not a readable program: the load error says enough
+        return ""
+    used = sorted({d.id for plan in pte.program.execution_plan for d in plan.delegates})
+    have = _get_registered_backend_names()
+    missing = [d for d in used if d not in have]
+    if not missing:
+        return ""
+    where = " (Apple devices only)" if "CoreMLBackend" in missing else ""
+    return f"; it is lowered to {', '.join(missing)}{where}, which this ExecuTorch lacks (it has {', '.join(have)})"

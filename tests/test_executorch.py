@@ -107,6 +107,47 @@ def test_unknown_delegate_writes_nothing(tiny_dirs, tmp_path):
     assert not (tmp_path / "p").exists()
 
 
+def test_core_ml_delegate_takes_every_component_and_its_programs_match_pytorch(tiny_dirs, tmp_path):
+    """`--delegate coreml`: every component lowers whole to Core ML; ExecuTorch has no Core ML backend off Apple, so
+    the export checks the programs the .pte embeds with the Core ML reference executor, and the ExecuTorch backend
+    says in one line why it cannot run them here."""
+    from executorch.extension.pybindings.portable_lib import _get_registered_backend_names
+
+    out = tmp_path / "coreml"
+    manifest = export_package(
+        str(tiny_dirs[MODELS[0]]), out, target="executorch", resolution="128", max_text_tokens=32, delegate="coreml"
+    )
+    for name in manifest["components"]:
+        record = manifest["export"][name]
+        assert record["delegate"] == "coreml" and "executorch_vs_torch_max_abs" not in record
+        d = record["delegation"]
+        assert d["delegated_flop_fraction"] >= 0.99 and d["delegated_ops"] > 0
+        check = d["coreml_reference_vs_torch"]
+        assert check["partitions"] >= 1 and check["gate_db"] == 40
+        # fp16 programs: 64-73 dB measured on the tiny components
+        assert all(c["finite"] and c["psnr_db"] > 55 for c in check["outputs"].values()), (name, check)
+    if "CoreMLBackend" not in _get_registered_backend_names():
+        with pytest.raises(UserError, match=r"lowered to CoreMLBackend \(Apple devices only\)"):
+            component_backend(load_package(out), "transformer")
+    with pytest.raises(UserError, match="--delegate coreml exports fp32 weights"):
+        export_package(str(tiny_dirs[MODELS[0]]), tmp_path / "q", target="executorch", delegate="coreml",
+                       precision="int8-dynamic")  # fmt: skip
+    assert not (tmp_path / "q").exists()
+
+
+def test_core_ml_delegate_check_runs_the_embedded_programs(tiny_dirs, tmp_path, monkeypatch):
+    """Plant an error in the Core ML programs' results (as a wrong conversion would make): the export's check sees
+    it, so it runs the programs the .pte embeds and not the PyTorch partitions; nothing is written."""
+    from edit_mobile.runtime.mil import MILProgram
+
+    real_run = MILProgram.run
+    monkeypatch.setattr(MILProgram, "run", lambda *a, **k: {n: v * 1.05 for n, v in real_run(*a, **k).items()})
+    with pytest.raises(UserError, match=r"Core ML delegate\): output .* below the 40 dB fp16 gate"):
+        export_package(str(tiny_dirs[MODELS[0]]), tmp_path / "p", target="executorch", resolution="128",
+                       max_text_tokens=32, delegate="coreml")  # fmt: skip
+    assert not (tmp_path / "p").exists()
+
+
 def test_norm_twins_compute_the_reference_and_a_planted_error_is_refused(monkeypatch):
     """The XNNPACK twins (statistics as global average pooling) equal LayerNorm, diffusers' RMSNorm, T5's layer norm
     and GroupNorm to float32 rounding; a twin that forgets to centre is refused before any export."""
