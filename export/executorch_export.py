@@ -137,9 +137,12 @@ def partitioners(delegate: str) -> list:
     return [XnnpackPartitioner()]
 
 
-def export_pte(spec: ComponentSpec, out_dir: Path, delegate: str = "xnnpack", stem: str = "model") -> tuple[Path, dict]:
+def export_pte(
+    spec: ComponentSpec, out_dir: Path, delegate: str = "xnnpack", stem: str = "model", keep_program: bool = False
+) -> tuple[Path, dict]:
     """Trace `spec.module` with static example inputs, lower it to `delegate` and write `out_dir/<stem>.pte`;
-    returns its path and what the delegate took (`delegation`)."""
+    returns its path and what the delegate took (`delegation`). `keep_program`: also save the traced program,
+    before lowering, as `<stem>.pt2` (for `merge_programs`)."""
     check_delegate(delegate)
     import_executorch()
     from executorch.exir import to_edge_transform_and_lower
@@ -158,7 +161,39 @@ def export_pte(spec: ComponentSpec, out_dir: Path, delegate: str = "xnnpack", st
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{stem}.pte"
     path.write_bytes(lowered.to_executorch().buffer)
+    if keep_program:
+        torch.export.save(program, path.with_suffix(".pt2"))
     return path, report
+
+
+def merge_programs(methods: dict[str, Path], target: Path, delegate: str) -> dict:
+    """One `.pte` with a method per entry of `methods` (method name -> a `.pte` written by `export_pte` with
+    `keep_program`), lowered together so that the delegate stores the weights they share once; written to `target`
+    (which may be one of the inputs) after every method is checked equal to its own program on random inputs. The
+    single programs and their traced `.pt2` are removed. Returns sizes and the check."""
+    from executorch.exir import to_edge_transform_and_lower
+
+    programs = {method: torch.export.load(path.with_suffix(".pt2")) for method, path in methods.items()}
+    with quiet_coremltools():
+        lowered = to_edge_transform_and_lower(programs, partitioner=partitioners(delegate))
+    examples = {method: list(program.example_inputs[0]) for method, program in programs.items()}  # traced with
+    merged = target.with_name(f".{target.name}.merged")
+    merged.write_bytes(lowered.to_executorch().buffer)
+    del lowered, programs
+    check = {}
+    for method, path in methods.items():
+        inputs = examples[method]
+        got, ref = load_method(merged, method).execute(inputs), load_method(path).execute(inputs)
+        diff = max(float((g - r).abs().max()) for g, r in zip(got, ref))
+        if diff != 0.0:  # the same kernels on the same weights: any difference is a merge that changed the program
+            raise RuntimeError(f"{target}: method {method} differs from its own program by {diff:.3g}")
+        check[method] = diff
+    before = sum(p.stat().st_size for p in methods.values())
+    for path in methods.values():
+        path.unlink()
+        path.with_suffix(".pt2").unlink()
+    merged.replace(target)
+    return {"methods": list(methods), "bytes": target.stat().st_size, "bytes_before": before, "max_abs_vs_own": check}
 
 
 # Layout-only operators: no arithmetic (XNNPACK folds most of them into its kernels' strides).
@@ -276,12 +311,12 @@ def coreml_delegate_parity(spec: ComponentSpec, program, seed: int = 1) -> dict:
     return report
 
 
-def load_method(path: Path):
-    """The `forward` method of a .pte program, loaded by ExecuTorch's runtime (the one phones link)."""
+def load_method(path: Path, method: str = "forward"):
+    """A method of a .pte program, loaded by ExecuTorch's runtime (the one phones link)."""
     from executorch.runtime import Runtime
 
     try:
-        return Runtime.get().load_program(str(path)).load_method("forward")
+        return Runtime.get().load_program(str(path)).load_method(method)
     except Exception as e:  # the runtime raises RuntimeError / ValueError with its own status text
         raise UserError(f"{path}: ExecuTorch cannot load this program ({str(e).splitlines()[0]})") from None
 

@@ -105,6 +105,8 @@ def export_package(
     more = {
         size: [s for s, first in zip(components(size), specs) if s.io_dict() != first.io_dict()] for size in sizes[1:]
     }
+    # what a target may need to know before the first size is exported (ExecuTorch keeps those programs to merge)
+    options["multi_size"] = frozenset(s.name for size_specs in more.values() for s in size_specs)
     vae = pipe.vae.config
     manifest = Manifest(
         source=str(src),

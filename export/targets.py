@@ -75,7 +75,8 @@ class ExportTarget:
     def export_component(
         self, spec: ComponentSpec, root: Path, manifest: Manifest, options: dict, stem: str = "model"
     ) -> ExportedComponent:
-        """`stem`: the model file's name without suffix (a multi-size package's further sizes: model_WxH)."""
+        """`stem`: the model file's name without suffix (a multi-size package's further sizes: model_WxH).
+        `options`: the target's own (`resolve_options`) and `multi_size`, the components exported at several sizes."""
         raise NotImplementedError
 
     def finish(self, root: Path, model_paths: list[Path]) -> None:
@@ -305,6 +306,7 @@ class ExecuTorchTarget(ExportTarget):
 
     name = "executorch"
     options = {"delegate": "xnnpack", "precision": None}
+    MULTI_METHOD_DELEGATES = ("xnnpack", "portable")  # a multi-size program checked in ExecuTorch's runtime here
 
     def resolve_options(self, **given) -> dict:
         from .executorch_export import check_delegate, check_precision, import_executorch
@@ -333,7 +335,9 @@ class ExecuTorchTarget(ExportTarget):
         precision = component_precision(spec.name, options["precision"])
         graph = spec.graph()
         graph = replace(graph, module=quantized_module(graph.module, precision))
-        path, delegation = export_pte(graph, root / spec.name, options["delegate"], stem=stem)
+        # a component with several sizes keeps its traced program until combine_sizes lowers them all as one
+        keep = spec.name in options.get("multi_size", ()) and options["delegate"] in self.MULTI_METHOD_DELEGATES
+        path, delegation = export_pte(graph, root / spec.name, options["delegate"], stem=stem, keep_program=keep)
         # against the module exported (the quantized one for a quantized component), in ExecuTorch's runtime; Core
         # ML programs run on Apple devices only: export_pte checked them with the reference executor instead
         parity = None if options["delegate"] == "coreml" else pte_parity(graph, path)
@@ -358,7 +362,23 @@ class ExecuTorchTarget(ExportTarget):
         return ExportedComponent(path, entry, info)
 
     def combine_sizes(self, manifest, root, options) -> dict:
-        return {"weights": "one .pte per size, weights not shared"}
+        """Each size-dependent component becomes one program with a method per size (`image_WxH`, as Core ML's
+        functions), its weights stored once; each method is checked equal to its size's own program first. The Core
+        ML delegate keeps one .pte per size: its merged program could not be run here to check it."""
+        from .executorch_export import merge_programs
+
+        if options["delegate"] not in self.MULTI_METHOD_DELEGATES:
+            return {"weights": f"one .pte per size, weights not shared ({options['delegate']} delegate)"}
+        merged = {}
+        for name in {n for s in manifest.sizes.values() for n in s.components}:
+            entries = {size_key(manifest.resolution): manifest.components[name]}
+            entries.update({key: s.components[name] for key, s in manifest.sizes.items() if name in s.components})
+            methods = {f"image_{key}": root / e.path for key, e in entries.items()}
+            target = root / name / "model.pte"
+            merged[name] = merge_programs(methods, target, options["delegate"])
+            for key, entry in entries.items():
+                entry.path, entry.function = f"{name}/model.pte", f"image_{key}"
+        return {"weights": "one multi-method model.pte per component", "components": merged}
 
     def summary(self, manifest, out) -> str:
         records = [e for e in manifest["export"].values() if "delegation" in e]

@@ -22,11 +22,19 @@ class ExecuTorchBackend:
     description = "ExecuTorch's runtime (XNNPACK delegate; pip install -e '.[executorch]')"
     targets = ("executorch",)
     platforms = None
-    options = frozenset({"threads"})
+    options = frozenset({"threads", "function"})
 
-    def __init__(self, model_path: str | Path, input_specs, output_names: list[str], threads: int | None = None):
+    def __init__(
+        self,
+        model_path: str | Path,
+        input_specs,
+        output_names: list[str],
+        threads: int | None = None,
+        function: str | None = None,
+    ):
         """`threads`: the size of ExecuTorch's thread pool, which XNNPACK runs on (None: one per core). The pool is
-        one per process: the last backend created with `threads` sets it for all."""
+        one per process: the last backend created with `threads` sets it for all. `function`: the method to run
+        (a multi-size program's `image_WxH`; default `forward`)."""
         self.model_path = Path(model_path)
         if self.model_path.suffix != ".pte":
             raise UserError(
@@ -47,7 +55,7 @@ class ExecuTorchBackend:
         self.output_names = list(output_names)
         try:
             program = Runtime.get().load_program(str(self.model_path))
-            self.method = program.load_method("forward")
+            self.method = program.load_method(function or "forward")
         except Exception as e:  # the bindings raise RuntimeError / ValueError carrying ExecuTorch's status
             raise UserError(
                 f"{self.model_path}: ExecuTorch cannot load this program ({str(e).splitlines()[0]})"
@@ -56,7 +64,8 @@ class ExecuTorchBackend:
 
     @staticmethod
     def manifest_options(entry) -> dict:
-        return {}
+        """A multi-size program's method for this size (`components.<name>.function`)."""
+        return {"function": entry.function} if entry.function else {}
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_inputs(inputs, self.input_specs, where=str(self.model_path))

@@ -270,7 +270,7 @@ class ComponentEntry:
     precision: str | None = None
     opset: int | None = None  # ONNX / ORT
     deployment_target: str | None = None  # Core ML
-    function: str | None = None  # Core ML: the function of a multi-function program (one per size), else main
+    function: str | None = None  # a multi-size program's function (Core ML) or method (ExecuTorch) for this size
     tolerance: dict | None = None
     gate_psnr_db: float | None = None
     ort_session_config: dict | None = None

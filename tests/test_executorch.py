@@ -8,7 +8,9 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from edit_mobile.cli.main import main as cli
 from edit_mobile.export.package import export_package
 from edit_mobile.export.validate import ValidationOptions, validate
 from edit_mobile.runtime.backends import component_backend
@@ -21,8 +23,9 @@ MODELS = ("tiny-pixart-edit-trained", "tiny-sd3-mm-edit-trained")
 @pytest.fixture(scope="module")
 def packages(tiny_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("executorch")
-    for name in MODELS:
-        export_package(str(tiny_dirs[name]), root / name, target="executorch", resolution="128", max_text_tokens=32)
+    for name in MODELS:  # the PixArt package with a second size (test_sizes_are_methods_of_one_program)
+        sizes = ["128", "96x160"] if name == MODELS[0] else "128"
+        export_package(str(tiny_dirs[name]), root / name, target="executorch", resolution=sizes, max_text_tokens=32)
     return root
 
 
@@ -38,7 +41,8 @@ def test_executorch_package_validates(packages, name):
         assert max(record["executorch_vs_torch_max_abs"].values()) < 2e-4
     report = validate(str(packages / name), opts=ValidationOptions(steps=2))
     assert report["passed"], report
-    assert report["components"]["transformer"]["psnr_db"] > 80
+    for size in report.get("sizes", {"": report}).values():  # each size of the two-size PixArt package
+        assert size["components"]["transformer"]["psnr_db"] > 80
 
 
 def test_transformer_work_is_delegated_to_xnnpack(packages):
@@ -60,9 +64,7 @@ def test_transformer_work_is_delegated_to_xnnpack(packages):
 
 
 def test_inspect_reports_the_delegation(packages, capsys):
-    from edit_mobile.cli.main import main
-
-    assert main(["inspect", str(packages / MODELS[0])]) == 0
+    assert cli(["inspect", str(packages / MODELS[0])]) == 0
     out = capsys.readouterr().out
     assert "transformer:" in out and "delegated to xnnpack" in out and "% of the FLOPs" in out
 
@@ -105,6 +107,27 @@ def test_unknown_delegate_writes_nothing(tiny_dirs, tmp_path):
     with pytest.raises(UserError, match="--delegate applies to --target executorch only"):
         export_package(str(tiny_dirs[MODELS[0]]), tmp_path / "p", delegate="xnnpack")
     assert not (tmp_path / "p").exists()
+
+
+def test_sizes_are_methods_of_one_program(packages, tmp_path):
+    """Several sizes: each size-dependent component is one .pte with a method per size (weights stored once), each
+    method equal to its size's own program; generate picks the method of the size asked for."""
+    out = packages / MODELS[0]
+    manifest = json.loads((out / "manifest.json").read_text())
+    merged = manifest["export"]["sizes"]["components"]
+    assert set(merged) == {"transformer", "vae_decoder", "vae_encoder"}
+    for name, record in merged.items():
+        assert record["methods"] == ["image_128x128", "image_96x160"]
+        assert all(diff == 0.0 for diff in record["max_abs_vs_own"].values())
+        # the second size's method costs its graph and its size's constants, not a second copy of the weights
+        # (transformer 408 KB for both sizes, 327 KB for one)
+        assert record["bytes"] < 0.7 * record["bytes_before"], (name, record)
+        assert sorted(p.name for p in (out / name).iterdir()) == ["model.pte"]
+        assert manifest["sizes"]["96x160"]["components"][name]["function"] == "image_96x160"
+    image = tmp_path / "x.png"
+    argv = ["generate", str(out), "--size", "96x160", "--prompt", "a red circle", "--steps", "2", "--out", str(image)]
+    assert cli(argv) == 0
+    assert Image.open(image).size == (96, 160)
 
 
 def test_core_ml_delegate_takes_every_component_and_its_programs_match_pytorch(tiny_dirs, tmp_path):
