@@ -250,6 +250,8 @@ def delegation(program) -> dict:
         "delegated_op_fraction": round(delegated_ops / ops, 4) if ops else 0.0,
         "delegated_flop_fraction": round(delegated_flops / flops, 4) if flops else 0.0,
         "gflops": round(flops / 1e9, 3),
+        "flops": flops,
+        "delegated_flops": delegated_flops,
     }
 
 
@@ -309,6 +311,26 @@ def coreml_delegate_parity(spec: ComponentSpec, program, seed: int = 1) -> dict:
                 f"random inputs (finite: {c['finite']}), below the {gate:.0f} dB fp16 gate; refusing the export"
             )
     return report
+
+
+def combine_delegation(reports: list[dict]) -> dict:
+    """`delegation` of a chunked component: its chunks' reports summed (fractions of the whole chain)."""
+    delegated_ops = sum(r["delegated_ops"] for r in reports)
+    portable: dict[str, int] = {}
+    for r in reports:
+        for op, n in r["portable_ops"].items():
+            portable[op] = portable.get(op, 0) + n
+    flops, delegated_flops = sum(r["flops"] for r in reports), sum(r["delegated_flops"] for r in reports)
+    ops = delegated_ops + sum(portable.values())
+    return {
+        "delegated_ops": delegated_ops,
+        "portable_ops": dict(sorted(portable.items())),
+        "delegated_op_fraction": round(delegated_ops / ops, 4) if ops else 0.0,
+        "delegated_flop_fraction": round(delegated_flops / flops, 4) if flops else 0.0,
+        "gflops": round(flops / 1e9, 3),
+        "flops": flops,
+        "delegated_flops": delegated_flops,
+    }
 
 
 def load_method(path: Path, method: str = "forward"):

@@ -324,42 +324,66 @@ class ExecuTorchTarget(ExportTarget):
 
     def export_component(self, spec, root, manifest, options, stem="model") -> ExportedComponent:
         from ..runtime.manifest import GATES_DB
-        from .executorch_export import INT4_BLOCK, component_precision, export_pte, pte_parity, quantized_module
+        from .executorch_export import INT4_BLOCK, combine_delegation, component_precision
 
-        if spec.chunks:
-            raise UserError(
-                f"{spec.name} is chunked (--max-component-mb / --transformer-chunks): chunked components export to "
-                "ONNX and Core ML, not yet ExecuTorch"
-            )
         start = time.perf_counter()
         precision = component_precision(spec.name, options["precision"])
-        graph = spec.graph()
-        graph = replace(graph, module=quantized_module(graph.module, precision))
-        # a component with several sizes keeps its traced program until combine_sizes lowers them all as one
+        # a component with several sizes keeps its traced programs until combine_sizes lowers them all as one
         keep = spec.name in options.get("multi_size", ()) and options["delegate"] in self.MULTI_METHOD_DELEGATES
-        path, delegation = export_pte(graph, root / spec.name, options["delegate"], stem=stem, keep_program=keep)
-        # against the module exported (the quantized one for a quantized component), in ExecuTorch's runtime; Core
-        # ML programs run on Apple devices only: export_pte checked them with the reference executor instead
-        parity = None if options["delegate"] == "coreml" else pte_parity(graph, path)
-        entry = component_entry(spec, path.relative_to(root), precision=precision, tiling=spec.tiling)
+        fields = dict(precision=precision, tiling=spec.tiling)
         if precision != "fp32":
-            entry.gate_psnr_db = GATES_DB[precision]
             weights = (
                 "int8, one scale per output channel" if precision == "int8-dynamic" else f"int4, blocks of {INT4_BLOCK}"
             )
-            entry.quantization = {
+            fields["gate_psnr_db"] = GATES_DB[precision]
+            fields["quantization"] = {
                 "method": f"torchao quantize_ (Int8DynamicActivationIntxWeightConfig): int8 dynamic activations, "
                 f"{weights}; linear layers, lowered to {options['delegate']}",
                 "source_precision": "fp32",
             }
+        if not spec.chunks:
+            path, info = self._export_program(spec.graph(), root / spec.name, precision, options, stem, keep)
+            info["seconds"] = round(time.perf_counter() - start, 2)
+            return ExportedComponent(path, component_entry(spec, path.relative_to(root), **fields), info)
+        # A chunked component: one program per chunk, each built, lowered, checked and released before the next.
+        chunks, records = [], {}
+        for k, build in enumerate(spec.chunks):
+            chunk = build()
+            folder = root / spec.name / f"chunk-{k:02d}"
+            path, records[folder.name] = self._export_program(chunk, folder, precision, options, stem, keep)
+            chunks.append(ChunkEntry(path.relative_to(root).as_posix(), _specs(chunk.inputs), _specs(chunk.outputs)))
+            del chunk
+        entry = component_entry(spec, Path(chunks[0].path), chunks=tuple(chunks), **fields)
         info = {
             "seconds": round(time.perf_counter() - start, 2),
+            "delegate": options["delegate"],
+            "bytes": sum(r["bytes"] for r in records.values()),
+            "delegation": combine_delegation([r["delegation"] for r in records.values()]),
+            "chunks": records,
+        }
+        if all("executorch_vs_torch_max_abs" in r for r in records.values()):  # every chunk's outputs, for summary
+            info["executorch_vs_torch_max_abs"] = {
+                f"{key}.{o}": v for key, r in records.items() for o, v in r["executorch_vs_torch_max_abs"].items()
+            }
+        return ExportedComponent(root / chunks[0].path, entry, info)
+
+    @staticmethod
+    def _export_program(graph, folder: Path, precision: str, options, stem: str, keep: bool) -> tuple[Path, dict]:
+        """One module (quantized to `precision`) as `folder/<stem>.pte`, checked against PyTorch; its path and
+        `export` record."""
+        from .executorch_export import export_pte, pte_parity, quantized_module
+
+        graph = replace(graph, module=quantized_module(graph.module, precision))
+        path, delegation = export_pte(graph, folder, options["delegate"], stem=stem, keep_program=keep)
+        # against the module exported (the quantized one for a quantized component), in ExecuTorch's runtime; Core
+        # ML programs run on Apple devices only: export_pte checked them with the reference executor instead
+        parity = None if options["delegate"] == "coreml" else pte_parity(graph, path)
+        return path, {
             "delegate": options["delegate"],
             "bytes": path.stat().st_size,
             "delegation": delegation,
             **({"executorch_vs_torch_max_abs": parity} if parity is not None else {}),
         }
-        return ExportedComponent(path, entry, info)
 
     def combine_sizes(self, manifest, root, options) -> dict:
         """Each size-dependent component becomes one program with a method per size (`image_WxH`, as Core ML's
@@ -373,12 +397,16 @@ class ExecuTorchTarget(ExportTarget):
         for name in {n for s in manifest.sizes.values() for n in s.components}:
             entries = {size_key(manifest.resolution): manifest.components[name]}
             entries.update({key: s.components[name] for key, s in manifest.sizes.items() if name in s.components})
-            methods = {f"image_{key}": root / e.path for key, e in entries.items()}
-            target = root / name / "model.pte"
-            merged[name] = merge_programs(methods, target, options["delegate"])
+            # one multi-method program per folder: the component's, or each chunk's of a chunked component
+            for i, rel in enumerate(entries[size_key(manifest.resolution)].model_paths):
+                methods = {f"image_{key}": root / e.model_paths[i] for key, e in entries.items()}
+                target = root / posixpath.dirname(rel) / "model.pte"
+                merged[posixpath.dirname(rel)] = merge_programs(methods, target, options["delegate"])
             for key, entry in entries.items():
-                entry.path, entry.function = f"{name}/model.pte", f"image_{key}"
-        return {"weights": "one multi-method model.pte per component", "components": merged}
+                paths = [f"{posixpath.dirname(rel)}/model.pte" for rel in entry.model_paths]
+                entry.path, entry.function = paths[0], f"image_{key}"
+                entry.chunks = tuple(replace(c, path=rel) for c, rel in zip(entry.chunks, paths))
+        return {"weights": "one multi-method model.pte per component (per chunk)", "components": merged}
 
     def summary(self, manifest, out) -> str:
         records = [e for e in manifest["export"].values() if "delegation" in e]

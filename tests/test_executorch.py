@@ -72,11 +72,21 @@ def test_inspect_reports_the_delegation(packages, capsys):
 @pytest.mark.parametrize("precision", ["int8-dynamic", "int4-weights"])
 def test_quantized_programs_pass_their_gates(tiny_dirs, tmp_path, precision):
     """Quantized at export (torchao, XNNPACK's int8-dynamic-activation kernels): the quantized components carry their
-    precision and gate, and the package validates against the fp32 diffusers pipeline."""
+    precision and gate, and the package validates against the fp32 diffusers pipeline. The int8 package's
+    transformer is also chunked: a program per chunk, run as one chain."""
     out = tmp_path / precision
+    chunks = 2 if precision == "int8-dynamic" else None
     manifest = export_package(
-        str(tiny_dirs[MODELS[0]]), out, target="executorch", resolution="128", max_text_tokens=32, precision=precision
-    )
+        str(tiny_dirs[MODELS[0]]), out, target="executorch", resolution="128", max_text_tokens=32, precision=precision,
+        transformer_chunks=chunks,
+    )  # fmt: skip
+    if chunks:
+        paths = [c["path"] for c in manifest["components"]["transformer"]["chunks"]]
+        assert paths == ["transformer/chunk-00/model.pte", "transformer/chunk-01/model.pte"]
+        record = manifest["export"]["transformer"]
+        assert (
+            set(record["chunks"]) == {"chunk-00", "chunk-01"} and record["delegation"]["delegated_flop_fraction"] > 0.99
+        )
     quantized = {n for n, e in manifest["components"].items() if e["precision"] == precision}
     assert quantized == ({"transformer", "text_encoder"} if precision == "int8-dynamic" else {"transformer"})
     report = validate(str(out), opts=ValidationOptions(steps=2))
