@@ -169,14 +169,14 @@ def export_pte(
 def merge_programs(methods: dict[str, Path], target: Path, delegate: str) -> dict:
     """One `.pte` with a method per entry of `methods` (method name -> a `.pte` written by `export_pte` with
     `keep_program`), lowered together so that the delegate stores the weights they share once; written to `target`
-    (which may be one of the inputs) after every method is checked equal to its own program on random inputs. The
-    single programs and their traced `.pt2` are removed. Returns sizes and the check."""
+    (which may be one of the inputs) after every method is checked equal to its own program on the inputs it was
+    traced with. The single programs and their traced `.pt2` are removed. Returns sizes and the check."""
     from executorch.exir import to_edge_transform_and_lower
 
     programs = {method: torch.export.load(path.with_suffix(".pt2")) for method, path in methods.items()}
     with quiet_coremltools():
         lowered = to_edge_transform_and_lower(programs, partitioner=partitioners(delegate))
-    examples = {method: list(program.example_inputs[0]) for method, program in programs.items()}  # traced with
+    examples = {method: list(program.example_inputs[0]) for method, program in programs.items()}
     merged = target.with_name(f".{target.name}.merged")
     merged.write_bytes(lowered.to_executorch().buffer)
     del lowered, programs
@@ -242,8 +242,11 @@ def delegation(program) -> dict:
             name = _op_name(node)
             portable[name] = portable.get(name, 0) + 1
             portable_flops += node_flops(node)
+    return _delegation_report(delegated_ops, portable, delegated_flops + portable_flops, delegated_flops)
+
+
+def _delegation_report(delegated_ops: int, portable: dict[str, int], flops: int, delegated_flops: int) -> dict:
     ops = delegated_ops + sum(portable.values())
-    flops = delegated_flops + portable_flops
     return {
         "delegated_ops": delegated_ops,
         "portable_ops": dict(sorted(portable.items())),
@@ -321,16 +324,7 @@ def combine_delegation(reports: list[dict]) -> dict:
         for op, n in r["portable_ops"].items():
             portable[op] = portable.get(op, 0) + n
     flops, delegated_flops = sum(r["flops"] for r in reports), sum(r["delegated_flops"] for r in reports)
-    ops = delegated_ops + sum(portable.values())
-    return {
-        "delegated_ops": delegated_ops,
-        "portable_ops": dict(sorted(portable.items())),
-        "delegated_op_fraction": round(delegated_ops / ops, 4) if ops else 0.0,
-        "delegated_flop_fraction": round(delegated_flops / flops, 4) if flops else 0.0,
-        "gflops": round(flops / 1e9, 3),
-        "flops": flops,
-        "delegated_flops": delegated_flops,
-    }
+    return _delegation_report(delegated_ops, portable, flops, delegated_flops)
 
 
 def load_method(path: Path, method: str = "forward"):
