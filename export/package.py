@@ -58,7 +58,7 @@ def export_package(
     `aspect_ratios` (a name of ASPECT_RATIO_SETS) adds the model's own buckets nearest to those ratios (PixArt-Σ).
 
     `compute_precision` (fp16 | fp32, default fp16) and `deployment_target` (iOS17 | iOS18 | macOS14 | macOS15,
-    default iOS17) apply to target "coreml" only, `delegate` (xnnpack | portable, default xnnpack) and
+    default iOS17) apply to target "coreml" only, `delegate` (xnnpack | coreml | portable, default xnnpack) and
     `precision` (int8-dynamic | int4-weights, default fp32) to target "executorch" only: each target takes its own
     options (export/targets.py).
     `max_component_mb`: a T5 text encoder or transformer with more fp32 weights than this is exported as a chain of
