@@ -53,6 +53,25 @@ def _flag(option: str) -> str:
     return "--" + option.replace("_", "-")
 
 
+def merge_sizes(manifest: Manifest, root: Path, filename: str, merge) -> dict:
+    """Every size-dependent component's graphs of all sizes as one program per folder (the component's, or each
+    chunk's of a chunked component): `merge({"image_WxH": that size's file, ...}, folder / filename)` writes it and
+    returns its record. The manifest entries then name the merged file and their function. Returns the records by
+    folder."""
+    merged = {}
+    for name in {n for s in manifest.sizes.values() for n in s.components}:
+        entries = {size_key(manifest.resolution): manifest.components[name]}
+        entries.update({key: s.components[name] for key, s in manifest.sizes.items() if name in s.components})
+        for i, rel in enumerate(entries[size_key(manifest.resolution)].model_paths):
+            functions = {f"image_{key}": root / e.model_paths[i] for key, e in entries.items()}
+            merged[posixpath.dirname(rel)] = merge(functions, root / posixpath.dirname(rel) / filename)
+        for key, entry in entries.items():
+            paths = [f"{posixpath.dirname(rel)}/{filename}" for rel in entry.model_paths]
+            entry.path, entry.function = paths[0], f"image_{key}"
+            entry.chunks = tuple(replace(c, path=rel) for c, rel in zip(entry.chunks, paths))
+    return merged
+
+
 class ExportTarget:
     """Base: no options, nothing to finish."""
 
@@ -217,23 +236,13 @@ class CoreMLTarget(ExportTarget):
                 "weights": f"one .mlpackage per size, weights not shared: multi-function programs need "
                 f"--deployment-target {' or '.join(self.MULTIFUNCTION_TARGETS)}"
             }
-        merged = {}
-        for name in {n for s in manifest.sizes.values() for n in s.components}:
-            entries = {size_key(manifest.resolution): manifest.components[name]}
-            entries.update({key: s.components[name] for key, s in manifest.sizes.items() if name in s.components})
-            # one multi-function program per folder: the component's, or each chunk's of a chunked component
-            for i, rel in enumerate(entries[size_key(manifest.resolution)].model_paths):
-                functions = {f"image_{key}": root / e.model_paths[i] for key, e in entries.items()}
-                target = root / posixpath.dirname(rel) / "model.mlpackage"
-                before = sum(package_size(p) for p in functions.values())
-                save_multifunction(functions, next(iter(functions)), target)
-                merged[posixpath.dirname(rel)] = {
-                    "functions": list(functions), "bytes": package_size(target), "bytes_before": before
-                }  # fmt: skip
-            for key, entry in entries.items():
-                paths = [f"{posixpath.dirname(rel)}/model.mlpackage" for rel in entry.model_paths]
-                entry.path, entry.function = paths[0], f"image_{key}"
-                entry.chunks = tuple(replace(c, path=rel) for c, rel in zip(entry.chunks, paths))
+
+        def merge(functions: dict[str, Path], target: Path) -> dict:
+            before = sum(package_size(p) for p in functions.values())
+            save_multifunction(functions, next(iter(functions)), target)
+            return {"functions": list(functions), "bytes": package_size(target), "bytes_before": before}
+
+        merged = merge_sizes(manifest, root, "model.mlpackage", merge)
         return {"weights": "one multi-function model.mlpackage per component (per chunk)", "components": merged}
 
     def export_component(self, spec, root, manifest, options, stem="model") -> ExportedComponent:
@@ -393,19 +402,9 @@ class ExecuTorchTarget(ExportTarget):
 
         if options["delegate"] not in self.MULTI_METHOD_DELEGATES:
             return {"weights": f"one .pte per size, weights not shared ({options['delegate']} delegate)"}
-        merged = {}
-        for name in {n for s in manifest.sizes.values() for n in s.components}:
-            entries = {size_key(manifest.resolution): manifest.components[name]}
-            entries.update({key: s.components[name] for key, s in manifest.sizes.items() if name in s.components})
-            # one multi-method program per folder: the component's, or each chunk's of a chunked component
-            for i, rel in enumerate(entries[size_key(manifest.resolution)].model_paths):
-                methods = {f"image_{key}": root / e.model_paths[i] for key, e in entries.items()}
-                target = root / posixpath.dirname(rel) / "model.pte"
-                merged[posixpath.dirname(rel)] = merge_programs(methods, target, options["delegate"])
-            for key, entry in entries.items():
-                paths = [f"{posixpath.dirname(rel)}/model.pte" for rel in entry.model_paths]
-                entry.path, entry.function = paths[0], f"image_{key}"
-                entry.chunks = tuple(replace(c, path=rel) for c, rel in zip(entry.chunks, paths))
+        merged = merge_sizes(
+            manifest, root, "model.pte", lambda methods, target: merge_programs(methods, target, options["delegate"])
+        )
         return {"weights": "one multi-method model.pte per component (per chunk)", "components": merged}
 
     def summary(self, manifest, out) -> str:
