@@ -47,6 +47,12 @@ def build_parser(parser):
         "report the peak resident memory of every phase (loading, text encoding, denoising, decoding)",
     )
     parser.add_argument("--no-cpu-arena", action="store_true", help="ONNX Runtime: no CPU memory arena")
+    parser.add_argument(
+        "--shared-arena",
+        action="store_true",
+        help="ONNX Runtime: one CPU memory arena shared by every component's session instead of one each (memory "
+        "one component freed serves the next)",
+    )
     parser.add_argument("--no-mem-pattern", action="store_true", help="ONNX Runtime: no pre-planned activation buffers")
     parser.add_argument(
         "--size", default=None, metavar="WxH", help="image size of a multi-size package (default: its first)"
@@ -76,6 +82,7 @@ def main(args) -> int:
         guidance=args.guidance,
         memory_phases=args.memory_phases,
         cpu_arena=not args.no_cpu_arena,
+        shared_arena=args.shared_arena,
         mem_pattern=not args.no_mem_pattern,
         size=None if args.size is None else size_key(parse_resolution(args.size)),
     )

@@ -56,12 +56,19 @@ def build_parser(parser):
         action="store_true",
         help="ONNX Runtime: no CPU memory arena (freed activation memory goes back at once; lower peak, slower)",
     )
+    parser.add_argument(
+        "--shared-arena",
+        action="store_true",
+        help="ONNX Runtime: one CPU memory arena shared by every component's session instead of one each (memory "
+        "one component freed serves the next)",
+    )
     parser.add_argument("--no-mem-pattern", action="store_true", help="ONNX Runtime: no pre-planned activation buffers")
     parser.add_argument("--out", required=True, help="PNG file to write (atomically)")
     return parser
 
 
 def main(args) -> int:
+    from ..runtime.ort_backend import check_arena
     from ..runtime.package import load_package
     from ..runtime.pipeline import Text2ImagePipeline, save_png
 
@@ -69,6 +76,7 @@ def main(args) -> int:
         raise UserError(f"--steps must be >= 1, got {args.steps}")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be >= 1, got {args.threads}")
+    check_arena(not args.no_cpu_arena, args.shared_arena)
     wanted = parse_resolution(args.size) if args.size is not None else None
     package = load_package(args.package)
     size, resize_to = package.generation_size(wanted)  # PixArt-Σ: a size between buckets is binned, as diffusers
@@ -79,6 +87,7 @@ def main(args) -> int:
         threads=args.threads,
         memory=args.memory,
         cpu_arena=not args.no_cpu_arena,
+        shared_arena=args.shared_arena,
         mem_pattern=not args.no_mem_pattern,
     )
     result = pipe(

@@ -31,6 +31,7 @@ import numpy as np
 from .backends import backend_class, backend_for_target, component_backend
 from .errors import UserError
 from .io_specs import to_numpy_dtype
+from .ort_backend import check_arena
 from .package import Package, installed_version, load_package
 
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon"
@@ -49,6 +50,7 @@ class BenchOptions:
     seed: int = 0
     memory_phases: bool = False  # also profile memory per phase in both memory modes (two more images)
     cpu_arena: bool = True  # ONNX Runtime's CPU memory arena (runtime/ort_backend.py)
+    shared_arena: bool = False  # one CPU arena for every component's session instead of one each
     mem_pattern: bool = True  # ONNX Runtime's pre-planned activation buffers
     size: str | None = None  # image size "WxH" of a multi-size package (None: its default size)
 
@@ -65,6 +67,7 @@ class BenchOptions:
             raise UserError(f"--threads must be >= 1, got {self.threads}")
         if self.e2e_runs is not None and self.e2e_runs < 1:
             raise UserError(f"--e2e-runs must be >= 1, got {self.e2e_runs}")
+        check_arena(self.cpu_arena, self.shared_arena)
 
 
 def summarize(samples_ms: list[float]) -> dict:
@@ -169,11 +172,15 @@ def phase_memory(package_dir: str, memory: str, options: BenchOptions) -> dict:
             reset_peak_rss()
         current[0] = name
 
-    kw = {"backend": options.backend, "threads": options.threads, "progress": False}
+    kw = {
+        "backend": options.backend,
+        "threads": options.threads,
+        "progress": False,
+        "cpu_arena": options.cpu_arena,
+        "shared_arena": options.shared_arena,
+    }
     package = load_package(package_dir).at_size(options.size)
-    pipe = Text2ImagePipeline(
-        package, memory=memory, cpu_arena=options.cpu_arena, mem_pattern=options.mem_pattern, **kw
-    )
+    pipe = Text2ImagePipeline(package, memory=memory, mem_pattern=options.mem_pattern, **kw)
     pipe(options.prompt, steps=options.steps, guidance=options.guidance, seed=options.seed, phase=phase)
     out["peak_rss_mb"] = max((out[p] for p in MEMORY_PHASES if out.get(p) is not None), default=peak_rss_mb())
     return out
@@ -307,7 +314,12 @@ def bench_package(package_dir: str | Path, options: BenchOptions = BenchOptions(
     pkg = whole.at_size(options.size)  # ... or a size it lacks
     verify_s = time.perf_counter() - start
     # backends without these settings (Core ML) ignore them
-    kw = {"threads": options.threads, "cpu_arena": options.cpu_arena, "mem_pattern": options.mem_pattern}
+    kw = {
+        "threads": options.threads,
+        "mem_pattern": options.mem_pattern,
+        "cpu_arena": options.cpu_arena,
+        "shared_arena": options.shared_arena,
+    }
 
     # 1. cold load, one component at a time
     timed: dict[str, TimedBackend] = {}

@@ -13,6 +13,21 @@ from .io_specs import TensorSpec, as_specs, check_inputs
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 
 
+def check_arena(cpu_arena: bool, shared_arena: bool) -> None:
+    """The user's arena options: a shared arena is still an arena."""
+    if shared_arena and not cpu_arena:
+        raise UserError("--shared-arena needs the CPU arena: drop --no-cpu-arena")
+
+
+def register_shared_arena() -> None:
+    """Register ONNX Runtime's environment CPU arena (its default arena settings), which sessions with
+    `session.use_env_allocators` allocate from. Registering again is harmless (ONNX Runtime keeps one per device)."""
+    import onnxruntime as ort
+
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))  # -1: ONNX Runtime's defaults
+
+
 class OrtBackend:
     """ONNX Runtime InferenceSession over one component's model.onnx."""
 
@@ -21,7 +36,16 @@ class OrtBackend:
     targets = ("onnx", "ort-mobile")  # the package targets whose models it runs
     platforms = None  # every platform
     options = frozenset(
-        {"threads", "optimization", "providers", "session_config", "cpu_arena", "mem_pattern", "shared_weights"}
+        {
+            "threads",
+            "optimization",
+            "providers",
+            "session_config",
+            "cpu_arena",
+            "shared_arena",
+            "mem_pattern",
+            "shared_weights",
+        }
     )
 
     def __init__(
@@ -36,10 +60,14 @@ class OrtBackend:
         cpu_arena: bool = True,
         mem_pattern: bool = True,
         shared_weights=None,
+        shared_arena: bool = False,
     ):
         """`cpu_arena`: ONNX Runtime's CPU memory arena (fast reuse of freed blocks, which it keeps until the session
         ends); `mem_pattern`: pre-planned activation buffers (allocated once per run shape). Both on is ONNX
-        Runtime's default; off trades speed for a lower peak (docs/memory.md). `shared_weights`: a
+        Runtime's default; off trades speed for a lower peak (docs/memory.md). `shared_arena` (with `cpu_arena`):
+        the session allocates from one CPU arena that every session of the process shares (ONNX Runtime's
+        environment allocator, `session.use_env_allocators`) instead of an arena of its own, so that what one
+        component freed serves the next instead of staying reserved by a session that is idle. `shared_weights`: a
         runtime/shared_weights.py `SharedWeights` that gives this session the process's one copy of a multi-size
         package's weights (pre-packing off)."""
         import onnxruntime as ort
@@ -77,6 +105,9 @@ class OrtBackend:
         }[optimization]
         for key, value in (session_config or {}).items():  # the manifest's `ort_session_config` (quantized models)
             opts.add_session_config_entry(str(key), str(value))
+        if shared_arena and cpu_arena:
+            register_shared_arena()
+            opts.add_session_config_entry("session.use_env_allocators", "1")
         # .ort files keep their own (optimised) initializers: only ONNX graphs take shared ones.
         shared = (
             shared_weights.initializers(self.model_path) if shared_weights and self.model_path.suffix == ".onnx" else {}

@@ -67,6 +67,7 @@ class Text2ImagePipeline:
         cpu_arena: bool = True,
         mem_pattern: bool = True,
         shared_weights=None,
+        shared_arena: bool = False,
     ):
         """`backends`: already created backends by component name (e.g. `edit-mobile bench` passes instrumented
         ones, after timing their creation); the components not in it are created here.
@@ -75,8 +76,9 @@ class Text2ImagePipeline:
         "low" creates each one when the loop first needs it and releases it when the loop is done with it (text
         encoders after the prompt, the transformer after the last step, the VAE decoder after decoding), so that
         only one component's weights are in memory at a time (one chunk of a chunked text encoder), with ONNX
-        Runtime's CPU arena off. The images are the same. `cpu_arena`, `mem_pattern`: ONNX Runtime's memory arena
-        (default mode only) and pre-planned activation buffers (runtime/ort_backend.py; other backends ignore them).
+        Runtime's CPU arena off. The images are the same. `cpu_arena`, `shared_arena`, `mem_pattern`: ONNX
+        Runtime's memory arena (default mode only), one arena for every component instead of one each, and
+        pre-planned activation buffers (runtime/ort_backend.py; other backends ignore them).
         `shared_weights`: one `runtime/shared_weights.py: SharedWeights` given to the pipelines of several sizes of
         one package, so that their sessions hold one copy of the weights."""
         if backend is not None and backend not in BACKENDS:
@@ -103,7 +105,8 @@ class Text2ImagePipeline:
         # ONNX Runtime's CPU arena keeps what a session freed until the session ends; low-memory mode turns it
         # off (measured on PixArt-Σ-XL at 512²: peak 4.0 GB instead of 7.0 GB, docs/memory.md).
         kw = dict(threads=threads, optimization=optimization, providers=providers, mem_pattern=mem_pattern,
-                  cpu_arena=cpu_arena and memory == "default", shared_weights=shared_weights)  # fmt: skip
+                  cpu_arena=cpu_arena and memory == "default", shared_arena=shared_arena,
+                  shared_weights=shared_weights)  # fmt: skip
         # A method, not a lambda closing over self: that cycle kept every session alive after the pipeline was
         # dropped, until the garbage collector ran (calibration at 4 sizes of PixArt-Σ-XL: +7 GB per size).
         self._backend_options = (backend, kw)

@@ -108,6 +108,7 @@ def test_memory_phases_in_both_modes(tiny_package, tmp_path):
         (["--backend", "tpu"], "unknown backend 'tpu'"),
         (["--steps", "0"], "--steps must be >= 1"),
         (["--threads", "0"], "--threads must be >= 1"),
+        (["--shared-arena", "--no-cpu-arena"], "--shared-arena needs the CPU arena"),
     ],
 )
 def test_bench_bad_options(tiny_package, capsys, argv_tail, message):

@@ -351,6 +351,40 @@ def test_sensitivity_pass_reports_exclusions(packages, prompts, tmp_path, monkey
     assert abs(q["check"]["psnr_db"] - history[-1]) <= 0.01, (q["check"], history)
 
 
+@pytest.mark.parametrize("component", ["text_encoder", "text_encoder_2", "text_encoder_3"])
+def test_embedding_tables_are_int8_rows_gathered_before_dequantizing(packages, tmp_path, component):
+    """T5's and CLIP's token tables become int8 with a scale per row; the lookup gathers int8 rows and their scales,
+    so the output equals the fp32 graph whose table is the dequantized one, bit for bit."""
+    from edit_mobile.export import quantize_onnx as qo
+
+    src = packages["sd3"] / component / "model.onnx"
+    model = qo.load_model(src)
+    inits = {t.name: t for t in model.graph.initializer}
+    tables = {n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits}
+    assert tables and qo.int8_embedding_tables(model) >= len(tables)
+    after = {t.name: t for t in model.graph.initializer}
+    assert not tables & set(after)  # the fp32 tables are gone
+    gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in after]
+    assert {after[n.input[0]].data_type for n in gathers} == {onnx.TensorProto.INT8, onnx.TensorProto.FLOAT}
+    qo.save_model(model, tmp_path / "int8.onnx")
+
+    reference = qo.load_model(src)  # the same graph with each table replaced by its dequantization
+    for t in reference.graph.initializer:
+        if t.name in tables:
+            q, scale = (onnx.numpy_helper.to_array(after[f"{t.name}__{s}"]) for s in ("int8", "row_scale"))
+            t.CopyFrom(onnx.numpy_helper.from_array(q.astype(np.float32) * scale, t.name))
+    qo.save_model(reference, tmp_path / "dequantized.onnx")
+    shape = _input_shape(model, "input_ids")
+    feed = {"input_ids": (np.arange(np.prod(shape)).reshape(shape) % 50).astype(np.int64)}
+    a, b, fp32 = (qo.run_feeds(p, [feed])[0][0] for p in (tmp_path / "int8.onnx", tmp_path / "dequantized.onnx", src))
+    assert np.array_equal(a, b)
+    assert 35 < qo.psnr(fp32, a) < 200  # int8 rows: close to fp32, yet not fp32
+
+
+def _input_shape(model, name):
+    return [d.dim_value for i in model.graph.input if i.name == name for d in i.type.tensor_type.shape.dim]
+
+
 def test_text_encoder_inputs_without_running_the_loop_equal_the_loops(packages, prompts):
     """Quantizing only text encoders records their inputs by tokenizing alone; they are the loop's own."""
     from edit_mobile.export.calibration import read_prompt_file, record_calibration, record_text_inputs

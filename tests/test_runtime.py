@@ -447,3 +447,13 @@ def test_export_then_generate_is_deterministic(tmp_path, capsys):
     capsys.readouterr()
     assert main([*args, "--memory", "tiny", "--out", str(tmp_path / "e.png")]) == 2
     assert "unknown memory mode 'tiny'" in capsys.readouterr().err and not (tmp_path / "e.png").exists()
+
+    # --shared-arena: every session allocates from ONNX Runtime's one environment arena; the same image
+    assert main([*args, "--shared-arena", "--out", str(tmp_path / "shared.png")]) == 0
+    assert (tmp_path / "shared.png").read_bytes() == (tmp_path / "a.png").read_bytes()
+    shared = Text2ImagePipeline(pkg, progress=False, shared_arena=True)
+    configs = {b.session.get_session_options().get_session_config_entry("session.use_env_allocators")
+               for b in shared.models.values()}  # fmt: skip
+    assert configs == {"1"}
+    assert main([*args, "--shared-arena", "--no-cpu-arena", "--out", str(tmp_path / "f.png")]) == 2
+    assert "--shared-arena needs the CPU arena" in capsys.readouterr().err and not (tmp_path / "f.png").exists()
