@@ -49,18 +49,27 @@ def _value_bytes(value: onnx.ValueInfoProto) -> int:
     return math.prod(dims) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).itemsize
 
 
-def graph_memory(path: str | Path) -> dict:
+def graph_memory(path: str | Path, folds_dequantize: bool = False) -> dict:
     """{"weights": initializer bytes, "inline": those stored in the graph file, "activations": peak bytes of
-    intermediate values alive at once}."""
+    intermediate values alive at once}. `folds_dequantize`: the session folds constant DequantizeLinear nodes (the
+    `session.disable_quant_qdq` entry that `quantize` records for int8 Conv weights), so those weights are held
+    dequantized, in fp32."""
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
+    constants = {t.name for t in graph.initializer}
+    folded = {
+        n.input[0]
+        for n in graph.node
+        if folds_dequantize and n.op_type == "DequantizeLinear" and all(i in constants for i in n.input if i)
+    }
     weights = inline = 0
     for t in graph.initializer:
         if uses_external_data(t):
-            weights += ExternalDataInfo(t).length or 0
+            size = ExternalDataInfo(t).length or 0
         else:
             size = len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes
-            weights, inline = weights + size, inline + size
+            inline += size
+        weights += math.prod(t.dims) * 4 if t.name in folded else size
     sizes = {v.name: _value_bytes(v) for v in [*graph.input, *graph.value_info, *graph.output]}
     initializers = {t.name for t in graph.initializer}
     last_use = {}
@@ -113,7 +122,8 @@ def process_baseline_mb() -> float:
 def _component_memory(package: Package, name: str) -> list[dict]:
     """Per graph of the component (one, or each chunk in order): its weights and activations."""
     comp = package.component(name)
-    return [graph_memory(p.with_suffix(".onnx")) for p in (comp.chunk_paths or (comp.path,))]
+    folds = (comp.entry.ort_session_config or {}).get("session.disable_quant_qdq") == "1"
+    return [graph_memory(p.with_suffix(".onnx"), folds) for p in (comp.chunk_paths or (comp.path,))]
 
 
 def arena_mb(peak_mb: float, runs: int) -> float:

@@ -29,6 +29,7 @@ import numpy as np
 from .coreml_backend import CoreMLBackend, CoreMLReferenceBackend
 from .errors import UserError
 from .executorch_backend import ExecuTorchBackend
+from .heap import trim_heap
 from .io_specs import TensorSpec, as_specs, check_inputs
 from .ort_backend import OrtBackend
 from .package import Package
@@ -115,6 +116,8 @@ class ChainBackend:
             backend = chunk() if self.stream else chunk
             values.update(backend.run({n: values[n] for n in names}))
             del backend  # streamed: this chunk's session goes before the next one is created
+            if self.stream:
+                trim_heap()
         return {n: values[n] for n in self.output_names}
 
 

@@ -20,6 +20,7 @@ from .backends import BACKENDS, component_backend
 from .binning import resize_and_crop
 from .errors import UserError
 from .families import family, unscale_latents
+from .heap import trim_heap
 from .io_specs import to_numpy_dtype
 from .package import Package, load_package
 from .schedulers import scheduler_from_config
@@ -125,15 +126,20 @@ class Text2ImagePipeline:
 
     def _create(self, name: str):
         backend, kw = self._backend_options
-        return component_backend(
+        created = component_backend(
             self.package, name, backend, stream_chunks=self.memory == "low" and name in self._encoders, **kw
         )
+        if self.memory == "low":
+            trim_heap()  # what loading the session freed (runtime/heap.py)
+        return created
 
     def _release(self, *names: str) -> None:
-        """Low-memory mode: drop these components' sessions (they are created again when next needed)."""
+        """Low-memory mode: drop these components' sessions (they are created again when next needed) and give
+        their memory back to the system."""
         if self.memory == "low":
             for name in names:
                 self.models.pop(name, None)
+            trim_heap()
 
     def _run(self, name: str, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         """Run one component, casting inputs to the manifest dtypes (fp16 packages) and outputs to float32."""

@@ -41,6 +41,22 @@ def test_liveness_counts_buffers_as_the_planner_shares_them(tmp_path):
     assert memory["activations"] == 2 * MIB
 
 
+def test_dequantized_constants_count_as_the_session_holds_them(tmp_path):
+    """An int8 weight behind a constant DequantizeLinear: 1 byte per element on disk, 4 once a session with QDQ
+    handling off folds it into an fp32 initializer (the int8 Conv weights `quantize` writes)."""
+    q = numpy_helper.from_array(np.ones((1024, 1024), np.int8), "q")
+    scale = numpy_helper.from_array(np.array(0.5, np.float32), "scale")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 1024])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 1024])
+    nodes = [helper.make_node("DequantizeLinear", ["q", "scale"], ["w"]), helper.make_node("MatMul", ["x", "w"], ["y"])]
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [x], [y], [q, scale]), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    onnx.save_model(onnx.shape_inference.infer_shapes(model), tmp_path / "dq.onnx")
+    assert graph_memory(tmp_path / "dq.onnx")["weights"] == MIB + 4
+    assert graph_memory(tmp_path / "dq.onnx", folds_dequantize=True)["weights"] == 4 * MIB + 4
+
+
 def test_inspect_and_export_budgets(tmp_path, capsys):
     pkg = tmp_path / "pkg"
     assert cli(["export", "tiny-pixart", "--resolution", "128", "--out", str(pkg)]) == 0
