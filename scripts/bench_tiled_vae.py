@@ -22,6 +22,7 @@ import numpy as np
 
 from edit_mobile.runtime.backends import create_backend
 from edit_mobile.runtime.bench import current_rss_mb, peak_rss_mb, reset_peak_rss
+from edit_mobile.runtime.heap import trim_heap
 from edit_mobile.runtime.io_specs import TensorSpec
 from edit_mobile.runtime.package import load_package, parse_resolution
 from edit_mobile.runtime.pipeline import to_uint8
@@ -43,7 +44,11 @@ def decode_once(package_dir: str, size: tuple[int, int], threads: int | None) ->
     baseline = current_rss_mb()
     resettable = reset_peak_rss()
     start = time.perf_counter()
-    graph = create_backend("ort", comp.path, [tile_spec(spec, tiling)], comp.output_names, threads=threads)
+    # as `generate --memory low` creates it: no CPU arena, the heap trimmed after loading (runtime/pipeline.py)
+    graph = create_backend(
+        "ort", comp.path, [tile_spec(spec, tiling)], comp.output_names, threads=threads, cpu_arena=False
+    )
+    trim_heap()
     decoder = TiledBackend(graph, tiling, [full], comp.output_names)
     image = to_uint8(decoder.run({spec.name: latents})[comp.output_names[0]])
     seconds = time.perf_counter() - start
