@@ -66,10 +66,10 @@ class OrtBackend:
         ends); `mem_pattern`: pre-planned activation buffers (allocated once per run shape). Both on is ONNX
         Runtime's default; off trades speed for a lower peak (docs/memory.md). `shared_arena` (with `cpu_arena`):
         the session allocates from one CPU arena that every session of the process shares (ONNX Runtime's
-        environment allocator, `session.use_env_allocators`) instead of an arena of its own, so that what one
-        component freed serves the next instead of staying reserved by a session that is idle. `shared_weights`: a
-        runtime/shared_weights.py `SharedWeights` that gives this session the process's one copy of a multi-size
-        package's weights (pre-packing off)."""
+        environment allocator, `session.use_env_allocators`) instead of an arena of its own; measured to save
+        nothing on ONNX Runtime 1.32's CPU provider for our packages (docs/memory.md), so off by default.
+        `shared_weights`: a runtime/shared_weights.py `SharedWeights` that gives this session the process's one copy
+        of a multi-size package's weights (pre-packing off)."""
         import onnxruntime as ort
 
         self.model_path = Path(model_path)
