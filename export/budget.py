@@ -57,11 +57,10 @@ def graph_memory(path: str | Path, folds_dequantize: bool = False) -> dict:
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
     constants = {t.name for t in graph.initializer}
-    folded = {
-        n.input[0]
-        for n in graph.node
-        if folds_dequantize and n.op_type == "DequantizeLinear" and all(i in constants for i in n.input if i)
-    }
+    dequantized = (n for n in graph.node if n.op_type == "DequantizeLinear")
+    folded = (
+        {n.input[0] for n in dequantized if all(i in constants for i in n.input if i)} if folds_dequantize else set()
+    )
     weights = inline = 0
     for t in graph.initializer:
         if uses_external_data(t):

@@ -261,6 +261,14 @@ def graph_input_readers(model: onnx.ModelProto, op_types=STATIC_OP_TYPES) -> lis
     return [n.name for n in model.graph.node if n.op_type in op_types and any(i in float_inputs for i in n.input)]
 
 
+def drop_unused_initializers(model: onnx.ModelProto, candidates) -> None:
+    """Remove the initializers among `candidates` that no node reads any more (after a rewrite replaced them)."""
+    read = {i for n in model.graph.node for i in n.input}
+    keep = [t for t in model.graph.initializer if t.name in read or t.name not in candidates]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
 def unfuse_gemm(model: onnx.ModelProto) -> int:
     """Gemm(A, B, C) with a constant B -> MatMul(A, B or B^T) + Add(C), in place; returns how many were unfused.
 
@@ -268,11 +276,7 @@ def unfuse_gemm(model: onnx.ModelProto) -> int:
     weight-only int8 quantizers do not handle: without this, they would leave every weight in fp32.
     """
     inits = {t.name: t for t in model.graph.initializer}
-    uses = {}
-    for n in model.graph.node:
-        for i in n.input:
-            uses[i] = uses.get(i, 0) + 1
-    new_nodes, count, dropped = [], 0, set()
+    new_nodes, count, transposed = [], 0, set()
     for node in model.graph.node:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if (
@@ -289,9 +293,7 @@ def unfuse_gemm(model: onnx.ModelProto) -> int:
             w = numpy_helper.to_array(inits[weight]).T
             t = numpy_helper.from_array(np.ascontiguousarray(w), f"{weight}__KxN")
             model.graph.initializer.append(t)
-            uses[weight] -= 1
-            if uses[weight] == 0:
-                dropped.add(weight)
+            transposed.add(weight)
             weight = t.name
         has_bias = len(node.input) > 2 and node.input[2] != ""
         mm_out = f"{node.output[0]}__matmul" if has_bias else node.output[0]
@@ -303,10 +305,7 @@ def unfuse_gemm(model: onnx.ModelProto) -> int:
         count += 1
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
-    if dropped:
-        keep = [t for t in model.graph.initializer if t.name not in dropped]
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(keep)
+    drop_unused_initializers(model, transposed)
     return count
 
 
@@ -322,10 +321,6 @@ def int8_conv_weights(model: onnx.ModelProto, exclude=()) -> int:
     from onnxruntime.quantization.quant_utils import quantize_data
 
     inits = {t.name: t for t in model.graph.initializer}
-    uses: dict[str, int] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            uses[i] = uses.get(i, 0) + 1
     done: dict[str, str] = {}
     count = 0
     for node in model.graph.node:
@@ -358,12 +353,8 @@ def int8_conv_weights(model: onnx.ModelProto, exclude=()) -> int:
             )
             done[name] = f"{name}__dq"
         node.input[1] = done[name]
-        uses[name] -= 1
         count += 1
-    unused = {n for n in done if uses[n] == 0}
-    keep = [t for t in model.graph.initializer if t.name not in unused]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
+    drop_unused_initializers(model, done)
     topological_sort(model)
     return count
 
@@ -380,10 +371,6 @@ def int8_embedding_tables(model: onnx.ModelProto, exclude=()) -> int:
     from onnxruntime.quantization.quant_utils import quantize_data
 
     inits = {t.name: t for t in model.graph.initializer}
-    uses: dict[str, int] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            uses[i] = uses.get(i, 0) + 1
     quantized: set[str] = set()
     new_nodes = []
     count = 0
@@ -421,14 +408,10 @@ def int8_embedding_tables(model: onnx.ModelProto, exclude=()) -> int:
             ),
             helper.make_node("Mul", [f"{out}__float", f"{out}__scale"], [out], name=f"{node.name}__Mul"),
         ]
-        uses[name] -= 1
         count += 1
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)
-    unused = {n for n in quantized if uses[n] == 0}
-    keep = [t for t in model.graph.initializer if t.name not in unused]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
+    drop_unused_initializers(model, quantized)
     return count
 
 

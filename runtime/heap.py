@@ -10,7 +10,6 @@ transformer at 1024², 0.36 GB after creating its session and 0.66 GB after rele
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 
 
@@ -18,10 +17,8 @@ def trim_heap() -> None:
     """Return the C heap's free memory to the system (glibc `malloc_trim(0)`); nothing elsewhere."""
     if not sys.platform.startswith("linux"):
         return
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        trim = libc.malloc_trim
-    except (OSError, AttributeError, TypeError):  # a libc without malloc_trim (musl)
+    try:  # the process's own symbols, libc's among them (no library search: this runs once per component)
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # a libc without malloc_trim (musl)
         return
     trim(0)
