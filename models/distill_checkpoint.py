@@ -207,14 +207,14 @@ class Checkpoints:
         if self.accelerator.is_main_process:
             rows = list(csv.DictReader(self.loss_csv.open())) if self.loss_csv.exists() and ckpt is not None else []
             with self.loss_csv.open("w", newline="") as f:
-                writer = csv.DictWriter(f, CSV_COLUMNS)
+                writer = csv.DictWriter(f, CSV_COLUMNS, lineterminator="\n")  # Unix lines: clean diffs in git
                 writer.writeheader()
                 writer.writerows(r for r in rows if int(r["step"]) <= state["step"])
         return state
 
     def log_losses(self, row: dict) -> None:
         with self.loss_csv.open("a", newline="") as f:
-            csv.DictWriter(f, CSV_COLUMNS).writerow(row)
+            csv.DictWriter(f, CSV_COLUMNS, lineterminator="\n").writerow(row)
 
     def save(self, state: dict, step: int, stage: int, evaluate) -> None:
         """Checkpoint step `step` on every rank; the main process adds `evaluate()` to state["eval"]."""

@@ -16,6 +16,8 @@ import json
 import logging
 from pathlib import Path
 
+import torch
+
 from edit_mobile.export.coreml_quantize import quantize_coreml_package
 from edit_mobile.export.package import export_package
 from edit_mobile.export.quantize import quantize_package
@@ -42,7 +44,7 @@ def rows(work: Path, family: str) -> dict[str, Path | tuple]:
     return out
 
 
-def package(packages: Path, student: Path, target: str, precision: str) -> Path:
+def package(packages: Path, student: Path, target: str, precision: str, threads: int | None) -> Path:
     """The student's package at this precision, built once (export, then quantize the fp32 / fp16 export)."""
     base = packages / f"{target}-{'fp32' if target == 'onnx' else 'fp16'}"
     if not base.is_dir():
@@ -50,8 +52,10 @@ def package(packages: Path, student: Path, target: str, precision: str) -> Path:
         export_package(str(student), base, target=target, resolution=64, max_text_tokens=32, **options)
     path = packages / f"{target}-{precision}"
     if not path.is_dir():
-        quantize = quantize_coreml_package if target == "coreml" else quantize_package
-        quantize(base, path, precision)
+        if target == "coreml":
+            quantize_coreml_package(base, path, precision)
+        else:
+            quantize_package(base, path, precision, threads=threads)
     return path
 
 
@@ -63,7 +67,10 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=88, help="held-out prompts (88: every held-out combination)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rows", nargs="+", default=None, help="only these rows")
+    parser.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime threads (default: all)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     out = args.out or args.work / f"eval-{args.family}"
     (out / "packages").mkdir(parents=True, exist_ok=True)
@@ -78,9 +85,9 @@ def main() -> None:
         logger.info("%s: evaluating", name)
         row = {}
         if isinstance(what, tuple):
-            target = package(out / "packages", student, *what)
+            target = package(out / "packages", student, *what, args.threads)
             opts = ValidationOptions(prompt="a large red circle on a white background")
-            report = validate(str(target), reference=str(student), opts=opts)
+            report = validate(str(target), reference=str(student), opts=opts, threads=args.threads)
             row["validation"] = {
                 "image_psnr_db": report["image"]["psnr_db"],
                 "components_psnr_db": {n: c["psnr_db"] for n, c in report["components"].items()},
@@ -88,7 +95,7 @@ def main() -> None:
             }
         else:
             target = what
-        row["evaluation"] = evaluate(target, prompts=args.prompts, steps=args.steps)
+        row["evaluation"] = evaluate(target, prompts=args.prompts, steps=args.steps, threads=args.threads)
         write_json_atomic(row, result)
     for name in table:
         if (out / f"{name}.json").is_file():
