@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..models.convert import load_pipeline, pipeline_family
+from ..models.convert import load_pipeline, pipeline_family, trained_text_tokens
 from ..models.families import torch_family
 from ..runtime.errors import UserError
 from ..runtime.families import family as family_spec
@@ -44,6 +44,9 @@ def generate_with_diffusers(
         raise UserError(f"--resolution {side} is not a multiple of {multiple} (VAE factor x patch size)")
     latent_shape = (int(config.in_channels), side // scale, side // scale)
     pipe.set_progress_bar_config(disable=not progress)
+    # the prompt length the model was trained at (SD3 attends to its padding: diffusers' default 256 would not do)
+    tokens = trained_text_tokens(src)
+    text = {} if tokens is None else {"max_sequence_length": tokens}
     images = []
     for prompt, seed in zip(prompts, seeds):
         noise = initial_noise(SimpleNamespace(latent_shape=latent_shape), seed)
@@ -57,7 +60,7 @@ def generate_with_diffusers(
             latents=torch.from_numpy(noise.copy()),
             output_type="np",
         )
-        kwargs.update(torch_family(family).reference_kwargs)  # e.g. PixArt: no resolution binning
+        kwargs.update(torch_family(family).reference_kwargs, **text)  # e.g. PixArt: no resolution binning
         with torch.inference_mode():
             image = pipe(**kwargs).images[0]
         images.append(Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)))

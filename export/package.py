@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..models.convert import load_pipeline, pipeline_family
+from ..models.convert import load_pipeline, pipeline_family, trained_text_tokens
 from ..models.families import torch_family
 from ..runtime.atomic import check_output_free
 from ..runtime.binning import classify
@@ -85,6 +85,7 @@ def export_package(
     check_output_free(out, overwrite)
     streamed = streamed_t5_parts(str(src), max_component_mb)
     pipe = load_pipeline(src, skip=tuple(streamed))
+    max_text_tokens = max_text_tokens or trained_text_tokens(src)  # the length the model was trained at, if known
     family = pipeline_family(pipe)
     bins = torch_family(family).resolution_bins(pipe.transformer.config)
     if aspect_ratios is not None:

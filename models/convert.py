@@ -43,6 +43,23 @@ def load_pipeline(src: str | Path, skip: tuple[str, ...] = ()) -> DiffusionPipel
         raise UserError(f"cannot load the pipeline in {src}: {str(e).splitlines()[0]}") from None
 
 
+def trained_text_tokens(src: str | Path) -> int | None:
+    """The T5 prompt length a pipeline was trained or distilled at (`distill --max-text-tokens`, recorded in its
+    edit_mobile.json), or None. SD3's joint attention has no prompt mask, so its padding tokens are attended to and
+    the length changes the output: a model trained at 32 tokens must be run and exported at 32, not at diffusers'
+    default 256. (PixArt-Σ masks the padding: its length only costs time.)"""
+    from .presets import shipped_shapes_folder
+
+    src = str(src)
+    folder = shipped_shapes_folder(src) if src in PRESETS else Path(src)
+    meta = folder / "edit_mobile.json" if folder is not None else None
+    if meta is None or not meta.is_file():
+        return None
+    record = json.loads(meta.read_text())
+    entry = record.get("distilled") or record.get("trained") or {}
+    return entry.get("max_text_tokens")
+
+
 def convert_pipeline(pipe: DiffusionPipeline, arch: str, edit: EDiTConfig | None = None) -> DiffusionPipeline:
     """Swap the pipeline's transformer for its EDiT / MM-EDiT conversion (teacher weights copied)."""
     family = ARCHS[arch]  # models/families.py

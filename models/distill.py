@@ -371,6 +371,7 @@ def distill(config: DistillConfig, resume: bool = False, overwrite: bool = False
                     "steps": step,
                     "resolutions": [r for _, r in plan],
                     "ema_decay": config.ema_decay,
+                    "max_text_tokens": config.max_text_tokens,
                     "eval_loss_start": first_eval and first_eval["loss"],
                     "eval_loss_end": last_eval["loss"],
                 },

@@ -243,6 +243,13 @@ def sd3_pipeline(
 SHAPES_FAMILIES = {"shapes-pixart": "pixart", "shapes-sd3": "sd3"}  # shipped teacher -> family
 
 
+def shipped_shapes_folder(name: str) -> Path | None:
+    """The folder a shapes preset ships in (models/assets/shapes/NAME), None for any other preset."""
+    if not any(name.startswith(t) for t in SHAPES_FAMILIES):
+        return None
+    return Path(str(resources.files("edit_mobile.models").joinpath("assets/shapes"))) / name
+
+
 def shipped_shapes(name: str):
     """A shapes preset (models/shapes.py, docs/shapes.md) from the folders shipped in models/assets/shapes.
 
@@ -254,7 +261,7 @@ def shipped_shapes(name: str):
     from .edit_pixart import EDiTPixArtTransformer2DModel
     from .mm_edit_sd3 import MMEDiTSD3Transformer2DModel
 
-    root = Path(str(resources.files("edit_mobile.models").joinpath("assets/shapes")))
+    root = shipped_shapes_folder(name).parent
     teacher = next(t for t in SHAPES_FAMILIES if name.startswith(t))
     if not (root / teacher / "model_index.json").is_file() or not (root / name).is_dir():
         raise UserError(

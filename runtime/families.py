@@ -126,12 +126,11 @@ def _unchanged(text: str) -> str:
 
 def _sd3_combine(encoded: Encoded) -> dict[str, np.ndarray]:
     # StableDiffusion3Pipeline.encode_prompt: cat(CLIP-L, CLIP-G) penultimate hidden states, zero-padded to the T5
-    # width, then cat(clip, t5) along the tokens; pooled: cat(CLIP-L, CLIP-G) projected embeddings.
+    # width, then cat(clip, t5) along the tokens; pooled: cat(CLIP-L, CLIP-G) projected embeddings. Its padding is
+    # F.pad by (T5 width - CLIP width), which crops when the CLIPs are wider (the shapes SD3 model: 96 > 64).
     clip = [encoded[name][1] for name in ("text_encoder", "text_encoder_2")]
     t5 = encoded["text_encoder_3"][1]["last_hidden_state"]
-    hidden = np.concatenate([out["hidden_states"] for out in clip], axis=-1)
-    if hidden.shape[-1] > t5.shape[-1]:
-        raise UserError(f"package: CLIP width {hidden.shape[-1]} exceeds the T5 width {t5.shape[-1]}")
+    hidden = np.concatenate([out["hidden_states"] for out in clip], axis=-1)[..., : t5.shape[-1]]
     hidden = np.pad(hidden, ((0, 0), (0, 0), (0, t5.shape[-1] - hidden.shape[-1])))
     return {
         "encoder_hidden_states": np.concatenate([hidden, t5], axis=1),

@@ -17,6 +17,7 @@ from PIL import Image
 import edit_mobile.models  # noqa: F401  (registers the EDiT classes for diffusers' from_pretrained)
 from edit_mobile.cli.main import main as cli
 from edit_mobile.models import EDiTPixArtTransformer2DModel
+from edit_mobile.models.convert import trained_text_tokens
 from edit_mobile.models.data import FolderSource, SyntheticSource
 from edit_mobile.models.distill import distill
 from edit_mobile.models.distill_checkpoint import state_digest
@@ -155,6 +156,7 @@ def test_training_from_scratch_resumes_exactly_and_writes_the_ema_weights(tiny_d
             lr_schedule="cosine",
             ema_decay=0.9,
             loss_weights={"task": 1.0, "output": 0.0, "feature": 0.0},
+            max_text_tokens=16,
         )
 
     def weights(folder):
@@ -174,7 +176,9 @@ def test_training_from_scratch_resumes_exactly_and_writes_the_ema_weights(tiny_d
     assert [float(r["lr"]) for r in rows] == [config(full).lr_at(s) for s in range(4)]
     assert config(full).lr_at(0) == 1e-3 and config(full).lr_at(3) < 1e-3 / 2  # warm-up 1 step, then cosine
     assert all(float(r["output"]) == 0 == float(r["feature"]) for r in rows)
-    assert json.loads((full / "edit_mobile.json").read_text())["trained"]["teacher"] is None
+    trained = json.loads((full / "edit_mobile.json").read_text())["trained"]
+    assert trained["teacher"] is None and trained["max_text_tokens"] == 16  # what export and evaluate run it at
+    assert trained_text_tokens(full) == 16
 
 
 @pytest.mark.slow
