@@ -12,7 +12,7 @@ from ..runtime.atomic import atomic_output_dir, check_output_free
 from ..runtime.errors import UserError
 from .edit_attention import EDiTConfig
 from .families import ARCHS, SUPPORTED_PIPELINES, pipeline_family
-from .presets import PRESETS
+from .presets import PRESETS, shipped_shapes_folder
 
 logger = logging.getLogger(__name__)
 
@@ -48,14 +48,15 @@ def trained_text_tokens(src: str | Path) -> int | None:
     edit_mobile.json), or None. SD3's joint attention has no prompt mask, so its padding tokens are attended to and
     the length changes the output: a model trained at 32 tokens must be run and exported at 32, not at diffusers'
     default 256. (PixArt-Σ masks the padding: its length only costs time.)"""
-    from .presets import shipped_shapes_folder
-
     src = str(src)
     folder = shipped_shapes_folder(src) if src in PRESETS else Path(src)
     meta = folder / "edit_mobile.json" if folder is not None else None
     if meta is None or not meta.is_file():
         return None
-    record = json.loads(meta.read_text())
+    try:
+        record = json.loads(meta.read_text())
+    except ValueError:
+        raise UserError(f"{meta} is not valid JSON") from None
     entry = record.get("distilled") or record.get("trained") or {}
     return entry.get("max_text_tokens")
 
