@@ -50,8 +50,7 @@ def trained_text_tokens(src: str | Path) -> int | None:
     default 256. (PixArt-Σ masks the padding: its length only costs time.)"""
     src = str(src)
     folder = shipped_shapes_folder(src) if src in PRESETS else Path(src)
-    meta = folder / "edit_mobile.json" if folder is not None else None
-    if meta is None or not meta.is_file():
+    if folder is None or not (meta := folder / "edit_mobile.json").is_file():
         return None
     try:
         record = json.loads(meta.read_text())

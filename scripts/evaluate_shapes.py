@@ -49,7 +49,7 @@ def package(packages: Path, student: Path, target: str, precision: str, threads:
     base = packages / f"{target}-{'fp32' if target == 'onnx' else 'fp16'}"
     if not base.is_dir():
         options = {"compute_precision": "fp16"} if target == "coreml" else {}
-        export_package(str(student), base, target=target, resolution=64, max_text_tokens=32, **options)
+        export_package(str(student), base, target=target, resolution=64, **options)  # at its trained text length
     path = packages / f"{target}-{precision}"
     if not path.is_dir():
         if target == "coreml":
