@@ -56,8 +56,11 @@ def trained_text_tokens(src: str | Path) -> int | None:
         record = json.loads(meta.read_text())
     except ValueError:
         raise UserError(f"{meta} is not valid JSON") from None
-    entry = record.get("distilled") or record.get("trained") or {}
-    return entry.get("max_text_tokens")
+    # a distilled student's own length, else a trained model's, else the length `convert` carried from the teacher
+    for entry in (record.get("distilled"), record.get("trained"), record):
+        if entry and entry.get("max_text_tokens"):
+            return entry["max_text_tokens"]
+    return None
 
 
 def convert_pipeline(pipe: DiffusionPipeline, arch: str, edit: EDiTConfig | None = None) -> DiffusionPipeline:
@@ -87,9 +90,9 @@ def convert(
     check_output_free(out, overwrite)
     pipe = load_pipeline(src)
     pipe = convert_pipeline(pipe, arch, edit)
+    meta = {"source": str(src), "arch": arch, "edit_config": pipe.transformer.edit.to_dict()}
+    meta["max_text_tokens"] = trained_text_tokens(src)  # the teacher's: the conversion reads prompts as it did
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "edit_mobile.json").write_text(
-            json.dumps({"source": str(src), "arch": arch, "edit_config": pipe.transformer.edit.to_dict()}, indent=2)
-        )
+        (tmp / "edit_mobile.json").write_text(json.dumps(meta, indent=2))
     return Path(out)

@@ -12,7 +12,7 @@ import torch
 from diffusers import PixArtSigmaPipeline, StableDiffusion3Pipeline
 
 from edit_mobile.export.package import export_package
-from edit_mobile.models.convert import trained_text_tokens
+from edit_mobile.models.convert import convert, trained_text_tokens
 from edit_mobile.models.presets import PRESETS
 from edit_mobile.runtime.evaluate import evaluate
 
@@ -73,3 +73,5 @@ def test_sd3_teacher_is_exported_at_the_prompt_length_it_was_trained_at(tmp_path
     manifest = export_package("shapes-sd3", tmp_path / "pkg", resolution=64)
     lengths = {name: t["max_length"] for name, t in manifest["text"].items()}
     assert lengths["tokenizer_3"] == 32 and lengths["tokenizer"] == 77, lengths
+    # its fresh MM-EDiT conversion (the "without distillation" row of docs/shapes.md) reads prompts the same way
+    assert trained_text_tokens(convert("shapes-sd3", "mm-edit", tmp_path / "converted")) == 32
