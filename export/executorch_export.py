@@ -138,11 +138,17 @@ def partitioners(delegate: str) -> list:
 
 
 def export_pte(
-    spec: ComponentSpec, out_dir: Path, delegate: str = "xnnpack", stem: str = "model", keep_program: bool = False
+    spec: ComponentSpec,
+    out_dir: Path,
+    delegate: str = "xnnpack",
+    stem: str = "model",
+    keep_program: bool = False,
+    float_module: torch.nn.Module | None = None,
 ) -> tuple[Path, dict]:
     """Trace `spec.module` with static example inputs, lower it to `delegate` and write `out_dir/<stem>.pte`;
     returns its path and what the delegate took (`delegation`). `keep_program`: also save the traced program,
-    before lowering, as `<stem>.pt2` (for `merge_programs`)."""
+    before lowering, as `<stem>.pt2` (for `merge_programs`). `float_module`: the module a quantized `spec.module`
+    was made from, on which its XNNPACK twins are checked (`xnnpack_twin`)."""
     check_delegate(delegate)
     import_executorch()
     from executorch.exir import to_edge_transform_and_lower
@@ -151,7 +157,8 @@ def export_pte(
     example = tuple(s.example(gen) for s in spec.inputs)
     module = spec.module.eval()
     # XNNPACK: ConvFusion and the norms through their twins, whose statistics the delegate takes (checked first)
-    with xnnpack_twin(module, example) if delegate == "xnnpack" else contextlib.nullcontext() as twin, torch.no_grad():
+    twins = contextlib.nullcontext() if delegate != "xnnpack" else xnnpack_twin(module, example, float_module)
+    with twins as twin, torch.no_grad():
         program = torch.export.export(module, example).run_decompositions(_decompositions())
     with quiet_coremltools():
         lowered = to_edge_transform_and_lower(program, partitioner=partitioners(delegate))

@@ -382,11 +382,13 @@ class ExecuTorchTarget(ExportTarget):
         `export` record."""
         from .executorch_export import export_pte, pte_parity, quantized_module
 
-        graph = replace(graph, module=quantized_module(graph.module, precision))
-        path, delegation = export_pte(graph, folder, options["delegate"], stem=stem, keep_program=keep)
+        quantized = replace(graph, module=quantized_module(graph.module, precision))
+        path, delegation = export_pte(
+            quantized, folder, options["delegate"], stem=stem, keep_program=keep, float_module=graph.module
+        )
         # against the module exported (the quantized one for a quantized component), in ExecuTorch's runtime; Core
         # ML programs run on Apple devices only: export_pte checked them with the reference executor instead
-        parity = None if options["delegate"] == "coreml" else pte_parity(graph, path)
+        parity = None if options["delegate"] == "coreml" else pte_parity(quantized, path)
         return path, {
             "delegate": options["delegate"],
             "bytes": path.stat().st_size,

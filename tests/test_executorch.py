@@ -183,12 +183,14 @@ def test_core_ml_delegate_check_runs_the_embedded_programs(tiny_dirs, tmp_path, 
 
 def test_norm_twins_compute_the_reference_and_a_planted_error_is_refused(monkeypatch):
     """The XNNPACK twins (statistics as global average pooling) equal LayerNorm, diffusers' RMSNorm, T5's layer norm
-    and GroupNorm to float32 rounding; a twin that forgets to centre is refused before any export."""
+    and GroupNorm to float32 rounding; a twin that forgets to centre is refused before any export, a quantized
+    export's included (its twins are checked on the float module it was made from)."""
     import torch
     from diffusers.models.normalization import RMSNorm
     from transformers.models.t5.modeling_t5 import T5LayerNorm
 
     from edit_mobile.export import executorch_twin as et
+    from edit_mobile.export.executorch_export import quantized_module
     from edit_mobile.models.edit_attention import ConvFusion
 
     torch.manual_seed(0)
@@ -213,10 +215,15 @@ def test_norm_twins_compute_the_reference_and_a_planted_error_is_refused(monkeyp
     with et.xnnpack_twin(model, (x,)) as report:
         assert report["kinds"] == {"LayerNormXNNPACK": 1} and isinstance(model[1], et.LayerNormXNNPACK)
     assert isinstance(model[1], torch.nn.LayerNorm)  # restored after the export
+    # a quantized module's twins are checked on the float module it was made from, and swapped into it
+    quantized = quantized_module(model, "int8-dynamic")
+    with et.xnnpack_twin(quantized, (x,), checked_on=model) as report:
+        assert isinstance(quantized[1], et.LayerNormXNNPACK) and report == et.check_xnnpack_twin(model, (x,))
     fusion = torch.nn.Sequential(ConvFusion(32, 4, 2))  # its GroupNorm is inside its own twin: one swap
     with et.xnnpack_twin(fusion, (image,)) as report:
         assert report["kinds"] == {"ConvFusionXNNPACK": 1}
     monkeypatch.setattr(et, "_mean_last", lambda t: torch.zeros_like(t[..., :1]))  # planted: no centring
-    with pytest.raises(RuntimeError, match="the module with its XNNPACK twins differs from the reference"):
-        with et.xnnpack_twin(model, (x,)):
-            pass
+    for module in (model, quantized):  # the float check guards the quantized export too
+        with pytest.raises(RuntimeError, match="the module with its XNNPACK twins differs from the reference"):
+            with et.xnnpack_twin(module, (x,), checked_on=model):
+                pass
