@@ -17,7 +17,8 @@ def test_demo_writes_package_grid_and_reports(tmp_path, capsys):
     args = ["demo", "--out", str(out), "--prompts", "8", "--steps", "4"]  # the shipped shapes EDiT student
     assert cli(args) == 0
     assert sorted(p.name for p in out.iterdir()) == ["evaluation.json", "grid.png", "package", "validation.json"]
-    assert (out / "package" / "manifest.json").is_file()
+    manifest = json.loads((out / "package" / "manifest.json").read_text())
+    assert manifest["text"]["tokenizer"]["max_length"] == 32  # the prompt length the shipped model was trained at
     grid = np.asarray(Image.open(out / "grid.png"))
     assert grid.shape[0] > 2 * 160 and grid.shape[1] >= 4 * 160  # 2 rows x 4 columns of captioned tiles
     evaluation = json.loads((out / "evaluation.json").read_text())

@@ -30,8 +30,8 @@ def shipped() -> list[str]:
     return sorted(p.name for p in ASSETS.iterdir() if p.is_dir()) if ASSETS.is_dir() else []
 
 
-def test_the_pixart_models_ship_within_the_size_budget():
-    assert {"shapes-pixart", "shapes-pixart-edit"} <= set(shipped())
+def test_the_four_shapes_models_ship_within_the_size_budget():
+    assert set(shipped()) == {"shapes-pixart", "shapes-pixart-edit", "shapes-sd3", "shapes-sd3-mm-edit"}
     size = sum(f.stat().st_size for f in ASSETS.rglob("*") if f.is_file())
     assert size <= 20 * 2**20, f"shipped shapes models take {size / 2**20:.1f} MB"
 
