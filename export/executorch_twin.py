@@ -22,6 +22,7 @@ equal to the reference first (export/coreml_twin.py: `check_twin`).
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -145,15 +146,13 @@ def _swapped(module: nn.Module):
 def check_xnnpack_twin(module: nn.Module, example: tuple[torch.Tensor, ...]) -> dict | None:
     """`module` with its twins against itself without them on `example` (export/coreml_twin.py: `check_twin`):
     RuntimeError beyond TWIN_RTOL; the report, with the count of each kind of twin (None when it has none)."""
-    if not any(True for _ in _swaps(module)):
+    if next(_swaps(module), None) is None:
         return None
     with torch.no_grad():
         reference = module(*example)
     with _swapped(module) as swaps:
         report = check_twin(module, example, reference, len(swaps), label="the module with its XNNPACK twins")
-        kinds: dict[str, int] = {}
-        for *_, twin in swaps:
-            kinds[type(twin).__name__] = kinds.get(type(twin).__name__, 0) + 1
+    kinds = Counter(type(twin).__name__ for *_, twin in swaps)
     return {**report, "kinds": dict(sorted(kinds.items()))}
 
 

@@ -52,10 +52,12 @@ def main() -> None:
     parser.add_argument("--max-text-tokens", type=int, default=None)
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "int8-dynamic", "int4-weights"],
+                        choices=["fp32", "int8-dynamic", "int4-weights"], help="fp32 is always measured")  # fmt: skip
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     common = {"resolution": args.resolution, "max_text_tokens": args.max_text_tokens}
-    precisions = ("fp32", "int8-dynamic", "int4-weights")
+    precisions = ("fp32", *(p for p in args.precisions if p != "fp32"))
     packages = {
         (runtime, precision): args.work / (runtime if precision == "fp32" else f"{runtime}-{precision}")
         for precision in precisions
