@@ -213,6 +213,26 @@ def test_scaling_study_parent_is_torch_free():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+def test_attention_free_bound_keeps_the_projections_and_drops_the_core(study, tmp_path):
+    """The study's bound (issue 17): every PixArt self-attention computes to_out(to_v(x)) exactly, and its ONNX
+    graph still runs all four projections (Q and K are not pruned as dead code) but no attention product."""
+    import onnx
+    import torch
+
+    models = study("studies.scaling.models")
+    desc = models.describe("pixart")
+    bound, teacher = models.build_model(desc, "bound", 256, 1), models.build_model(desc, "softmax", 256, 1)
+    attn = bound.transformer_blocks[0].attn1
+    x = torch.randn(1, 16, desc["heads"] * desc["head_dim"])
+    with torch.no_grad():
+        assert torch.equal(attn(x), attn.to_out[0](attn.to_v(x)))
+        assert not torch.allclose(teacher.transformer_blocks[0].attn1(x), attn(x))  # same weights, a real core
+    path = tmp_path / "attn1.onnx"
+    torch.onnx.export(attn, (x,), str(path), dynamo=False)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("MatMul") + ops.count("Gemm") == 4 and "Softmax" not in ops
+
+
 def test_study_architectures_come_from_the_presets(study):
     """The PixArt-Σ-XL the studies measure is the `pixart-sigma-xl` preset's transformer, at the study's depth and
     size; the scaling study's timing inputs fit the export spec of that model."""

@@ -27,7 +27,9 @@ ARCHS = {
     },
 }
 GROUPS = {
-    "attention": ["softmax", "softmax-mha", "softmax-ortopt", "@student", "@student-mha"],
+    # softmax-bound: the teacher with its self-attention core replaced by the identity on V (models.py), the
+    # attention-free bound EDiT is measured against
+    "attention": ["softmax", "softmax-mha", "softmax-ortopt", "softmax-bound", "@student", "@student-mha"],
     "int8": ["@student", "@student-int8", "softmax-int8"],
     "torch": ["@student", "torch-@student", "torch-softmax"],
     "optimum": ["softmax", "optimum", "@student"],
@@ -53,8 +55,8 @@ def plan(args, descs: dict[str, dict]) -> list[dict]:
         variants = [v.replace("@student", student) for v in GROUPS[group]]
         if arch == "pixart":
             variants = [v for v in variants if v != "softmax-ortopt"]  # pixart: no attention fusion exists
-        else:
-            variants = [v for v in variants if v != "mm-edit-mha"]  # its softmax terms are inside its processor
+        else:  # mm-edit-mha: its softmax terms are inside its processor; the bound is built for PixArt only
+            variants = [v for v in variants if v not in ("mm-edit-mha", "softmax-bound")]
         if res >= 2048:
             # Memory: the workers of a group are alive together; at 2048² an EDiT worker holds ~6 GB, so the group
             # keeps one EDiT graph per precision (the fused-cross-attention EDiT is measured up to 1024²).

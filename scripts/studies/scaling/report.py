@@ -117,6 +117,8 @@ def ratios(results: list[dict]) -> list[dict]:
         ("softmax", "@s", "EDiT vs softmax teacher (our export)"),
         ("softmax-mha", "@s", "EDiT vs fused-MHA teacher (peer form)"),
         ("softmax-ortopt", "@s", "EDiT vs ORT-optimizer teacher"),
+        ("@s", "softmax-bound", "EDiT step / attention-free bound: EDiT's own overhead (target ≤ 1.10×)"),
+        ("softmax", "softmax-bound", "teacher / attention-free bound: the most any self-attention could save"),
         ("softmax-mha", "@s-mha", "EDiT vs teacher, both in peer form (fused MHA + ORT optimizer)"),
         ("@s", "@s-int8", "int8 vs fp32 EDiT"),
         ("softmax-int8", "@s-int8", "int8 EDiT vs int8 teacher"),

@@ -52,10 +52,10 @@ def child_export(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     kind = args.variant
-    if kind in ("softmax", "edit", "mm-edit"):
+    if kind in ("softmax", "edit", "mm-edit", "softmax-bound"):
         from edit_mobile.export.onnx_export import export_onnx
 
-        model = build_model(desc, kind, args.res, args.depth)
+        model = build_model(desc, kind.removeprefix("softmax-"), args.res, args.depth)
         info = {"parameters": sum(p.numel() for p in model.parameters())}
         export_onnx(transformer_spec(desc, model, args.res, args.batch), out)
     elif kind in ("softmax-mha", "edit-mha"):
