@@ -118,6 +118,7 @@ def quantize_package(
     threads: int | None = None,
     seed: int = 0,
     keep_8bit: int = 0,
+    full_range_weights: bool = False,
 ) -> dict:
     """Write a quantized copy of the package in `package_dir` to `out`; returns the new manifest."""
     package_dir, out = Path(package_dir), Path(out)
@@ -141,6 +142,8 @@ def quantize_package(
         raise UserError(f"--calibration-steps must be >= 1, got {calibration_steps}")
     if keep_8bit < 0 or keep_8bit and "int4-weights" not in plan.values():
         raise UserError(f"--keep-8bit K needs K >= 0 and an int4-weights component, got {keep_8bit}")
+    if full_range_weights and not {"int8-dynamic", "int8-static"} & set(plan.values()):
+        raise UserError("--full-range-weights applies to int8-dynamic and int8-static components only")
     prompts = read_prompt_file(calibration_prompts) if calibration_prompts is not None else default_prompts()
 
     start = time.perf_counter()
@@ -176,6 +179,7 @@ def quantize_package(
                 sensitivity=sensitivity,
                 threads=threads,
                 keep_8bit=keep_8bit if prec == "int4-weights" else 0,
+                full_range_weights=full_range_weights,
             )
             entries = {key: new.sizes[key].components[name] for key in views if name in sized[key]}
             if entries:  # the other sizes' graphs of this component, then one weights file for all of them
@@ -183,7 +187,7 @@ def quantize_package(
                     entries[key].quantization = quantize_component(
                         views[key], name, prec, tmp / name / f".size-{key}", size_calib[key], per_channel=per_channel,
                         calibration_method=calibration_method, sensitivity=sensitivity, threads=threads,
-                        keep_8bit=keep_8bit if prec == "int4-weights" else 0,
+                        keep_8bit=keep_8bit if prec == "int4-weights" else 0, full_range_weights=full_range_weights,
                     )  # fmt: skip
                 info["shared_weights"] = {}
                 for folder in dict.fromkeys(posixpath.dirname(rel) for rel in entry.model_paths):  # chunk-NN/ each
@@ -239,7 +243,7 @@ def quantize_component(
 ) -> dict:
     """Quantize one component into `out_dir` (model.onnx, or chunk-NN/model.onnx for a chunked component); returns
     its manifest `quantization`. `options`: quantize_graph's per_channel, calibration_method, sensitivity,
-    keep_8bit."""
+    keep_8bit, full_range_weights."""
     comp = package.component(name)
     feeds = calib.feeds[name]
     if not feeds:
@@ -310,6 +314,7 @@ def quantize_graph(
     sensitivity: bool = False,
     threads: int | None = None,
     keep_8bit: int = 0,
+    full_range_weights: bool = False,
 ) -> dict:
     """Quantize one ONNX graph into `out_dir/model.onnx` (+ external data), calibrated on `feeds` and checked on
     `check_feeds` against the fp32 graph; returns its manifest `quantization` (`about`: the calibration run)."""
@@ -346,6 +351,7 @@ def quantize_graph(
             opts = qo.QuantOptions(
                 per_channel=per_channel,
                 calibration_method=calibration_method,
+                full_range_weights=full_range_weights,
                 exclude=default_int8_exclusions(model, precision),
             )
             quantize = _int8_quantizer(precision, named, work, feeds, opts)
@@ -435,9 +441,7 @@ def _int8_quantizer(precision: str, src: Path, work: Path, feeds: list[dict], op
     cache = work / "calibration.json"
 
     def run(exclude: dict, dst: Path, keep_8bit=()) -> dict:
-        o = qo.QuantOptions(
-            per_channel=opts.per_channel, calibration_method=opts.calibration_method, exclude=dict(exclude)
-        )
+        o = replace(opts, exclude=dict(exclude))
         if precision == "int8-dynamic":
             return qo.quantize_dynamic_int8(src, dst, o)
         if precision == "int8-static":

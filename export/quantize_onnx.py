@@ -518,6 +518,9 @@ def convert_fp16(src: Path, dst: Path, block: dict[str, str]) -> list[Path]:
 class QuantOptions:
     per_channel: bool = False
     calibration_method: str = "minmax"
+    # int8-dynamic / int8-static weights in 7 bits (ONNX Runtime's reduce_range) unless full_range_weights: why at
+    # quantize_static_int8; docs/quantization.md measures what each costs
+    full_range_weights: bool = False
     exclude: dict[str, str] = field(default_factory=dict)  # node name -> reason
 
 
@@ -556,12 +559,13 @@ def quantize_dynamic_int8(src: Path, dst: Path, opts: QuantOptions) -> dict:
                 nodes_to_exclude=_unfused_names(opts.exclude),
                 use_external_data_format=_large(unfused),
                 extra_options={"MatMulConstBOnly": True},
-                reduce_range=True,  # 7-bit weights: why at quantize_static below
+                reduce_range=not opts.full_range_weights,  # 7-bit weights by default: why at quantize_static
             )
     return {
         "method": "onnxruntime.quantization.quantize_dynamic",
         "format": "QOperator (MatMulInteger)",
         "weights": "int8, symmetric (Conv: int8 per output channel through DequantizeLinear, fp32 compute)",
+        "weight_range_bits": 8 if opts.full_range_weights else 7,  # MatMul weights
         "activations": "uint8, quantized at run time (Conv: fp32)",
         "op_types": ["MatMul", "Conv"],
         **changed,
@@ -644,16 +648,18 @@ def quantize_static_int8(
                 calibrate_method=method,
                 use_external_data_format=_large(src),
                 calibration_cache_path=cache,
-                # 7-bit weights, as ONNX Runtime advises for CPUs without VNNI: their u8 x s8 kernels add pairs of
-                # products in int16 (AVX2's vpmaddubsw), which saturate with full-range weights. On an AVX2-only
-                # AMD EPYC the tiny SD3 MM-EDiT transformer fell to 24.6 dB at int8-static (gate 25) and the
-                # int8-dynamic chunked transformer to 24.0 dB; with reduce_range both pass on every CPU.
-                reduce_range=True,
+                # 7-bit weights by default, as ONNX Runtime advises for CPUs without VNNI: their u8 x s8 kernels
+                # add pairs of products in int16 (AVX2's vpmaddubsw), which saturate with full-range weights. On an
+                # AVX2-only AMD EPYC the tiny SD3 MM-EDiT transformer fell to 24.6 dB at int8-static (gate 25) and
+                # the int8-dynamic chunked transformer to 24.0 dB; with reduce_range both pass on every CPU. Where
+                # the kernels accumulate in int32 (VNNI, ARM's sdot) full-range weights gain 2-5 dB.
+                reduce_range=not opts.full_range_weights,
             )
     return {
         "method": "onnxruntime.quantization.quantize_static",
         "format": "QDQ",
         "weights": "int8, symmetric",
+        "weight_range_bits": 8 if opts.full_range_weights else 7,
         "activations": "uint8, calibrated ranges",
         "op_types": list(STATIC_OP_TYPES),
         "calibration_method": opts.calibration_method,

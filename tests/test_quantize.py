@@ -132,6 +132,33 @@ def test_default_components_and_manifest(quantized, packages):
     assert int8["quantization"]["calibration"]["samples"]["transformer"] == 2 * 2  # 2 prompts x 2 steps
 
 
+def _matmul_weight_range(pkg, op_type):
+    """The largest |int8 value| among the linear layers' weights (2-D int8 constants) read by op_type's nodes
+    (MatMulInteger: input 1; QDQ: DequantizeLinear's input 0) in the package's transformer."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(pkg / "transformer" / "model.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    slot = 1 if op_type == "MatMulInteger" else 0
+    names = [n.input[slot] for n in model.graph.node if n.op_type == op_type]
+    weights = [inits[n] for n in names if n in inits and inits[n].dtype == np.int8 and inits[n].ndim == 2]
+    assert weights, f"no int8 MatMul weights found through {op_type}"
+    return max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+
+
+@pytest.mark.parametrize("precision,op_type", [("int8-dynamic", "MatMulInteger"), ("int8-static", "DequantizeLinear")])
+def test_full_range_weights_use_8_bits_and_the_default_7(quantized, packages, prompts, tmp_path, precision, op_type):
+    """7-bit weights by default (AVX2-only x86 saturates with 8); --full-range-weights stores the whole int8 range,
+    for CPUs that accumulate in int32; the manifest says which."""
+    default = quantized("pixart", precision)
+    full = tmp_path / "full"
+    argv = ["quantize", str(packages["pixart"]), "--precision", precision, "--components", "transformer"]
+    assert cli([*argv, "--full-range-weights", "--calibration-prompts", str(prompts), *CALIB, "--out", str(full)]) == 0
+    assert _matmul_weight_range(default, op_type) <= 64 < 100 <= _matmul_weight_range(full, op_type)
+    bits = [_manifest(p)["components"]["transformer"]["quantization"]["weight_range_bits"] for p in (default, full)]
+    assert bits == [7, 8]
+
+
 def test_int8_dynamic_quantizes_every_linear_layer_and_conv_weight(quantized):
     """The exported graphs fuse Linear layers into Gemm; none may be left in fp32, nor any Conv weight."""
     from edit_mobile.runtime.backends import component_backend
@@ -525,6 +552,7 @@ def test_quantizing_a_quantized_component_is_refused(quantized, tmp_path, capsys
         (["--precision", "int8-static", "--calibration-steps", "0"], "--calibration-steps must be >= 1"),
         (["--precision", "int8-dynamic", "--keep-8bit", "2"], "--keep-8bit K needs K >= 0 and an int4-weights"),
         (["--precision", "int4-weights", "--keep-8bit", "-1"], "--keep-8bit K needs K >= 0"),
+        (["--precision", "int8-weights", "--full-range-weights"], "--full-range-weights applies to int8-dynamic"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(packages, tmp_path, tmp_path_factory, capsys, extra, message):
