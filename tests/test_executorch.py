@@ -94,6 +94,24 @@ def test_quantized_programs_pass_their_gates(tiny_dirs, tmp_path, precision):
     assert report["components"]["transformer"]["gate_db"] == 25
 
 
+def test_profile_accounts_for_the_call_on_both_runtimes(packages, tiny_dirs, tmp_path, monkeypatch):
+    """scripts/profile_executorch.py: the profiled call's kernels, from ExecuTorch's ETDump and ONNX Runtime's
+    session profile, add up to the call they were measured in (one call, not the warm-up too), and the GEMM kinds
+    are found on both sides."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "scripts"))
+    from profile_executorch import profile_executorch, profile_onnxruntime
+
+    name = MODELS[0]  # a two-size program: the default size's method is profiled
+    onnx_pkg = tmp_path / "onnx"
+    export_package(str(tiny_dirs[name]), onnx_pkg, resolution="128", max_text_tokens=32)
+    for report in (profile_executorch(packages / name, 1), profile_onnxruntime(onnx_pkg, 1)):
+        assert 0.5 * report["call_ms"] <= report["kernels_ms"] <= report["call_ms"]
+        assert report["by_kind_ms"]["gemm"] > 0 and report["by_kind_ms"]["layout"] > 0
+    assert any(k.startswith("Fully Connected") for k in profile_executorch(packages / name, 1)["top_kernels_ms"])
+
+
 def test_wrong_backend_and_broken_program_are_one_line_errors(packages, tmp_path):
     package = load_package(packages / MODELS[0])
     with pytest.raises(UserError, match="use --backend executorch"):
