@@ -82,18 +82,18 @@ def profile_executorch(package_dir: Path, threads: int) -> dict:
         module.write_etdump_result_to_file(str(path))
         frame = Inspector(etdump_path=str(path)).to_dataframe()
     frame = frame[frame.event_block_name == "Execute"]
-    last = {name: 0.0 for name in frame.event_name}
+    call_ms = 0.0
     kernels: dict[str, float] = defaultdict(float)
     for name, raw in zip(frame.event_name, frame.raw):
         ms = float(raw[-1])  # the profiled (second) call
         if name == "Method::execute":
-            last[name] = ms
+            call_ms = ms
         elif name in ("DELEGATE_CALL", "OPERATOR_CALL"):
             continue  # wrappers around the kernels below
         else:
             # "Fully Connected (NC, F32) GEMM #2" -> one XNNPACK operator kind; "native_call_expand_copy.out"
             kernels[re.sub(r" #\d+$", "", name).removeprefix("native_call_")] += ms
-    return summarize(kernels, last["Method::execute"])
+    return summarize(kernels, call_ms)
 
 
 def profile_onnxruntime(package_dir: Path, threads: int) -> dict:
