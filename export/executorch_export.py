@@ -72,7 +72,8 @@ def quantized_module(module: torch.nn.Module, precision: str) -> torch.nn.Module
     """`module` itself for fp32, else a quantized copy in the form ExecuTorch's XNNPACK delegate runs (torchao's
     `quantize_`, as ExecuTorch documents it): int8 activations quantized at run time per token, and int8 weights
     with one scale per output channel (int8-dynamic) or int4 weights with a scale per block of INT4_BLOCK input
-    channels (int4-weights, XNNPACK's "8da4w"). Linear layers only; convolutions stay fp32."""
+    channels (int4-weights, XNNPACK's "8da4w"). Linear layers only: `quantized_convolutions` takes the convolutions
+    on the traced program."""
     if precision == "fp32":
         return module
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
@@ -86,6 +87,39 @@ def quantized_module(module: torch.nn.Module, precision: str) -> torch.nn.Module
     quantized = copy.deepcopy(module).eval()
     quantize_(quantized, config)
     return quantized
+
+
+def _is_dense_conv(node) -> bool:
+    return node.op == "call_function" and node.target == torch.ops.aten.conv2d.default
+
+
+def quantized_convolutions(program, example: tuple[torch.Tensor, ...]):
+    """The traced `program` with its dense 2-D convolutions quantized as XNNPACK runs them (PT2E with the
+    XNNPACKQuantizer): int8 weights with one scale per output channel, activations quantized to int8 at run time
+    (XNNPACK's QD8 convolution), as torchao does the linear layers. ConvFusion's convolutions are most of an EDiT
+    transformer's non-linear weights (334 MB of PixArt-Σ-XL's 2.65 GB), so without this a .pte keeps them fp32.
+    Depthwise convolutions (the K/V compressors) stay fp32: XNNPACK has no dynamically quantized depthwise kernel.
+    Returns the re-traced program and how many convolutions were quantized."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    if not any(_is_dense_conv(n) for n in program.graph.nodes):  # nothing to do (and PT2E's rewrites break T5)
+        return program, 0
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True))
+    # the convolutions only (their weight and bias nodes pass too): torchao has quantized the linear layers already
+    quantizer.set_filter_function(lambda n: n.op != "call_function" or _is_dense_conv(n))
+    prepared = prepare_pt2e(program.module(), quantizer)
+    prepared(*example)  # dynamic quantization: no calibration, but the observers need one call to be placed
+    converted = convert_pt2e(prepared)
+    count = sum(
+        _is_dense_conv(n) and "dequantize_per_channel" in str(n.args[1].target)
+        for n in converted.graph.nodes
+        if n.op == "call_function"
+    )
+    return torch.export.export(converted, example), count
 
 
 def _decompositions() -> dict:
@@ -144,11 +178,13 @@ def export_pte(
     stem: str = "model",
     keep_program: bool = False,
     float_module: torch.nn.Module | None = None,
+    quantize_convolutions: bool = False,
 ) -> tuple[Path, dict]:
     """Trace `spec.module` with static example inputs, lower it to `delegate` and write `out_dir/<stem>.pte`;
     returns its path and what the delegate took (`delegation`). `keep_program`: also save the traced program,
     before lowering, as `<stem>.pt2` (for `merge_programs`). `float_module`: the module a quantized `spec.module`
-    was made from, on which its XNNPACK twins are checked (`xnnpack_twin`)."""
+    was made from, on which its XNNPACK twins are checked (`xnnpack_twin`). `quantize_convolutions`: int8 dense
+    convolutions (`quantized_convolutions`; XNNPACK only)."""
     check_delegate(delegate)
     import_executorch()
     from executorch.exir import to_edge_transform_and_lower
@@ -159,10 +195,15 @@ def export_pte(
     # XNNPACK: ConvFusion and the norms through their twins, whose statistics the delegate takes (checked first)
     twins = contextlib.nullcontext() if delegate != "xnnpack" else xnnpack_twin(module, example, float_module)
     with twins as twin, torch.no_grad():
-        program = torch.export.export(module, example).run_decompositions(_decompositions())
+        program = torch.export.export(module, example)
+        if quantize_convolutions:
+            program, convolutions = quantized_convolutions(program, example)
+        program = program.run_decompositions(_decompositions())
     with quiet_coremltools():
         lowered = to_edge_transform_and_lower(program, partitioner=partitioners(delegate))
     report = {**delegation(lowered.exported_program()), "xnnpack_twin": twin}
+    if quantize_convolutions:
+        report["int8_convolutions"] = convolutions
     if delegate == "coreml":  # ExecuTorch cannot run these here: their programs through the reference executor
         report["coreml_reference_vs_torch"] = coreml_delegate_parity(spec, lowered.exported_program())
     out_dir.mkdir(parents=True, exist_ok=True)

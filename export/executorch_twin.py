@@ -7,7 +7,8 @@ those statistics fall to ExecuTorch's portable kernels and split the program int
 
 `ConvFusionXNNPACK` computes the same function from the same submodules with the statistics as global average
 pooling of the (B, G, C/G, h·w) view, two passes like `var_mean` (the mean, then the mean of the squared
-deviations), and the affine as broadcast multiply-adds: every operator of it is one XNNPACK takes.
+deviations), and the affine as broadcast multiply-adds on the convolution's own (B, C, h, w) output: every operator
+of it is one XNNPACK takes, with fp32 or with dynamically quantized int8 convolutions.
 
 XNNPACK in ExecuTorch 1.5.1 has no LayerNorm or GroupNorm either, and diffusers' RMSNorm and T5's layer norm take
 their mean over the last axis only: all of them ran on the portable kernels, each splitting the program into one
@@ -42,16 +43,22 @@ class ConvFusionXNNPACK(nn.Module):
         self.conv_in, self.norm, self.conv_out = reference.conv_in, reference.norm, reference.conv_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, h, w)
-        y = self.conv_in(x)  # (B, C/r, h, w)
+        # The identity pooling puts x in XNNPACK's NHWC layout before the convolution. With a dynamically quantized
+        # conv_in (int8 packages), XNNPACK's layout pass (ExecuTorch 1.5.1) otherwise walks from the int8 input
+        # back through the graph to its first node, the (B, N, C) tokens, and fails to make that 3-D tensor NHWC.
+        y = self.conv_in(F.avg_pool2d(x, 1))  # (B, C/r, h, w)
         b, c, h, w = y.shape
         g = self.norm.num_groups
-        yg = y.reshape(b, g, c // g, h * w)  # (B, G, C/r/G, hw)
+        yg = y.reshape(b, g, c // g, h * w)  # (B, G, C/r/G, hw): a view for the statistics only
         mean = yg.mean(dim=(2, 3), keepdim=True)  # (B, G, 1, 1): global average pooling
         d = yg - mean
         var = (d * d).mean(dim=(2, 3), keepdim=True)  # (B, G, 1, 1), biased like GroupNorm
         scale = torch.rsqrt(var + self.norm.eps) * self.norm.weight.view(1, g, c // g, 1)  # (B, G, C/r/G, 1)
-        z = F.leaky_relu(d * scale + self.norm.bias.view(1, g, c // g, 1))  # (B, G, C/r/G, hw)
-        return self.conv_out(z.reshape(b, c, h, w))  # (B, C, h, w)
+        shift = self.norm.bias.view(1, g, c // g, 1) - mean * scale  # (B, G, C/r/G, 1)
+        # The affine applies to y itself, per channel: a reshape of the activations between here and conv_out
+        # breaks XNNPACK's dynamically quantized convolution (its shapes fail to propagate at run time).
+        z = F.leaky_relu(y * scale.reshape(b, c, 1, 1) + shift.reshape(b, c, 1, 1))  # (B, C/r, h, w)
+        return self.conv_out(z)  # (B, C, h, w)
 
 
 def _mean_last(x: torch.Tensor) -> torch.Tensor:

@@ -347,7 +347,13 @@ class ExecuTorchTarget(ExportTarget):
             fields["gate_psnr_db"] = GATES_DB[precision]
             fields["quantization"] = {
                 "method": f"torchao quantize_ (Int8DynamicActivationIntxWeightConfig): int8 dynamic activations, "
-                f"{weights}; linear layers, lowered to {options['delegate']}",
+                f"{weights}; linear layers, lowered to {options['delegate']}"
+                + (
+                    "; dense convolutions: int8 weights per output channel, int8 dynamic activations (PT2E, "
+                    "XNNPACKQuantizer)"
+                    if options["delegate"] == "xnnpack"
+                    else ""
+                ),
                 "source_precision": "fp32",
             }
         if not spec.chunks:
@@ -384,10 +390,12 @@ class ExecuTorchTarget(ExportTarget):
 
         quantized = replace(graph, module=quantized_module(graph.module, precision))
         path, delegation = export_pte(
-            quantized, folder, options["delegate"], stem=stem, keep_program=keep, float_module=graph.module
-        )
-        # against the module exported (the quantized one for a quantized component), in ExecuTorch's runtime; Core
-        # ML programs run on Apple devices only: export_pte checked them with the reference executor instead
+            quantized, folder, options["delegate"], stem=stem, keep_program=keep, float_module=graph.module,
+            quantize_convolutions=precision != "fp32" and options["delegate"] == "xnnpack",
+        )  # fmt: skip
+        # against the module exported (the quantized one for a quantized component: its int8 convolutions' rounding
+        # is in the difference, PT2E's own reference quantizes activations per tensor, XNNPACK per image), in
+        # ExecuTorch's runtime; Core ML programs run on Apple devices only: export_pte checked them instead
         parity = None if options["delegate"] == "coreml" else pte_parity(quantized, path)
         return path, {
             "delegate": options["delegate"],

@@ -9,10 +9,12 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from torch import nn
 
 from edit_mobile.cli.main import main as cli
 from edit_mobile.export.package import export_package
 from edit_mobile.export.validate import ValidationOptions, validate
+from edit_mobile.models.convert import load_pipeline
 from edit_mobile.runtime.backends import component_backend
 from edit_mobile.runtime.errors import UserError
 from edit_mobile.runtime.package import load_package
@@ -71,8 +73,9 @@ def test_inspect_reports_the_delegation(packages, capsys):
 
 @pytest.mark.parametrize("precision", ["int8-dynamic", "int4-weights"])
 def test_quantized_programs_pass_their_gates(tiny_dirs, tmp_path, precision):
-    """Quantized at export (torchao, XNNPACK's int8-dynamic-activation kernels): the quantized components carry their
-    precision and gate, and the package validates against the fp32 diffusers pipeline. The int8 package's
+    """Quantized at export (torchao for the linear layers, PT2E for the convolutions: XNNPACK's int8-dynamic-activation
+    kernels): the quantized components carry their precision and gate, and the package validates against the fp32
+    diffusers pipeline. The int8 package's
     transformer is also chunked: a program per chunk, run as one chain."""
     out = tmp_path / precision
     chunks = 2 if precision == "int8-dynamic" else None
@@ -89,6 +92,12 @@ def test_quantized_programs_pass_their_gates(tiny_dirs, tmp_path, precision):
         )
     quantized = {n for n, e in manifest["components"].items() if e["precision"] == precision}
     assert quantized == ({"transformer", "text_encoder"} if precision == "int8-dynamic" else {"transformer"})
+    # every dense convolution (ConvFusion's two per block, the patch embedding) int8, the depthwise compressors not
+    transformer = load_pipeline(tiny_dirs[MODELS[0]]).transformer
+    dense = sum(isinstance(m, nn.Conv2d) and m.groups == 1 for m in transformer.modules())
+    record = manifest["export"]["transformer"]
+    programs = record["chunks"].values() if chunks else [record]
+    assert dense > 2 and sum(p["delegation"]["int8_convolutions"] for p in programs) == dense
     report = validate(str(out), opts=ValidationOptions(steps=2))
     assert report["passed"], report
     assert report["components"]["transformer"]["gate_db"] == 25
