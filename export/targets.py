@@ -345,15 +345,14 @@ class ExecuTorchTarget(ExportTarget):
                 "int8, one scale per output channel" if precision == "int8-dynamic" else f"int4, blocks of {INT4_BLOCK}"
             )
             fields["gate_psnr_db"] = GATES_DB[precision]
+            convolutions = (
+                "; dense convolutions int8 per output channel, int8 dynamic activations (PT2E, XNNPACKQuantizer)"
+                if options["delegate"] == "xnnpack"
+                else ""
+            )
             fields["quantization"] = {
                 "method": f"torchao quantize_ (Int8DynamicActivationIntxWeightConfig): int8 dynamic activations, "
-                f"{weights}; linear layers, lowered to {options['delegate']}"
-                + (
-                    "; dense convolutions: int8 weights per output channel, int8 dynamic activations (PT2E, "
-                    "XNNPACKQuantizer)"
-                    if options["delegate"] == "xnnpack"
-                    else ""
-                ),
+                f"{weights}; linear layers{convolutions}, lowered to {options['delegate']}",
                 "source_precision": "fp32",
             }
         if not spec.chunks:
@@ -393,9 +392,9 @@ class ExecuTorchTarget(ExportTarget):
             quantized, folder, options["delegate"], stem=stem, keep_program=keep, float_module=graph.module,
             quantize_convolutions=precision != "fp32" and options["delegate"] == "xnnpack",
         )  # fmt: skip
-        # against the module exported (the quantized one for a quantized component: its int8 convolutions' rounding
-        # is in the difference, PT2E's own reference quantizes activations per tensor, XNNPACK per image), in
-        # ExecuTorch's runtime; Core ML programs run on Apple devices only: export_pte checked them instead
+        # against the module exported (the quantized one for a quantized component, whose convolutions export_pte
+        # quantizes: their int8 rounding is in the difference), in ExecuTorch's runtime; Core ML programs run on
+        # Apple devices only: export_pte checked them with the reference executor instead
         parity = None if options["delegate"] == "coreml" else pte_parity(quantized, path)
         return path, {
             "delegate": options["delegate"],
