@@ -372,7 +372,10 @@ def combine_delegation(reports: list[dict]) -> dict:
         for op, n in r["portable_ops"].items():
             portable[op] = portable.get(op, 0) + n
     flops, delegated_flops = sum(r["flops"] for r in reports), sum(r["delegated_flops"] for r in reports)
-    return _delegation_report(delegated_ops, portable, flops, delegated_flops)
+    combined = _delegation_report(delegated_ops, portable, flops, delegated_flops)
+    if any("int8_convolutions" in r for r in reports):
+        combined["int8_convolutions"] = sum(r.get("int8_convolutions", 0) for r in reports)
+    return combined
 
 
 def load_method(path: Path, method: str = "forward"):

@@ -110,6 +110,8 @@ def format_report(report: dict) -> str:
                 f"{d['delegated_flop_fraction']:.2%} of the FLOPs"
             )
             lines.append(f"  left to the portable CPU kernels: {portable or 'none'}")
+            if "int8_convolutions" in d:
+                lines.append(f"  dense convolutions stored int8: {d['int8_convolutions']}")
             if "coreml_reference_vs_torch" in d:  # checked at export: no Core ML backend in ExecuTorch off Apple
                 check = d["coreml_reference_vs_torch"]
                 worst = min(c["psnr_db"] for c in check["outputs"].values())

@@ -72,7 +72,7 @@ def test_inspect_reports_the_delegation(packages, capsys):
 
 
 @pytest.mark.parametrize("precision", ["int8-dynamic", "int4-weights"])
-def test_quantized_programs_pass_their_gates(tiny_dirs, tmp_path, precision):
+def test_quantized_programs_pass_their_gates(tiny_dirs, tmp_path, capsys, precision):
     """Quantized at export (torchao for the linear layers, PT2E for the convolutions: XNNPACK's int8-dynamic-activation
     kernels): the quantized components carry their precision and gate, and the package validates against the fp32
     diffusers pipeline. The int8 package's
@@ -96,8 +96,11 @@ def test_quantized_programs_pass_their_gates(tiny_dirs, tmp_path, precision):
     transformer = load_pipeline(tiny_dirs[MODELS[0]]).transformer
     dense = sum(isinstance(m, nn.Conv2d) and m.groups == 1 for m in transformer.modules())
     record = manifest["export"]["transformer"]
-    programs = record["chunks"].values() if chunks else [record]
-    assert dense > 2 and sum(p["delegation"]["int8_convolutions"] for p in programs) == dense
+    assert dense > 2 and record["delegation"]["int8_convolutions"] == dense  # of both chunks, for the int8 package
+    if chunks:
+        assert all(c["delegation"]["int8_convolutions"] > 0 for c in record["chunks"].values())
+        assert cli(["inspect", str(out)]) == 0
+        assert f"dense convolutions stored int8: {dense}" in capsys.readouterr().out
     report = validate(str(out), opts=ValidationOptions(steps=2))
     assert report["passed"], report
     assert report["components"]["transformer"]["gate_db"] == 25
