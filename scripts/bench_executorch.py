@@ -84,6 +84,7 @@ def main() -> None:
             "transformer_mb": folder_size_mb(path / "transformer"),
             "step_ms": step_ms(path, args.threads, args.runs),
         })  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)  # each row as it is measured: a true-size step takes minutes
     ms = {(r["runtime"], r["precision"]): r["step_ms"] for r in rows}
     mb = {(r["runtime"], r["precision"]): r["transformer_mb"] for r in rows}
     report = {
