@@ -63,6 +63,14 @@ def build_parser(parser):
         default=None,
         help=f"static T5 prompt length (default: the pipeline's, {describe(lambda f: f.default_text_tokens, ' / ')})",
     )
+    parser.add_argument(
+        "--graph",
+        default=None,
+        metavar="fused|plain",
+        help="ONNX / ORT-mobile only: fused (default) exports the transformer's softmax attention as ONNX Runtime's "
+        "fused MultiHeadAttention and applies its transformer optimizer (FastGelu, SkipLayerNormalization): the "
+        "fastest graph on ONNX Runtime; plain keeps standard ONNX ops only, for other ONNX runtimes",
+    )
     # No argparse `choices` for the Core ML flags: a bad value is reported on one line by export_package.
     parser.add_argument(
         "--compute-precision",
@@ -149,6 +157,7 @@ def main(args) -> int:
         transformer_chunks=args.transformer_chunks,
         vae_tile=args.vae_tile,
         budget_mb=args.budget_mb,
+        graph=args.graph,
     )
     print(export_target(manifest["target"]).summary(manifest, args.out))
     return 0

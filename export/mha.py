@@ -1,28 +1,24 @@
-"""Attention exported as ONNX Runtime's fused `com.microsoft.MultiHeadAttention`, and ONNX Runtime's transformer
-optimizer: the form in which a peer would ship a softmax DiT for ONNX Runtime CPU (its MHA kernel is a tiled,
-memory-efficient flash attention). The scaling study (scripts/bench_scaling.py) measures EDiT against it.
+"""The fused ONNX graph `edit-mobile export` ships by default (`--graph fused`; docs/export.md): every softmax
+attention of the transformer as ONNX Runtime's fused `com.microsoft.MultiHeadAttention` (its CPU kernel is a tiled,
+memory-efficient flash attention), then ONNX Runtime's transformer optimizer (FastGelu, SkipLayerNormalization).
+The scaling study (scripts/bench_scaling.py) measures EDiT and its teacher in this form and in the plain one.
 
-ONNX Runtime's optimizer does not produce this form itself from our graphs: its `bert` mode fuses no attention in
-them, its `unet` mode emits `NhwcConv` (no CPU kernel) and its `mmdit` mode matched no attention in our SD3 graph.
-So the attention is exported as MHA directly, by an attention processor (`MHAExportProcessor`) that computes in
-PyTorch exactly what diffusers' AttnProcessor2_0 / JointAttnProcessor2_0 compute and traces to one fused node.
+ONNX Runtime's optimizer does not produce MHA itself from our graphs: its `bert` mode fuses no attention in them,
+its `unet` mode emits `NhwcConv` (no CPU kernel) and its `mmdit` mode matched no attention in our SD3 graph. So the
+attention is exported as MHA directly, by an attention processor (`MHAExportProcessor`) that computes in PyTorch
+exactly what diffusers' AttnProcessor2_0 / JointAttnProcessor2_0 compute and traces to one fused node.
 
-  use_mha(model, scope)          swap the processors: every attention ("all") or PixArt's prompt cross-attention
-                                 only ("cross": EDiT keeps its linear self-attention)
-  export_mha_onnx(spec, ...)     trace, fold with ONNX Runtime's basic level, run the transformer optimizer and
-                                 check the result against PyTorch
+  fused_attention(module)        context: the softmax attention of `module`'s transformers traces to MHA nodes
   optimize_transformer(...)      ONNX Runtime's transformer optimizer on an exported graph, in a given mode
 """
 
 from __future__ import annotations
 
-import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-
-from .components import ComponentSpec
-from .onnx_export import trace_onnx
+import onnx
 
 
 def _mha_function():
@@ -66,6 +62,14 @@ def _cat(a, b):
     return torch.cat([a, b], dim=1)
 
 
+def _qk_norm(x, norm, heads: int):
+    """SD3's RMSNorm over each head's channels, on the (B, S, C) layout MHA takes (None: no norm)."""
+    if norm is None:
+        return x
+    b, s, c = x.shape
+    return norm(x.reshape(b, s, heads, c // heads)).reshape(b, s, c)
+
+
 class MHAExportProcessor:
     """A diffusers attention processor (self-, cross- and SD3 joint attention) that computes exactly what
     AttnProcessor2_0 / JointAttnProcessor2_0 compute, with the attention itself as one fused MHA call."""
@@ -78,20 +82,13 @@ class MHAExportProcessor:
     ):  # grid_size: what EDiT blocks pass to every attention; unused here
         b, n, _ = hidden_states.shape
         heads = attn.heads
-
-        def qk_norm(x, norm):  # SD3's RMSNorm over each head's channels, on the (B, S, C) layout
-            if norm is None:
-                return x
-            s, c = x.shape[1], x.shape[2]
-            return norm(x.reshape(b, s, heads, c // heads)).reshape(b, s, c)
-
-        q = qk_norm(attn.to_q(hidden_states), attn.norm_q)
+        q = _qk_norm(attn.to_q(hidden_states), attn.norm_q, heads)
         joint = encoder_hidden_states is not None and getattr(attn, "add_q_proj", None) is not None
         if joint:  # SD3: one softmax over [image; prompt] tokens
-            k = qk_norm(attn.to_k(hidden_states), attn.norm_k)
+            k = _qk_norm(attn.to_k(hidden_states), attn.norm_k, heads)
             v = attn.to_v(hidden_states)
-            qp = qk_norm(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q)
-            kp = qk_norm(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k)
+            qp = _qk_norm(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q, heads)
+            kp = _qk_norm(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k, heads)
             vp = attn.add_v_proj(encoder_hidden_states)
             y = self.mha.apply(_cat(q, qp), _cat(k, kp), _cat(v, vp), None, heads)
             y_img, y_txt = y[:, :n], y[:, n:]
@@ -100,7 +97,7 @@ class MHAExportProcessor:
                 return out, encoder_hidden_states
             return out, attn.to_add_out(y_txt)
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        k = qk_norm(attn.to_k(context), attn.norm_k)
+        k = _qk_norm(attn.to_k(context), attn.norm_k, heads)
         v = attn.to_v(context)
         keep = None
         if attention_mask is not None:  # PixArt: (B, 1, L) additive bias, 0 = keep, -10000 = masked
@@ -109,31 +106,85 @@ class MHAExportProcessor:
         return attn.to_out[1](attn.to_out[0](y))
 
 
-def use_mha(model, scope: str = "all") -> None:
-    """Set `MHAExportProcessor` on every attention of a diffusers transformer ("all"), or on the prompt
-    cross-attention (`attn2`) of each block only ("cross": an EDiT keeps its linear self-attention)."""
-    if scope == "all":
-        model.set_attn_processor(MHAExportProcessor())
-    elif scope == "cross":
-        blocks = [b for b in model.transformer_blocks if getattr(b, "attn2", None) is not None]
-        if not blocks:
-            raise ValueError(f"{type(model).__name__} has no prompt cross-attention (attn2) to export as MHA")
-        for block in blocks:
-            block.attn2.set_processor(MHAExportProcessor())
-    else:
-        raise ValueError(f"unknown MHA scope {scope!r} (all, cross)")
+class MMEDiTMHAExportProcessor:
+    """MM-EDiT's hybrid attention (models/mm_edit_attention.py, eta by token count) computing exactly what
+    MMEDiTAttnProcessor computes, with its two softmax terms (image rows over prompt keys; prompt rows over
+    [image; prompt] keys) as fused MHA calls on the (B, S, C) layout; the linear term is EDiT's own."""
+
+    def __init__(self, config):
+        self.config = config
+        self.mha = _mha_function()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, grid_size=None):
+        from ..models.edit_attention import edit_qkv, merge_heads, relu_linear_attention
+
+        heads, n_i, n_p = attn.heads, hidden_states.shape[1], encoder_hidden_states.shape[1]
+        q_i = _qk_norm(attn.to_q(hidden_states), attn.norm_q, heads)  # (B, N_I, C)
+        k_i = _qk_norm(attn.to_k(hidden_states), attn.norm_k, heads)
+        v_i = attn.to_v(hidden_states)
+        q_p = _qk_norm(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q, heads)  # (B, N_P, C)
+        k_p = _qk_norm(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k, heads)
+        v_p = attn.add_v_proj(encoder_hidden_states)
+
+        q_lin, k_lin, v_lin = edit_qkv(attn, hidden_states, grid_size)
+        y_lin = merge_heads(relu_linear_attention(q_lin, k_lin, v_lin, self.config.eps, self.config.accumulate_fp32))
+        y_cross = self.mha.apply(q_i, k_p, v_p, None, heads)  # (B, N_I, C)
+        eta = n_i / (n_i + n_p)
+        image_out = attn.to_out[1](attn.to_out[0](eta * y_lin + (1.0 - eta) * y_cross))
+        if attn.context_pre_only:
+            return image_out, encoder_hidden_states
+        y_p = self.mha.apply(q_p, _cat(k_i, k_p), _cat(v_i, v_p), None, heads)  # (B, N_P, C)
+        return image_out, attn.to_add_out(y_p)
 
 
-def optimize_transformer(src: Path, dst: Path, mode: str, num_heads: int, hidden_size: int) -> dict:
-    """ONNX Runtime's transformer optimizer (`onnxruntime.transformers.optimizer`, model_type `mode`, opt_level 0)
-    on the graph `src`, saved to `dst`; returns {"mode", "fusions", "multi_head_attention_nodes"}.
+@contextmanager
+def fused_attention(module) -> Iterator[int]:
+    """Inside the block, every softmax attention of the diffusers transformers in `module` traces to fused MHA
+    nodes: diffusers' AttnProcessor2_0 / JointAttnProcessor2_0 (a PixArt teacher's self- and cross-attention, an
+    EDiT's prompt cross-attention, an SD3 teacher's joint attention) through `MHAExportProcessor`, MM-EDiT's hybrid
+    attention through `MMEDiTMHAExportProcessor`; yields how many were swapped. EDiT's linear self-attention, MM-EDiT
+    with the analysis-only exact eta, and attention with a group norm or a residual inside the processor (the
+    VAE's) are left alone. The processors are restored on exit: the PyTorch model the package is validated against
+    keeps its own."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0, JointAttnProcessor2_0
+
+    from ..models.mm_edit_attention import MMEDiTAttnProcessor
+
+    def export_processor(attn):
+        processor = attn.processor
+        if isinstance(processor, MMEDiTAttnProcessor):
+            return None if processor.config.eta_mode == "exact" else MMEDiTMHAExportProcessor(processor.config)
+        plain = attn.group_norm is None and attn.spatial_norm is None and not attn.residual_connection
+        if plain and isinstance(processor, (AttnProcessor2_0, JointAttnProcessor2_0)):
+            return MHAExportProcessor()
+        return None
+
+    swapped = []
+    for attn in module.modules():
+        if isinstance(attn, Attention) and (fused := export_processor(attn)) is not None:
+            swapped.append((attn, attn.processor))
+            attn.set_processor(fused)
+    try:
+        yield len(swapped)
+    finally:
+        for attn, processor in swapped:
+            attn.set_processor(processor)
+
+
+def optimize_transformer(src: Path, dst: Path, mode: str = "bert", num_heads: int = 0, hidden_size: int = 0) -> dict:
+    """ONNX Runtime's transformer optimizer (`onnxruntime.transformers.optimizer`, model_type `mode`, opt_level 0:
+    its fusions only, no session optimizations baked in) on the graph `src`, saved to `dst` (weights in
+    `dst`.data when `src` keeps them outside); returns {"mode", "fusions"}. num_heads / hidden_size 0: detected.
 
     Its simplified-LayerNorm fusion crashes on the EDiT GroupNorm pattern; LayerNorm fusion itself is done by ONNX
     Runtime's session optimizer anyway, so it is kept off for every graph, teacher or student."""
-    import onnx
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
+    external = any(
+        t.data_location == onnx.TensorProto.EXTERNAL
+        for t in onnx.load(str(src), load_external_data=False).graph.initializer
+    )
     fusion = FusionOptions(mode)
     fusion.enable_layer_norm = False
     optimized = optimize_model(
@@ -144,46 +195,5 @@ def optimize_transformer(src: Path, dst: Path, mode: str, num_heads: int, hidden
         optimization_options=fusion,
         opt_level=0,
     )
-    optimized.save_model_to_file(str(dst))
-    ops = [n.op_type for n in onnx.load(str(dst), load_external_data=False).graph.node]
-    return {
-        "mode": mode,
-        "fusions": {k: v for k, v in optimized.get_fused_operator_statistics().items() if v},
-        "multi_head_attention_nodes": ops.count("MultiHeadAttention"),
-    }
-
-
-def export_mha_onnx(
-    spec: ComponentSpec, out_dir: Path, inputs: dict[str, np.ndarray], num_heads: int, hidden_size: int
-) -> dict:
-    """`spec.module` (its attention processors already swapped by `use_mha`) -> out_dir/model.onnx: traced with the
-    fused MHA nodes, folded with ONNX Runtime's basic level, through the transformer optimizer (bert mode), then
-    run on `inputs` and compared with PyTorch. Returns {"fusions", "multi_head_attention_nodes",
-    "onnx_vs_torch_max_abs"}."""
-    import onnx
-    import onnxruntime as ort
-    import torch
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    example = tuple(torch.from_numpy(inputs[s.name]) for s in spec.inputs)
-    raw, folded, final = out_dir / "raw.onnx", out_dir / "folded.onnx", out_dir / "model.onnx"
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref = spec.module(*example).numpy()
-        proto = trace_onnx(spec.module.eval(), example, spec, raw, custom_opsets={"com.microsoft": 1})
-    onnx.save_model(proto, str(raw))
-    del proto
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    opts.optimized_model_filepath = str(folded)
-    ort.InferenceSession(str(raw), opts, providers=["CPUExecutionProvider"])
-    info = optimize_transformer(folded, final, "bert", num_heads, hidden_size)
-    raw.unlink()
-    folded.unlink()
-    session = ort.InferenceSession(str(final), providers=["CPUExecutionProvider"])
-    got = session.run(None, {s.name: inputs[s.name] for s in spec.inputs})[0]
-    return {
-        "fusions": info["fusions"],
-        "multi_head_attention_nodes": info["multi_head_attention_nodes"],
-        "onnx_vs_torch_max_abs": float(np.abs(got - ref).max()),
-    }
+    optimized.save_model_to_file(str(dst), use_external_data_format=external)
+    return {"mode": mode, "fusions": {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}}

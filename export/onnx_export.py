@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import warnings
@@ -12,6 +13,7 @@ import onnx
 import torch
 
 from .components import ComponentSpec
+from .mha import fused_attention, optimize_transformer
 from .onnx_files import EXTERNAL_DATA_THRESHOLD, external_data_file, save_onnx
 
 logger = logging.getLogger(__name__)
@@ -23,28 +25,37 @@ logger = logging.getLogger(__name__)
 OPSET = 17
 
 
-def export_onnx(spec: ComponentSpec, out_dir: Path, seed: int = 0, stem: str = "model") -> Path:
+def export_onnx(spec: ComponentSpec, out_dir: Path, seed: int = 0, stem: str = "model", fused: bool = False) -> Path:
     """Trace `spec.module` with static example inputs and write `out_dir/<stem>.onnx` (a graph over 2 GB keeps its
-    weights in `<stem>.onnx.data`); returns the path."""
+    weights in `<stem>.onnx.data`); returns the path. `fused`: its softmax attention as ONNX Runtime's fused
+    MultiHeadAttention and the graph through ONNX Runtime's transformer optimizer (export/mha.py)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     example = tuple(s.example(gen) for s in spec.inputs)
     module = spec.module.eval()
     path = out_dir / f"{stem}.onnx"
     # no_grad, not inference_mode: under inference_mode the exporter turns some parameter views into graph inputs.
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp, torch.no_grad(), warnings.catch_warnings():
+    fusing = fused_attention(module) if fused else contextlib.nullcontext()
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp, torch.no_grad(), warnings.catch_warnings(), fusing:
         # Tracing warns about Python ints taken from shapes: intended, every shape is static.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
         # PixArt's final squeeze(1) is a no-op at our static shapes; the exporter drops it and says so.
         warnings.filterwarnings("ignore", message="This model contains a squeeze operation")
-        model = trace_onnx(module, example, spec, Path(tmp) / "model.onnx")
+        opsets = {"com.microsoft": 1} if fused else None
+        model = trace_onnx(module, example, spec, Path(tmp) / "model.onnx", custom_opsets=opsets)
         large = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_THRESHOLD
         gathered = Path(tmp) / "gathered" / path.name
         gathered.parent.mkdir()
         save_onnx(model, gathered, large)
         del model
-        fold_static_shapes(gathered, path, large, spec)
+        if fused:
+            folded = Path(tmp) / "folded" / path.name
+            folded.parent.mkdir()
+            fold_static_shapes(gathered, folded, large, spec)
+            optimize_transformer(folded, path)
+        else:
+            fold_static_shapes(gathered, path, large, spec)
     check_onnx(path, spec)
     logger.info("exported %s: %.1f MB", spec.name, sum(f.stat().st_size for f in out_dir.iterdir()) / 1e6)
     return path

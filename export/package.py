@@ -49,6 +49,7 @@ def export_package(
     transformer_chunks: int | None = None,
     vae_tile: int | None = None,
     budget_mb: float | None = None,
+    graph: str | None = None,
 ) -> dict:
     """Export every component of the pipeline in `src`; returns the manifest.
 
@@ -58,7 +59,8 @@ def export_package(
     `aspect_ratios` (a name of ASPECT_RATIO_SETS) adds the model's own buckets nearest to those ratios (PixArt-Σ).
 
     `compute_precision` (fp16 | fp32, default fp16) and `deployment_target` (iOS17 | iOS18 | macOS14 | macOS15,
-    default iOS17) apply to target "coreml" only, `delegate` (xnnpack | coreml | portable, default xnnpack) and
+    default iOS17) apply to target "coreml" only, `graph` (fused | plain, default fused) to "onnx" / "ort-mobile" only,
+    `delegate` (xnnpack | coreml | portable, default xnnpack) and
     `precision` (int8-dynamic | int4-weights, default fp32) to target "executorch" only: each target takes its own
     options (export/targets.py).
     `max_component_mb`: a T5 text encoder or transformer with more fp32 weights than this is exported as a chain of
@@ -69,7 +71,11 @@ def export_package(
     (UserError, nothing written) a package whose predicted peak with `--memory low` exceeds it (export/budget.py)."""
     exporter = export_target(target)
     options = exporter.resolve_options(
-        compute_precision=compute_precision, deployment_target=deployment_target, delegate=delegate, precision=precision
+        compute_precision=compute_precision,
+        deployment_target=deployment_target,
+        delegate=delegate,
+        precision=precision,
+        graph=graph,
     )
     if batch not in (1, 2):
         raise UserError(f"--batch must be 1 or 2, got {batch}")

@@ -222,7 +222,8 @@ def linear_attention_nodes(model: onnx.ModelProto) -> list[str]:
 
 
 def normalization_nodes(model: onnx.ModelProto) -> list[str]:
-    """Normalisation statistics: LayerNormalization / InstanceNormalization (GroupNorm) nodes, and the written-out
+    """Normalisation statistics: LayerNormalization / InstanceNormalization (GroupNorm) nodes (and ONNX Runtime's
+    fused Skip* forms), and the written-out
     mean-of-squares chains (T5's RMSNorm: Pow -> ReduceMean -> Add -> Sqrt -> Div; ConvFusion's GroupNorm:
     ReduceMean -> Sub -> Mul(x, x) -> ReduceMean -> Add -> Sqrt -> Div)."""
     producers = _producers(model)
@@ -230,7 +231,14 @@ def normalization_nodes(model: onnx.ModelProto) -> list[str]:
         n.name
         for n in model.graph.node
         if n.op_type
-        in ("LayerNormalization", "InstanceNormalization", "GroupNormalization", "SimplifiedLayerNormalization")
+        in (
+            "LayerNormalization",
+            "InstanceNormalization",
+            "GroupNormalization",
+            "SimplifiedLayerNormalization",
+            "SkipLayerNormalization",  # ONNX Runtime's fused residual + LayerNorm (export --graph fused)
+            "SkipSimplifiedLayerNormalization",
+        )
     ]
     for node in model.graph.node:
         if node.op_type != "Sqrt":

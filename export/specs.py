@@ -19,6 +19,10 @@ class TensorSpec:
     dtype: str  # numpy dtype name: "float32", "int64"
 
     def example(self, generator: torch.Generator) -> torch.Tensor:
+        if "attention_mask" in self.name:  # binary, as a tokenizer makes it: each row a prefix of ones (>= 1 token)
+            *rows, length = self.shape
+            kept = torch.randint(1, length + 1, (*rows, 1), generator=generator)
+            return (torch.arange(length) < kept).to(torch.int64 if self.dtype == "int64" else torch.float32)
         if self.dtype == "int64":
             return torch.randint(0, 100, self.shape, generator=generator)
         return torch.randn(self.shape, generator=generator)

@@ -111,44 +111,62 @@ class ExportTarget:
 
 
 class OnnxTarget(ExportTarget):
-    """model.onnx per component (opset 17, static shapes), checked against PyTorch in ONNX Runtime."""
+    """model.onnx per component (opset 17, static shapes), checked against PyTorch in ONNX Runtime.
+
+    Option `graph`: "fused" (default) exports the transformer's softmax attention as ONNX Runtime's fused
+    MultiHeadAttention and runs ONNX Runtime's transformer optimizer on it (export/mha.py; the fastest graph the
+    scaling study measured, docs/benchmarks.md); "plain" keeps every node a standard ONNX op (portable to any ONNX
+    runtime and execution provider). Text encoders and the VAE are exported plain either way."""
 
     name = "onnx"
+    options = {"graph": "fused"}
+    GRAPHS = ("fused", "plain")
     combine_each_size = True
     options_note = " (ONNX packages get fp16 / int8 from `edit-mobile quantize`)"
+
+    def resolve_options(self, **given) -> dict:
+        options = super().resolve_options(**given)
+        if options["graph"] not in self.GRAPHS:
+            raise UserError(f"--graph {options['graph']!r}: choose one of {', '.join(self.GRAPHS)}")
+        return options
+
+    @staticmethod
+    def fused(spec, options) -> bool:
+        return options["graph"] == "fused" and spec.name == "transformer"
 
     def export_component(self, spec, root, manifest, options, stem="model") -> ExportedComponent:
         from .onnx_export import OPSET, export_onnx, onnx_parity
 
         start = time.perf_counter()
         if spec.chunks:
-            return self._export_chunks(spec, root, start, stem)
+            return self._export_chunks(spec, root, start, stem, self.fused(spec, options))
         graph = spec.graph()
-        path = export_onnx(graph, root / spec.name, stem=stem)
+        path = export_onnx(graph, root / spec.name, stem=stem, fused=self.fused(spec, options))
         parity = onnx_parity(graph, path)
         seconds = time.perf_counter() - start
+        info = {"seconds": round(seconds, 2), "onnx_vs_torch_max_abs": parity, **fused_ops([path])}
         path = self.convert(path)
         entry = component_entry(spec, path.relative_to(root), precision="fp32", opset=OPSET, tiling=spec.tiling)
-        return ExportedComponent(path, entry, {"seconds": round(seconds, 2), "onnx_vs_torch_max_abs": parity})
+        return ExportedComponent(path, entry, info)
 
-    def _export_chunks(self, spec, root, start: float, stem: str) -> ExportedComponent:
+    def _export_chunks(self, spec, root, start: float, stem: str, fused: bool) -> ExportedComponent:
         """A chunked component: each chunk's weights are built, exported to <name>/chunk-NN/, checked against its
         PyTorch module and released before the next one (peak memory: one chunk)."""
         from .onnx_export import OPSET, export_onnx, onnx_parity
 
-        chunks, parity = [], {}
+        chunks, parity, paths = [], {}, []
         for k, build in enumerate(spec.chunks):
             chunk = build()
-            path = export_onnx(chunk, root / spec.name / f"chunk-{k:02d}", stem=stem)
+            path = export_onnx(chunk, root / spec.name / f"chunk-{k:02d}", stem=stem, fused=fused)
+            paths.append(path)
             parity.update({f"chunk-{k:02d}.{out}": v for out, v in onnx_parity(chunk, path).items()})
             path = self.convert(path)
             chunks.append(ChunkEntry(path.relative_to(root).as_posix(), _specs(chunk.inputs), _specs(chunk.outputs)))
             del chunk
         entry = component_entry(spec, Path(chunks[0].path), precision="fp32", opset=OPSET, chunks=tuple(chunks))
         seconds = round(time.perf_counter() - start, 2)
-        return ExportedComponent(
-            root / chunks[0].path, entry, {"seconds": seconds, "chunks": len(chunks), "onnx_vs_torch_max_abs": parity}
-        )
+        info = {"seconds": seconds, "chunks": len(chunks), "onnx_vs_torch_max_abs": parity, **fused_ops(paths)}
+        return ExportedComponent(root / chunks[0].path, entry, info)
 
     def convert(self, model_path: Path) -> Path:
         """The file the runtime opens, made from the exported model.onnx (ONNX: model.onnx itself)."""
@@ -175,6 +193,19 @@ class OnnxTarget(ExportTarget):
             f"wrote {out}: {len(manifest['components'])} components at {shown}, max |ONNX - PyTorch| on random "
             f"inputs {worst:.2e}"
         )
+
+
+def fused_ops(paths: list[Path]) -> dict:
+    """The manifest's `export` record of ONNX Runtime's fused (com.microsoft) operators in these graphs:
+    {"fused_ops": {op: count}}, or {} for plain graphs."""
+    import onnx
+
+    ops: dict[str, int] = {}
+    for path in paths:
+        for node in onnx.load(str(path), load_external_data=False).graph.node:
+            if node.domain == "com.microsoft":
+                ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return {"fused_ops": dict(sorted(ops.items()))} if ops else {}
 
 
 def convert_to_ort(model_path: Path) -> Path:

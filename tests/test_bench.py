@@ -261,4 +261,4 @@ def test_study_architectures_come_from_the_presets(study):
 
     steps = plan.plan(Args, {"pixart": desc})
     assert [(s["group"], s["depth"]) for s in steps] == [("attention", 2), ("full-depth", 28)]
-    assert steps[0]["variants"] == ["softmax", "softmax-mha", "softmax-bound", "edit", "edit-mha"]
+    assert steps[0]["variants"] == ["softmax", "softmax-mha", "softmax-bound", "softmax-bound-mha", "edit", "edit-mha"]

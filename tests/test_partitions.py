@@ -21,8 +21,19 @@ from edit_mobile.runtime.package import load_package
 @pytest.fixture(scope="module")
 def package(tiny_dirs, tmp_path_factory):
     out = tmp_path_factory.mktemp("android") / "pkg"
-    assert cli(["export", str(tiny_dirs["tiny-pixart-edit-trained"]), "--resolution", "128", "--out", str(out)]) == 0
+    src = str(tiny_dirs["tiny-pixart-edit-trained"])
+    assert cli(["export", src, "--resolution", "128", "--graph", "plain", "--out", str(out)]) == 0
     return out
+
+
+def test_fused_operators_leave_the_mobile_providers(tiny_dirs, tmp_path):
+    """The default fused graph's ONNX Runtime operators have no Core ML / NNAPI kernel: the report shows them on the
+    CPU and the Core ML partition split (why docs/export.md sends those providers' users to --graph plain)."""
+    out = tmp_path / "pkg"
+    assert cli(["export", str(tiny_dirs["tiny-pixart-edit-trained"]), "--resolution", "128", "--out", str(out)]) == 0
+    coreml = partition_graph(onnx.load(str(out / "transformer" / "model.onnx")), "CoreML")
+    assert {"MultiHeadAttention", "FastGelu", "SkipLayerNormalization"} <= set(coreml["cpu_ops"])
+    assert coreml["partitions"] > 1
 
 
 def test_report_per_graph_and_provider(package, tmp_path, capsys):

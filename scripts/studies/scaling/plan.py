@@ -28,8 +28,17 @@ ARCHS = {
 }
 GROUPS = {
     # softmax-bound: the teacher with its self-attention core replaced by the identity on V (models.py), the
-    # attention-free bound EDiT is measured against
-    "attention": ["softmax", "softmax-mha", "softmax-ortopt", "softmax-bound", "@student", "@student-mha"],
+    # attention-free bound EDiT is measured against. *-mha: the fused graph `edit-mobile export` ships by default
+    # (export/mha.py); the others are the plain graph (`--graph plain`).
+    "attention": [
+        "softmax",
+        "softmax-mha",
+        "softmax-ortopt",
+        "softmax-bound",
+        "softmax-bound-mha",
+        "@student",
+        "@student-mha",
+    ],
     "int8": ["@student", "@student-int8", "softmax-int8"],
     "torch": ["@student", "torch-@student", "torch-softmax"],
     "optimum": ["softmax", "optimum", "@student"],
@@ -55,12 +64,13 @@ def plan(args, descs: dict[str, dict]) -> list[dict]:
         variants = [v.replace("@student", student) for v in GROUPS[group]]
         if arch == "pixart":
             variants = [v for v in variants if v != "softmax-ortopt"]  # pixart: no attention fusion exists
-        else:  # mm-edit-mha: its softmax terms are inside its processor; the bound is built for PixArt only
-            variants = [v for v in variants if v not in ("mm-edit-mha", "softmax-bound")]
+        else:  # the bound is built for PixArt only
+            variants = [v for v in variants if not v.startswith("softmax-bound")]
         if res >= 2048:
-            # Memory: the workers of a group are alive together; at 2048² an EDiT worker holds ~6 GB, so the group
-            # keeps one EDiT graph per precision (the fused-cross-attention EDiT is measured up to 1024²).
-            variants = [v for v in variants if v != f"{student}-mha"]
+            # Memory: the workers of a group are alive together; at 2048² an EDiT worker holds ~3-6 GB, so the
+            # attention group keeps the graphs `export` ships (fused), the plain ones are measured up to 1024².
+            if group == "attention":
+                variants = [v for v in variants if v not in (student, "softmax-bound")]
             runs = args.runs_large if runs is None else runs
         if res >= 4096:  # minutes per call: one cold call each; the fp32 EDiT is not repeated in the int8 group
             warmup, runs = 0, 1

@@ -88,7 +88,7 @@ class Study:
             "--out",
             str(folder),
         )
-        if variant in ("softmax", student, "softmax-mha", "edit-mha", "softmax-bound"):
+        if variant in ("softmax", student, "softmax-bound") or variant.endswith("-mha"):
             cmd += ["--variant", variant]
         elif variant == "softmax-ortopt":
             src, info = self.graph(arch, "softmax", res, depth)

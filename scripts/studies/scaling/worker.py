@@ -44,7 +44,7 @@ def child_export(args) -> None:
     """`_export`: write one variant's graph into args.out (model.onnx + info.json)."""
     import logging
 
-    from .models import export_mha_variant, optimize_ortopt
+    from .models import export_fused_variant, optimize_ortopt
 
     logging.basicConfig(level=logging.WARNING)
     desc = read_desc(args.desc)
@@ -58,8 +58,9 @@ def child_export(args) -> None:
         model = build_model(desc, kind.removeprefix("softmax-"), args.res, args.depth)
         info = {"parameters": sum(p.numel() for p in model.parameters())}
         export_onnx(transformer_spec(desc, model, args.res, args.batch), out)
-    elif kind in ("softmax-mha", "edit-mha"):
-        info = export_mha_variant(desc, kind[: -len("-mha")], args.res, args.depth, args.batch, out)
+    elif kind.endswith("-mha"):  # the fused graph of the same family
+        family = kind.removesuffix("-mha")
+        info = export_fused_variant(desc, family.removeprefix("softmax-"), args.res, args.depth, args.batch, out)
     elif kind == "softmax-ortopt":
         info = optimize_ortopt(desc, Path(args.src), out)
     elif kind == "int8":
