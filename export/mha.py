@@ -5,8 +5,9 @@ The scaling study (scripts/bench_scaling.py) measures EDiT and its teacher in th
 
 ONNX Runtime's optimizer does not produce MHA itself from our graphs: its `bert` mode fuses no attention in them,
 its `unet` mode emits `NhwcConv` (no CPU kernel) and its `mmdit` mode matched no attention in our SD3 graph. So the
-attention is exported as MHA directly, by an attention processor (`MHAExportProcessor`) that computes in PyTorch
-exactly what diffusers' AttnProcessor2_0 / JointAttnProcessor2_0 compute and traces to one fused node.
+attention is exported as MHA directly, by attention processors that compute in PyTorch exactly what the model's
+own compute and trace each softmax to one fused node: `MHAExportProcessor` for diffusers' AttnProcessor2_0 /
+JointAttnProcessor2_0, `MMEDiTMHAExportProcessor` for MM-EDiT's hybrid attention (its two softmax terms).
 
   fused_attention(module)        context: the softmax attention of `module`'s transformers traces to MHA nodes
   optimize_transformer(...)      ONNX Runtime's transformer optimizer on an exported graph, in a given mode

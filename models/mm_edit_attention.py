@@ -6,6 +6,9 @@ Prompt rows: y_P = Softmax(Q_P, [K_I; K_P], [V_I; V_P])            (the teacher'
 The softmax terms use the teacher's plain projections with SD3's QK-norm (`softmax_projections="teacher"`);
 ConvFusion and the Spatial Compressor feed only the linear term. Cost is linear in image tokens:
 O(N_I d^2 + N_I N_P d + N_P (N_I + N_P) d) per head.
+
+The ONNX export's default (fused) graph computes the same with its two softmax terms as ONNX Runtime's fused
+MultiHeadAttention (export/mha.py: MMEDiTMHAExportProcessor, checked against this processor at every export).
 """
 
 from __future__ import annotations

@@ -255,10 +255,27 @@ def test_study_architectures_come_from_the_presets(study):
     assert {s.name: tuple(s.shape) for s in spec.inputs} == {k: v.shape for k, v in feeds.items()}
 
     class Args:  # the options plan() reads
-        quick, int8, torch, with_optimum, full_depth_2048 = False, True, False, False, True
+        quick, int8, torch, with_optimum, full_depth, full_depth_res = False, True, False, False, True, 2048
         archs, resolutions, sd3_resolutions, groups = ["pixart"], [256], [], ["attention", "full-depth"]
         depth, warmup, runs, runs_large, call_timeout = 2, 1, 3, 2, 900.0
 
     steps = plan.plan(Args, {"pixart": desc})
     assert [(s["group"], s["depth"]) for s in steps] == [("attention", 2), ("full-depth", 28)]
     assert steps[0]["variants"] == ["softmax", "softmax-mha", "softmax-bound", "softmax-bound-mha", "edit", "edit-mha"]
+
+
+def test_worker_killed_between_calls_is_recorded(study):
+    """A worker the kernel's out-of-memory killer ended (SIGKILL) while another worker of its group ran: the next
+    call records it as oom instead of ending the study with a BrokenPipeError (seen with SD3 at 1024²)."""
+    import subprocess
+
+    worker = study("studies.scaling.worker")
+    w = worker.Worker.__new__(worker.Worker)  # the parent side only: no real worker process to start
+    w.variant, w.timeout_s, w.limit, w.killed_for_memory = "softmax", 5.0, 2**30, False
+    w.status, w.message, w.times, w.result = "ok", "", [], {}
+    w.proc = subprocess.Popen(["sh", "-c", "kill -9 $$"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    w.proc.wait()
+    w.run()
+    assert (w.status, w.times) == ("oom", []) and "between calls" in w.message
+    w.quit()  # nothing more to send
+    assert w.status == "oom"

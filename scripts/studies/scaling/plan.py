@@ -39,13 +39,31 @@ GROUPS = {
         "@student",
         "@student-mha",
     ],
-    "int8": ["@student", "@student-int8", "softmax-int8"],
+    # @student-mha-int8: what `export` + `quantize --precision int8-dynamic` ship, against the fp32 fused teacher
+    "int8": ["@student", "@student-int8", "softmax-int8", "@student-mha-int8", "softmax-mha"],
     "torch": ["@student", "torch-@student", "torch-softmax"],
     "optimum": ["softmax", "optimum", "@student"],
     # ONNX Runtime's CPU memory arena (BFC, on by default) vs plain malloc / free: the peak-memory question
-    "arena": ["@student", "@student+noarena"],
+    # and the same for the fused graphs `export` ships: is EDiT's extra peak over the fused teacher the arena's?
+    "arena": [
+        "@student",
+        "@student+noarena",
+        "@student-mha",
+        "@student-mha+noarena",
+        "softmax-mha",
+        "softmax-mha+noarena",
+    ],
 }
-ALL_GROUPS = ["attention", "int8", "torch", "optimum", "arena", "full-depth", "full-depth-noarena"]
+# The complete PixArt-Σ-XL EDiT (the preset's depth, 28 blocks) at --full-depth-res: one group per variant, so that
+# one ~8-16 GB worker is alive at a time. The plain graph with ONNX Runtime's CPU arena and without it, and the
+# fused graph `export` ships in fp32 and int8.
+FULL_DEPTH = {
+    "full-depth": "edit",
+    "full-depth-noarena": "edit+noarena",
+    "full-depth-fused": "edit-mha",
+    "full-depth-fused-int8": "edit-mha-int8",
+}
+ALL_GROUPS = ["attention", "int8", "torch", "optimum", "arena", *FULL_DEPTH]
 
 
 def tokens(res: int, desc: dict) -> int:
@@ -62,10 +80,13 @@ def plan(args, descs: dict[str, dict]) -> list[dict]:
     def add(arch, res, depth, group, warmup=None, runs=None):
         student = ARCHS[arch]["student"]
         variants = [v.replace("@student", student) for v in GROUPS[group]]
-        if arch == "pixart":
-            variants = [v for v in variants if v != "softmax-ortopt"]  # pixart: no attention fusion exists
-        else:  # the bound is built for PixArt only
+        if arch != "pixart":  # the bound is built for PixArt only
             variants = [v for v in variants if not v.startswith("softmax-bound")]
+        if arch == "pixart" or res >= 1024:
+            # pixart: no attention fusion exists. SD3 at 1024²: the optimizer fuses no attention there either
+            # (docs/benchmarks.md), and its 8.7 GB worker beside the plain teacher's would not leave room for the
+            # group's other workers in 24 GB
+            variants = [v for v in variants if v != "softmax-ortopt"]
         if res >= 2048:
             # Memory: the workers of a group are alive together; at 2048² an EDiT worker holds ~3-6 GB, so the
             # attention group keeps the graphs `export` ships (fused), the plain ones are measured up to 1024².
@@ -74,8 +95,8 @@ def plan(args, descs: dict[str, dict]) -> list[dict]:
             runs = args.runs_large if runs is None else runs
         if res >= 4096:  # minutes per call: one cold call each; the fp32 EDiT is not repeated in the int8 group
             warmup, runs = 0, 1
-            if group == "int8":
-                variants = [v for v in variants if v != student]
+            if group == "int8":  # ~10 GB workers: the plain int8 pair only (fused: the full-depth groups)
+                variants = [v for v in variants if v not in (student, f"{student}-mha-int8", "softmax-mha")]
         steps.append(
             {
                 "arch": arch,
@@ -107,16 +128,15 @@ def plan(args, descs: dict[str, dict]) -> list[dict]:
     if "arena" in args.groups and "pixart" in args.archs:
         for res in args.arena_resolutions:
             add("pixart", res, depth, "arena")
-    if args.full_depth_2048 and "pixart" in args.archs:
-        # The complete PixArt-Σ-XL EDiT (the preset's depth, 28 blocks) at 2048²: one cold call each (its time and
-        # its peak memory), with ONNX Runtime's default CPU arena and without it, one after the other (~8 GB each).
-        for group, variant in (("full-depth", "edit"), ("full-depth-noarena", "edit+noarena")):
+    if args.full_depth and "pixart" in args.archs:
+        # One cold call each: its time and its peak memory.
+        for group, variant in FULL_DEPTH.items():
             if group not in args.groups:
                 continue
             steps.append(
                 {
                     "arch": "pixart",
-                    "res": 2048,
+                    "res": args.full_depth_res,
                     "depth": descs["pixart"]["full_depth"],
                     "group": group,
                     "variants": [variant],
@@ -175,9 +195,12 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--no-full-depth",
-        dest="full_depth_2048",
+        dest="full_depth",
         action="store_false",
-        help="skip the 28-layer PixArt-Σ-XL EDiT call at 2048²",
+        help="skip the 28-layer PixArt-Σ-XL EDiT calls (full-depth groups)",
+    )
+    p.add_argument(
+        "--full-depth-res", type=int, default=2048, help="resolution of the full-depth groups (default 2048)"
     )
     p.add_argument(
         "--profile",

@@ -125,10 +125,14 @@ def ratios(results: list[dict]) -> list[dict]:
         ("@s-mha", "softmax-bound-mha", "EDiT step / attention-free bound, both fused (target ≤ 1.10×)"),
         ("@s", "@s-int8", "int8 vs fp32 EDiT"),
         ("softmax-int8", "@s-int8", "int8 EDiT vs int8 teacher"),
+        ("softmax-mha", "@s-mha-int8", "int8 EDiT vs fp32 teacher, both fused (as export + quantize ship them)"),
+        ("@s-int8", "@s-mha-int8", "fused vs plain export (int8 EDiT): plain time / fused time"),
         ("torch-@s", "@s", "ONNX Runtime vs PyTorch eager (EDiT): eager time / ORT time"),
         ("torch-softmax", "torch-@s", "EDiT vs softmax in PyTorch eager"),
         ("optimum", "@s", "EDiT vs optimum-onnx teacher"),
         ("@s", "@s+noarena", "ONNX Runtime CPU arena on vs off (EDiT): time on / time off, memory on / off"),
+        ("@s-mha", "@s-mha+noarena", "CPU arena on vs off (EDiT, fused): time on / time off, memory on / off"),
+        ("softmax-mha+noarena", "@s-mha+noarena", "EDiT vs teacher, both fused, CPU arena off"),
     ]
     keyed = {}
     for r in results:
@@ -365,7 +369,7 @@ def plot(report: dict, path: Path) -> None:
         for r in report["results"]:  # the full-depth call(s): one star each
             if r["arch"] == arch and r["group"].startswith("full-depth") and r.get("status") == "ok":
                 label = f"{r['variant']} (depth {r['depth']}, cold call)"
-                marker = "*" if r["group"] == "full-depth" else "P"
+                marker = {"full-depth": "*", "full-depth-noarena": "P", "full-depth-fused": "X"}.get(r["group"], "D")
                 axes[i][0].plot([r["tokens"]], [r["median_ms"] / 1e3], marker, ms=11, color="black", label=label)
                 axes[i][1].plot([r["tokens"]], [r["peak_rss_mb"] / 1024], marker, ms=11, color="black", label=label)
         title = ARCHS[arch]["title"]

@@ -332,17 +332,30 @@ class Worker:
         if msg:
             self.result["load_s"] = msg["load_s"]
 
+    def _send(self, command: str) -> bool:
+        """Write a command; False (and the worker failed) when it died meanwhile, e.g. killed by the kernel's
+        out-of-memory killer while another worker of its group ran."""
+        try:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            self.proc.wait()
+            self._fail(
+                "oom" if self.proc.returncode in (-9, 137) else "failed",
+                f"worker exited with code {self.proc.returncode} between calls",
+            )
+            return False
+        return True
+
     def run(self) -> None:
-        self.proc.stdin.write("run\n")
-        self.proc.stdin.flush()
+        if not self._send("run"):
+            return
         msg = self._read(self.timeout_s)
         if msg:
             self.times.append(msg["ms"])
 
     def quit(self) -> None:
-        if self.alive:
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.flush()
+        if self.alive and self._send("quit"):
             msg = self._read(120)
             if msg:
                 self.result.update({k: v for k, v in msg.items() if k != "event"})
