@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
         write_report(report, out_dir, docs_markdown)
         return report
     study = Study(args)
+    if args.text_tokens:
+        study.set_text_tokens("pixart", args.text_tokens)
     study.machine = machine_description(args.threads)
     study.log(f"machine: {study.machine}")
     study.peak = measure_peak(study)

@@ -280,3 +280,23 @@ def test_export_graph_option(tmp_path, capsys):
         assert cli(["export", "tiny-pixart", "--resolution", "128", *argv, "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_shorter_prompt_length_is_exact_under_the_mask(tmp_path):
+    """`export --max-text-tokens` shorter than the pipeline's (PixArt-Σ pads to 300 T5 tokens): a prompt that fits
+    gives the same image, because T5 and the transformer's prompt attention (fused MHA's key padding mask) both
+    ignore padded tokens. What `--max-text-tokens 120` relies on (docs/benchmarks.md)."""
+    from edit_mobile.runtime.metrics import psnr
+    from edit_mobile.runtime.pipeline import Text2ImagePipeline
+
+    images = {}
+    for tokens in (None, 12):
+        out = tmp_path / f"t{tokens}"
+        extra = ["--max-text-tokens", str(tokens)] if tokens else []
+        assert cli(["export", "tiny-pixart", "--resolution", "128", *extra, "--out", str(out)]) == 0
+        pipe = Text2ImagePipeline(out, progress=False)
+        images[tokens] = pipe("a red circle", steps=3, seed=3, decode=False).latents[-1]
+        lengths = {t.max_length for t in pipe.package.text.values()}
+        assert lengths == ({12} if tokens else lengths - {12}), lengths
+    # the same final latents up to float summation order; one masked token attended moves them by far more
+    assert psnr(images[None], images[12]) >= 80

@@ -222,6 +222,13 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     )
     p.add_argument("--call-timeout", type=float, default=900.0, help="seconds per call before 'timeout'")
     p.add_argument("--export-timeout", type=float, default=3600.0)
+    p.add_argument(
+        "--text-tokens",
+        type=int,
+        default=None,
+        help="PixArt: the T5 prompt tokens its graphs take (default 300, the pipeline's; as `export "
+        "--max-text-tokens`); a --work-dir of its own per length",
+    )
     p.add_argument("--work-dir", default="out/bench_scaling", help="exported graphs, results, profiles")
     p.add_argument("--retry-failed", action="store_true", help="retry exports that failed in an earlier run")
     p.add_argument(

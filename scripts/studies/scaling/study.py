@@ -64,6 +64,21 @@ class Study:
             self.descs[arch] = json.loads(self.desc_file(arch).read_text())
         return self.descs[arch]
 
+    def set_text_tokens(self, arch: str, tokens: int) -> None:
+        """`--text-tokens`: the prompt length of `arch`'s graphs (as `export --max-text-tokens`), written into its
+        description, which every child reads. Graphs are cached by variant and size only, so a work folder holds one
+        prompt length: another one is refused."""
+        path = self.desc_file(arch)
+        desc = json.loads(path.read_text())
+        if desc["text_tokens"] != tokens and (self.work / "graphs").is_dir():
+            raise SystemExit(
+                f"--text-tokens {tokens}: {self.work} holds graphs for {desc['text_tokens']} prompt tokens; "
+                "give this prompt length a --work-dir of its own"
+            )
+        desc["text_tokens"] = tokens
+        path.write_text(json.dumps(desc, indent=1))
+        self.descs.pop(arch, None)
+
     # --- graphs -------------------------------------------------------------------------------------------------
     def graph(self, arch: str, variant: str, res: int, depth: int) -> tuple[Path | None, dict]:
         """model.onnx of an ONNX variant (exported once, cached), or (None, {"error": ...})."""
