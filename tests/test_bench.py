@@ -279,3 +279,26 @@ def test_worker_killed_between_calls_is_recorded(study):
     assert (w.status, w.times) == ("oom", []) and "between calls" in w.message
     w.quit()  # nothing more to send
     assert w.status == "oom"
+
+
+def test_edit_configuration_variants(study):
+    """The edit-config group: EDiT's ConvFusion reduction and compressor stride by variant name, fused as shipped,
+    beside the attention-free bound; a misspelt variant is refused rather than measured as the default."""
+    from edit_mobile.models.edit_attention import EDiTConfig
+
+    models, plan = study("studies.scaling.models"), study("studies.scaling.plan")
+    assert models.edit_config_of("edit") == EDiTConfig()
+    assert models.edit_config_of("edit-r8-s4") == EDiTConfig(convfusion_reduction=8, kv_stride=4)
+    assert models.edit_config_of("edit-s4") == EDiTConfig(kv_stride=4)
+    with pytest.raises(ValueError, match="unknown EDiT variant 'edit-x8'"):
+        models.edit_config_of("edit-x8")
+
+    class Args:
+        quick, int8, torch, with_optimum, full_depth, full_depth_res = False, True, False, False, False, 2048
+        archs, resolutions, sd3_resolutions, groups = ["pixart", "sd3"], [1024], [1024], ["edit-config"]
+        depth, warmup, runs, runs_large, call_timeout = 2, 1, 3, 2, 900.0
+
+    desc = {"pixart": {"full_depth": 28}, "sd3": {"full_depth": 24}}
+    steps = plan.plan(Args, desc)
+    assert [(s["arch"], s["group"]) for s in steps] == [("pixart", "edit-config")]  # PixArt only
+    assert steps[0]["variants"] == ["softmax-bound-mha", "edit-mha", "edit-r8-mha", "edit-s4-mha", "edit-r8-s4-mha"]

@@ -10,6 +10,8 @@ Runtime workers use it). A description is a JSON-able dict:
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from .. import archs
@@ -64,8 +66,22 @@ class IdentityCoreProcessor:
         return attn.to_out[1](attn.to_out[0](hidden_states))
 
 
+def edit_config_of(family: str):
+    """The EDiT configuration a family name asks for: "edit" (the defaults: ConvFusion r = 4, compressor stride 2),
+    "edit-r8" (ConvFusion C -> C/8), "edit-s4" (compressor stride 4), "edit-r8-s4". Speed only: the weights are a
+    fresh conversion, so what these variants cost in quality needs distillation and the shapes model."""
+    from edit_mobile.models.edit_attention import EDiTConfig
+
+    match = re.fullmatch(r"edit(?:-r(\d+))?(?:-s(\d+))?", family)
+    if match is None:
+        raise ValueError(f"unknown EDiT variant {family!r}")
+    reduction, stride = match.groups()
+    return EDiTConfig(convfusion_reduction=int(reduction or 4), kv_stride=int(stride or 2))
+
+
 def build_model(desc: dict, family: str, res: int, depth: int, seed: int = 0):
-    """The teacher (family "softmax"), its conversion (family "edit" / "mm-edit"), or the attention-free bound
+    """The teacher (family "softmax"), its conversion (family "edit" / "mm-edit"; "edit-r8" ...: `edit_config_of`),
+    or the attention-free bound
     (family "bound": the PixArt teacher with `IdentityCoreProcessor` as every self-attention), random weights, eval
     mode."""
     overrides = {"num_layers": depth, "sample_size": res // desc["vae_factor"]}
@@ -80,10 +96,10 @@ def build_model(desc: dict, family: str, res: int, depth: int, seed: int = 0):
         for block in teacher.transformer_blocks:
             block.attn1.set_processor(IdentityCoreProcessor())
         return teacher
-    if family == "edit":
+    if family.startswith("edit"):
         from edit_mobile.models.edit_pixart import EDiTPixArtTransformer2DModel
 
-        return EDiTPixArtTransformer2DModel.from_teacher(teacher).eval()
+        return EDiTPixArtTransformer2DModel.from_teacher(teacher, edit_config_of(family)).eval()
     if family == "mm-edit":
         from edit_mobile.models.mm_edit_sd3 import MMEDiTSD3Transformer2DModel
 

@@ -41,6 +41,9 @@ GROUPS = {
     ],
     # @student-mha-int8: what `export` + `quantize --precision int8-dynamic` ship, against the fp32 fused teacher
     "int8": ["@student", "@student-int8", "softmax-int8", "@student-mha-int8", "softmax-mha"],
+    # EDiT's own configuration (PixArt, fused as shipped): ConvFusion C -> C/8 instead of C/4, compressor stride 4
+    # instead of 2, both; against the attention-free bound. Speed only (fresh conversions, not distilled)
+    "edit-config": ["softmax-bound-mha", "@student-mha", "@student-r8-mha", "@student-s4-mha", "@student-r8-s4-mha"],
     "torch": ["@student", "torch-@student", "torch-softmax"],
     "optimum": ["softmax", "optimum", "@student"],
     # ONNX Runtime's CPU memory arena (BFC, on by default) vs plain malloc / free: the peak-memory question
@@ -63,7 +66,7 @@ FULL_DEPTH = {
     "full-depth-fused": "edit-mha",
     "full-depth-fused-int8": "edit-mha-int8",
 }
-ALL_GROUPS = ["attention", "int8", "torch", "optimum", "arena", *FULL_DEPTH]
+ALL_GROUPS = ["attention", "int8", "edit-config", "torch", "optimum", "arena", *FULL_DEPTH]
 
 
 def tokens(res: int, desc: dict) -> int:
@@ -75,7 +78,9 @@ def plan(args, descs: dict[str, dict]) -> list[dict]:
     """The measured points: (arch, resolution, depth, group, variants, warm-up, runs, call timeout). `descs`: the
     architecture descriptions (models.describe) by arch."""
     steps = []
-    student_groups = [g for g in ("attention", "int8") if g in args.groups and (g != "int8" or args.int8)]
+    student_groups = [
+        g for g in ("attention", "int8", "edit-config") if g in args.groups and (g != "int8" or args.int8)
+    ]
 
     def add(arch, res, depth, group, warmup=None, runs=None):
         student = ARCHS[arch]["student"]
@@ -120,7 +125,8 @@ def plan(args, descs: dict[str, dict]) -> list[dict]:
     for arch in args.archs:
         for res in args.resolutions if arch == "pixart" else args.sd3_resolutions:
             for group in student_groups:
-                add(arch, res, depth, group)
+                if group != "edit-config" or arch == "pixart":
+                    add(arch, res, depth, group)
             if "torch" in args.groups and args.torch and res in args.torch_resolutions and arch in args.torch_archs:
                 add(arch, res, depth, "torch")
             if "optimum" in args.groups and arch == "sd3" and args.with_optimum and res == args.optimum_resolution:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -206,12 +207,14 @@ class Study:
                 row["graph"] = info
                 row["size_mb"] = round(sum(f.stat().st_size for f in path.parent.glob("model.onnx*")) / 2**20, 1)
                 base_variant = "softmax" if v.startswith("softmax") or v == "optimum" else ARCHS[arch]["student"]
-                # multiply-adds of the plain fp32 graph of the same math (MHA / int8 graphs count alike)
-                base = (
-                    path
-                    if graph_variant in ("softmax", "edit", "mm-edit")
-                    else self.graph(arch, base_variant, res, depth)[0]
-                )
+                # multiply-adds of the plain fp32 graph of the same math (MHA / int8 graphs count alike); none for
+                # EDiT's configuration variants (edit-r8-mha ...: other math, and their MHA nodes count nothing)
+                if graph_variant in ("softmax", "edit", "mm-edit"):
+                    base = path
+                elif re.search(r"-[rs]\d", graph_variant):
+                    base = None
+                else:
+                    base = self.graph(arch, base_variant, res, depth)[0]
                 row["macs"] = graph_macs(base)["macs"] if base else None
                 spec = {
                     "kind": "ort",
