@@ -49,13 +49,11 @@ def export_onnx(spec: ComponentSpec, out_dir: Path, seed: int = 0, stem: str = "
         gathered.parent.mkdir()
         save_onnx(model, gathered, large)
         del model
+        folded = Path(tmp) / "folded" / path.name if fused else path  # the optimizer then writes `path`
+        folded.parent.mkdir(exist_ok=True)
+        fold_static_shapes(gathered, folded, large, spec)
         if fused:
-            folded = Path(tmp) / "folded" / path.name
-            folded.parent.mkdir()
-            fold_static_shapes(gathered, folded, large, spec)
             optimize_transformer(folded, path)
-        else:
-            fold_static_shapes(gathered, path, large, spec)
     check_onnx(path, spec)
     logger.info("exported %s: %.1f MB", spec.name, sum(f.stat().st_size for f in out_dir.iterdir()) / 1e6)
     return path
