@@ -26,6 +26,12 @@ def build_parser(parser):
     )
     parser.add_argument("--out", required=True, help="output pipeline folder (written atomically)")
     parser.add_argument("--convfusion-reduction", type=int, default=4, help="ConvFusion channel reduction r")
+    parser.add_argument(
+        "--convfusion",
+        choices=["dense", "separable", "off"],
+        default="dense",
+        help="ConvFusion's 3x3 conv: dense C -> C/r (the paper's), depthwise-separable, or no ConvFusion",
+    )
     parser.add_argument("--kv-stride", type=int, default=2, help="Spatial Compressor stride (M ~ N / stride^2)")
     parser.add_argument(
         "--eta-mode",
@@ -41,7 +47,12 @@ def main(args) -> int:
     from ..models.convert import convert
     from ..models.edit_attention import EDiTConfig
 
-    edit = EDiTConfig(convfusion_reduction=args.convfusion_reduction, kv_stride=args.kv_stride, eta_mode=args.eta_mode)
+    edit = EDiTConfig(
+        convfusion_reduction=args.convfusion_reduction,
+        convfusion=args.convfusion,
+        kv_stride=args.kv_stride,
+        eta_mode=args.eta_mode,
+    )
     out = convert(args.src, args.arch, args.out, edit, overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0

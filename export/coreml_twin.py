@@ -56,11 +56,14 @@ class EDiTAttnProcessorANE:
         heads = attn.heads
         x = hidden_states.transpose(1, 2).reshape(b, c, 1, n)  # (B, C, 1, N): channels first
         grid = x.reshape(b, c, h, w)  # (B, C, h, w)
-        fusion = attn.conv_fusion
-        z = fusion.conv_in(grid)  # (B, C/r, h, w)
-        z = F.group_norm(z, fusion.norm.num_groups, fusion.norm.weight, fusion.norm.bias, fusion.norm.eps)
-        z = fusion.conv_out(F.leaky_relu(z))  # (B, C, h, w)
-        q = F.relu(_conv1x1(x + z.reshape(b, c, 1, n), attn.to_q))  # (B, C, 1, N)
+        xz = x  # X + Z, the queries' input
+        fusion = getattr(attn, "conv_fusion", None)  # None: no ConvFusion (EDiTConfig.convfusion == "off")
+        if fusion is not None:
+            z = fusion.conv_in(grid)  # (B, C/r, h, w)
+            z = F.group_norm(z, fusion.norm.num_groups, fusion.norm.weight, fusion.norm.bias, fusion.norm.eps)
+            z = fusion.conv_out(F.leaky_relu(z))  # (B, C, h, w)
+            xz = x + z.reshape(b, c, 1, n)
+        q = F.relu(_conv1x1(xz, attn.to_q))  # (B, C, 1, N)
         k = attn.k_compressor(_conv1x1(x, attn.to_k).reshape(b, -1, h, w))  # (B, C, h', w')
         v = attn.v_compressor(_conv1x1(x, attn.to_v).reshape(b, -1, h, w))
         m = k.shape[-2] * k.shape[-1]

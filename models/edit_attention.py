@@ -23,6 +23,9 @@ class EDiTConfig:
     """Choices the paper leaves open; saved inside the transformer's config.json as `edit_config`."""
 
     convfusion_reduction: int = 4  # r: ConvFusion's 3x3 conv maps C -> C/r channels
+    # "dense": that 3x3 conv (the paper's); "separable": a depthwise 3x3 conv, then a 1x1 conv C -> C/r (about 9x
+    # fewer multiply-adds); "off": no ConvFusion, the queries are W_q X (docs/shapes.md: what each costs in quality)
+    convfusion: str = "dense"
     convfusion_groups: int = 8  # GroupNorm groups inside ConvFusion (clipped to divide C/r)
     kv_stride: int = 2  # Spatial Compressor: depthwise 3x3 conv stride, M ~ N / stride^2
     eps: float = 1e-6  # linear attention denominator epsilon (kept explicit for fp16 safety)
@@ -35,6 +38,8 @@ class EDiTConfig:
     def __post_init__(self):
         if self.convfusion_reduction < 1 or self.kv_stride < 1:
             raise ValueError("convfusion_reduction and kv_stride must be >= 1")
+        if self.convfusion not in ("dense", "separable", "off"):
+            raise ValueError(f"convfusion must be 'dense', 'separable' or 'off', got {self.convfusion!r}")
         if self.eta_mode not in ("token_count", "exact"):
             raise ValueError(f"eta_mode must be 'token_count' or 'exact', got {self.eta_mode!r}")
         if self.softmax_projections != "teacher":
@@ -54,12 +59,19 @@ def _divisor_at_most(n: int, k: int) -> int:
 
 
 class ConvFusion(nn.Module):
-    """Z = Conv1x1_{C/r->C}(LeakyReLU(GroupNorm(Conv3x3_{C->C/r}(X)))): local context added to the queries."""
+    """Z = Conv1x1_{C/r->C}(LeakyReLU(GroupNorm(Conv3x3_{C->C/r}(X)))): local context added to the queries.
 
-    def __init__(self, dim: int, reduction: int, groups: int):
+    separable=True factors the 3x3 conv into a depthwise 3x3 conv (C -> C) and a 1x1 conv (C -> C/r).
+    """
+
+    def __init__(self, dim: int, reduction: int, groups: int, separable: bool = False):
         super().__init__()
         hidden = max(dim // reduction, 1)
-        self.conv_in = nn.Conv2d(dim, hidden, 3, padding=1)
+        if separable:
+            depthwise = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+            self.conv_in = nn.Sequential(depthwise, nn.Conv2d(dim, hidden, 1))
+        else:
+            self.conv_in = nn.Conv2d(dim, hidden, 3, padding=1)
         self.norm = nn.GroupNorm(_divisor_at_most(hidden, groups), hidden)
         self.conv_out = nn.Conv2d(hidden, dim, 1)
         # Zero last conv: a freshly converted model computes exactly the teacher's W_q X.
@@ -140,7 +152,9 @@ def relu_linear_attention(
 def add_edit_layers(attn: Attention, config: EDiTConfig) -> None:
     """Attach ConvFusion and the Spatial Compressors to a diffusers `Attention` module (weights untouched)."""
     dim = attn.to_q.in_features
-    attn.conv_fusion = ConvFusion(dim, config.convfusion_reduction, config.convfusion_groups)
+    if config.convfusion != "off":
+        separable = config.convfusion == "separable"
+        attn.conv_fusion = ConvFusion(dim, config.convfusion_reduction, config.convfusion_groups, separable)
     attn.k_compressor = SpatialCompressor(attn.to_k.out_features, config.kv_stride)
     attn.v_compressor = SpatialCompressor(attn.to_v.out_features, config.kv_stride)
 
@@ -159,7 +173,8 @@ def edit_qkv(attn: Attention, x: torch.Tensor, grid_size: tuple[int, int]):
     grid = tokens_to_grid(x, grid_size)  # (B, C, h, w), channels-last view of x
     # The residual add and the ReLUs run in place on fresh conv / linear outputs, whose backward never reads them:
     # at 2048² every avoided (B, N, C) temporary saves a 75 MB allocation (and its page faults).
-    xz = grid_to_tokens(attn.conv_fusion(grid)).add_(x)  # (B, N, C): X + Z
+    fusion = getattr(attn, "conv_fusion", None)  # None: EDiTConfig.convfusion == "off"
+    xz = x if fusion is None else grid_to_tokens(fusion(grid)).add_(x)  # (B, N, C): X + Z
     q = attn.to_q(xz).relu_()  # (B, N, C)
     k = grid_to_tokens(attn.k_compressor(tokens_to_grid(attn.to_k(x), grid_size))).relu_()  # (B, M, C)
     v = grid_to_tokens(attn.v_compressor(tokens_to_grid(attn.to_v(x), grid_size)))  # (B, M, C)

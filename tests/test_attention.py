@@ -54,21 +54,27 @@ def test_linear_attention_kernel_matches_naive(grid):
     assert torch.allclose(y.double(), naive_linear_attention(q, k, v, 1e-6), atol=1e-5)
 
 
+def naive_conv_fusion(cf, g):
+    """docs/method.md's ConvFusion with explicit convolutions on the (B, C, h, w) grid (dense or separable)."""
+    if isinstance(cf.conv_in, torch.nn.Sequential):  # depthwise 3x3, then 1x1 C -> C/r
+        dw, pw = cf.conv_in
+        hidden = F.conv2d(F.conv2d(g, dw.weight, dw.bias, padding=1, groups=g.shape[1]), pw.weight, pw.bias)
+    else:
+        hidden = F.conv2d(g, cf.conv_in.weight, cf.conv_in.bias, padding=1)
+    return F.conv2d(F.leaky_relu(cf.norm(hidden)), cf.conv_out.weight, cf.conv_out.bias)
+
+
+@pytest.mark.parametrize("convfusion", ["dense", "separable", "off"])
 @pytest.mark.parametrize("grid", [(8, 8), (7, 5), (5, 9)])
-def test_edit_processor_matches_naive_formula(grid):
-    attn = self_attention()
+def test_edit_processor_matches_naive_formula(grid, convfusion):
+    attn = self_attention(config=EDiTConfig(convfusion=convfusion))
     randomize(attn)
     x = torch.randn(2, grid[0] * grid[1], 32)
     with torch.no_grad():
         y = attn(x, grid_size=grid)
         # Reference: docs/method.md written out with explicit convolutions on the (B, C, h, w) grid.
         g = x.transpose(1, 2).reshape(2, 32, *grid)
-        cf = attn.conv_fusion
-        z = F.conv2d(
-            F.leaky_relu(cf.norm(F.conv2d(g, cf.conv_in.weight, cf.conv_in.bias, padding=1))),
-            cf.conv_out.weight,
-            cf.conv_out.bias,
-        )
+        z = torch.zeros_like(g) if convfusion == "off" else naive_conv_fusion(attn.conv_fusion, g)
         q = F.relu(attn.to_q(x + z.flatten(2).transpose(1, 2)))
 
         def compress(t, conv):
@@ -238,3 +244,31 @@ def test_mm_edit_context_pre_only_block_returns_image_rows(eta_mode):
 def test_config_rejects_unknown_eta_mode():
     with pytest.raises(ValueError, match="eta_mode"):
         EDiTConfig(eta_mode="guess")
+
+
+class _OnGrid(torch.nn.Module):
+    """An EDiT self-attention called on a fixed grid: the (module, example) form the export twins take."""
+
+    def __init__(self, attn, grid):
+        super().__init__()
+        self.attn, self.grid = attn, grid
+
+    def forward(self, x):
+        return self.attn(x, grid_size=self.grid)
+
+
+@pytest.mark.parametrize("convfusion", ["dense", "separable", "off"])
+def test_export_twins_follow_every_convfusion_kind(convfusion):
+    """The Core ML (ANE) twin and the ExecuTorch (XNNPACK) twin compute each ConvFusion kind as the reference does:
+    both check themselves against it on entry (RuntimeError beyond TWIN_RTOL)."""
+    from edit_mobile.export.coreml_twin import ane_twin
+    from edit_mobile.export.executorch_twin import xnnpack_twin
+
+    attn = self_attention(config=EDiTConfig(convfusion=convfusion, convfusion_groups=2))
+    randomize(attn)
+    module, example = _OnGrid(attn, (6, 7)).eval(), (torch.randn(2, 42, 32),)
+    with ane_twin(module, example) as report:
+        assert report["layers"] == 1 and report["relative"] <= 1e-4
+    with xnnpack_twin(module, example) as report:
+        expected = {} if convfusion == "off" else {"ConvFusionXNNPACK": 1}
+        assert (report or {}).get("kinds", {}) == expected

@@ -290,6 +290,8 @@ def test_edit_configuration_variants(study):
     assert models.edit_config_of("edit") == EDiTConfig()
     assert models.edit_config_of("edit-r8-s4") == EDiTConfig(convfusion_reduction=8, kv_stride=4)
     assert models.edit_config_of("edit-s4") == EDiTConfig(kv_stride=4)
+    assert models.edit_config_of("edit-sep") == EDiTConfig(convfusion="separable")
+    assert models.edit_config_of("edit-r8-nocf") == EDiTConfig(convfusion_reduction=8, convfusion="off")
     with pytest.raises(ValueError, match="unknown EDiT variant 'edit-x8'"):
         models.edit_config_of("edit-x8")
 
@@ -301,4 +303,7 @@ def test_edit_configuration_variants(study):
     desc = {"pixart": {"full_depth": 28}, "sd3": {"full_depth": 24}}
     steps = plan.plan(Args, desc)
     assert [(s["arch"], s["group"]) for s in steps] == [("pixart", "edit-config")]  # PixArt only
-    assert steps[0]["variants"] == ["softmax-bound-mha", "edit-mha", "edit-r8-mha", "edit-s4-mha", "edit-r8-s4-mha"]
+    assert steps[0]["variants"] == [
+        "softmax-bound-mha",
+        *("edit-mha", "edit-r8-mha", "edit-s4-mha", "edit-r8-s4-mha", "edit-sep-mha", "edit-nocf-mha"),
+    ]

@@ -39,6 +39,23 @@ def test_every_teacher_weight_is_copied(teacher_name, student_cls):
     assert all(hasattr(b.attn1 if hasattr(b, "attn1") else b.attn, "conv_fusion") for b in student.transformer_blocks)
 
 
+@pytest.mark.parametrize("convfusion", ["separable", "off"])
+def test_cli_convfusion_variant_is_saved_and_loads(tmp_path, convfusion):
+    """`convert --convfusion`: the variant's layers are what it says, its config is saved beside the weights, and
+    the stock pipeline class loads it back with the same layers."""
+    out = tmp_path / convfusion
+    assert cli(["convert", "tiny-pixart", "--arch", "edit", "--convfusion", convfusion, "--out", str(out)]) == 0
+    student = PixArtSigmaPipeline.from_pretrained(out).transformer
+    assert student.edit == EDiTConfig(convfusion=convfusion)
+    fusion = [getattr(b.attn1, "conv_fusion", None) for b in student.transformer_blocks]
+    if convfusion == "off":
+        assert fusion == [None] * len(fusion)
+    else:  # depthwise 3x3 (groups = C), then 1x1 C -> C/4
+        dw, pw = fusion[0].conv_in
+        assert dw.groups == dw.in_channels == dw.out_channels and pw.kernel_size == (1, 1)
+        assert pw.out_channels == dw.in_channels // 4
+
+
 def _generate(pipe, seed=0):
     kwargs = {"clean_caption": False} if isinstance(pipe, PixArtSigmaPipeline) else {}
     return pipe(

@@ -204,38 +204,19 @@ def test_fused_export_matches_pytorch(tmp_path, monkeypatch):
     """`export --graph fused` (the default): the softmax teacher with every attention as ONNX Runtime's fused
     MultiHeadAttention and an EDiT with its prompt cross-attention as MHA match PyTorch on a prompt mask that hides
     tokens; the processors are diffusers' own again afterwards. Planted: an MHA that ignores the mask fails."""
-    import numpy as np
-    import onnxruntime as ort
-    import torch
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     from edit_mobile.export import mha
-    from edit_mobile.export.onnx_export import export_onnx
-    from edit_mobile.export.targets import fused_ops
     from edit_mobile.models.edit_attention import EDiTAttnProcessor
     from edit_mobile.models.edit_pixart import EDiTPixArtTransformer2DModel
     from edit_mobile.models.presets import PRESETS
 
     teacher = PRESETS["tiny-pixart"].build().transformer
-    rng = np.random.default_rng(0)
-    mask = np.zeros((1, 8), np.float32)
-    mask[:, :3] = 1.0
-    inputs = {
-        "sample": rng.standard_normal((1, 4, 8, 8)).astype(np.float32),
-        "timestep": np.full((1,), 500.0, np.float32),
-        "encoder_hidden_states": rng.standard_normal((1, 8, teacher.config.caption_channels)).astype(np.float32),
-        "encoder_attention_mask": mask,
-    }
     student = EDiTPixArtTransformer2DModel.from_teacher(teacher).eval()
+    inputs = _tiny_pixart_inputs(teacher)
 
     def export_and_compare(name, model):
-        spec = _tiny_transformer_spec(model, inputs)
-        path = export_onnx(spec, tmp_path / name, fused=True)
-        with torch.inference_mode():
-            ref = spec.module(*(torch.from_numpy(v) for v in inputs.values())).numpy()
-        got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, inputs)[0]
-        # in units of the output's fp32 precision: float reordering only (measured ~2e-7 relative)
-        return fused_ops([path])["fused_ops"], float(np.abs(got - ref).max() / np.abs(ref).max())
+        return _fused_export_error(tmp_path / name, model, inputs)
 
     blocks = len(teacher.transformer_blocks)
     for name, model, mha_nodes in (("softmax", teacher, 2 * blocks), ("edit", student, blocks)):
@@ -254,6 +235,60 @@ def test_fused_export_matches_pytorch(tmp_path, monkeypatch):
     monkeypatch.setattr(mha.MHAExportProcessor, "__call__", ignore_mask)
     _, err = export_and_compare("planted", student)
     assert err > 1e-2, err
+
+
+def _tiny_pixart_inputs(teacher):
+    """Transformer inputs of tiny-pixart with a prompt mask that hides 5 of 8 tokens."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((1, 8), np.float32)
+    mask[:, :3] = 1.0
+    return {
+        "sample": rng.standard_normal((1, 4, 8, 8)).astype(np.float32),
+        "timestep": np.full((1,), 500.0, np.float32),
+        "encoder_hidden_states": rng.standard_normal((1, 8, teacher.config.caption_channels)).astype(np.float32),
+        "encoder_attention_mask": mask,
+    }
+
+
+def _fused_export_error(out, model, inputs):
+    """Export `model` as the fused graph; its fused-op counts and max |ONNX Runtime - PyTorch| / max |PyTorch|."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from edit_mobile.export.onnx_export import export_onnx
+    from edit_mobile.export.targets import fused_ops
+
+    spec = _tiny_transformer_spec(model, inputs)
+    path = export_onnx(spec, out, fused=True)
+    with torch.inference_mode():
+        ref = spec.module(*(torch.from_numpy(v) for v in inputs.values())).numpy()
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, inputs)[0]
+    # in units of the output's fp32 precision: float reordering only (measured ~2e-7 relative)
+    return fused_ops([path])["fused_ops"], float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize("convfusion", ["separable", "off"])
+def test_convfusion_variants_export_as_in_pytorch(tmp_path, convfusion):
+    """The depthwise-separable ConvFusion and EDiT without ConvFusion export and match PyTorch like the default
+    (their new layers random, so that ConvFusion's output is not the fresh conversion's zero)."""
+    import torch
+
+    from edit_mobile.models.edit_attention import EDiTConfig
+    from edit_mobile.models.edit_pixart import EDiTPixArtTransformer2DModel
+    from edit_mobile.models.presets import PRESETS
+
+    teacher = PRESETS["tiny-pixart"].build().transformer
+    student = EDiTPixArtTransformer2DModel.from_teacher(teacher, EDiTConfig(convfusion=convfusion)).eval()
+    new = {k: v for k, v in student.named_parameters() if "conv_fusion" in k}
+    assert bool(new) == (convfusion != "off")
+    with torch.no_grad():
+        for v in new.values():
+            v.copy_(torch.randn_like(v) * 0.2)
+    _, err = _fused_export_error(tmp_path / convfusion, student, _tiny_pixart_inputs(teacher))
+    assert err < 1e-5, err
 
 
 def test_export_graph_option(tmp_path, capsys):

@@ -67,16 +67,18 @@ class IdentityCoreProcessor:
 
 
 def edit_config_of(family: str):
-    """The EDiT configuration a family name asks for: "edit" (the defaults: ConvFusion r = 4, compressor stride 2),
-    "edit-r8" (ConvFusion C -> C/8), "edit-s4" (compressor stride 4), "edit-r8-s4". Speed only: the weights are a
-    fresh conversion, so what these variants cost in quality needs distillation and the shapes model."""
+    """The EDiT configuration a family name asks for: "edit" (the defaults: dense ConvFusion r = 4, compressor stride
+    2), "edit-r8" (ConvFusion C -> C/8), "edit-s4" (compressor stride 4), "edit-r8-s4", and with a "-sep" suffix
+    the depthwise-separable ConvFusion, with "-nocf" none. Speed only: the weights are a fresh conversion; what the
+    variants cost in quality is measured on the shapes model (scripts/study_edit_variants.py)."""
     from edit_mobile.models.edit_attention import EDiTConfig
 
-    match = re.fullmatch(r"edit(?:-r(\d+))?(?:-s(\d+))?", family)
+    match = re.fullmatch(r"edit(?:-r(\d+))?(?:-s(\d+))?(-sep|-nocf)?", family)
     if match is None:
         raise ValueError(f"unknown EDiT variant {family!r}")
-    reduction, stride = match.groups()
-    return EDiTConfig(convfusion_reduction=int(reduction or 4), kv_stride=int(stride or 2))
+    reduction, stride, kind = match.groups()
+    convfusion = {None: "dense", "-sep": "separable", "-nocf": "off"}[kind]
+    return EDiTConfig(convfusion_reduction=int(reduction or 4), kv_stride=int(stride or 2), convfusion=convfusion)
 
 
 def build_model(desc: dict, family: str, res: int, depth: int, seed: int = 0):

@@ -42,8 +42,17 @@ GROUPS = {
     # @student-mha-int8: what `export` + `quantize --precision int8-dynamic` ship, against the fp32 fused teacher
     "int8": ["@student", "@student-int8", "softmax-int8", "@student-mha-int8", "softmax-mha"],
     # EDiT's own configuration (PixArt, fused as shipped): ConvFusion C -> C/8 instead of C/4, compressor stride 4
-    # instead of 2, both; against the attention-free bound. Speed only (fresh conversions, not distilled)
-    "edit-config": ["softmax-bound-mha", "@student-mha", "@student-r8-mha", "@student-s4-mha", "@student-r8-s4-mha"],
+    # instead of 2, both; a depthwise-separable ConvFusion, none; against the attention-free bound. Speed only (fresh
+    # conversions; scripts/study_edit_variants.py distils them on the shapes model for their quality)
+    "edit-config": [
+        "softmax-bound-mha",
+        "@student-mha",
+        "@student-r8-mha",
+        "@student-s4-mha",
+        "@student-r8-s4-mha",
+        "@student-sep-mha",
+        "@student-nocf-mha",
+    ],
     "torch": ["@student", "torch-@student", "torch-softmax"],
     "optimum": ["softmax", "optimum", "@student"],
     # ONNX Runtime's CPU memory arena (BFC, on by default) vs plain malloc / free: the peak-memory question

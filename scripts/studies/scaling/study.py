@@ -208,10 +208,10 @@ class Study:
                 row["size_mb"] = round(sum(f.stat().st_size for f in path.parent.glob("model.onnx*")) / 2**20, 1)
                 base_variant = "softmax" if v.startswith("softmax") or v == "optimum" else ARCHS[arch]["student"]
                 # multiply-adds of the plain fp32 graph of the same math (MHA / int8 graphs count alike); none for
-                # EDiT's configuration variants (edit-r8-mha ...: other math, and their MHA nodes count nothing)
+                # EDiT's configuration variants (edit-r8-mha, edit-sep-mha ...: other math; MHA nodes count nothing)
                 if graph_variant in ("softmax", "edit", "mm-edit"):
                     base = path
-                elif re.search(r"-[rs]\d", graph_variant):
+                elif re.search(r"-(r\d|s\d|sep|nocf)", graph_variant):
                     base = None
                 else:
                     base = self.graph(arch, base_variant, res, depth)[0]
