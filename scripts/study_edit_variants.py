@@ -97,6 +97,21 @@ def run_variant(name: str, teacher: Path, work: Path, steps: int, prompts: int) 
     }
 
 
+def markdown_table(results: dict) -> str:
+    """One row per variant: EDiT's own parameters, the final held-out distillation losses, prompt accuracy."""
+    rows = [
+        "| variant | EDiT layers' parameters | eval output loss | eval feature loss | all | shape | colour | size "
+        "| background | Fréchet |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        last, acc = r["eval_loss"][max(r["eval_loss"])], r["accuracy"]
+        pct = " | ".join(f"{100 * acc[k]:.0f} %" for k in ("all", "shape", "color", "size", "background"))
+        rows.append(f"| `{name}` | {r['edit_parameters']:,} | {last['output']:.4f} | {last['feature']:.4f} | {pct} "
+                    f"| {r['frechet_distance']:.0f} |")  # fmt: skip
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", type=Path, default=Path("shapes-work/pixart-teacher"), help="trained teacher")
@@ -118,6 +133,7 @@ def main() -> None:
         last = r["eval_loss"][max(r["eval_loss"])]
         logger.info("%s: all %.3f, Fréchet %.0f, eval output loss %.4f", name, r["accuracy"]["all"],
                     r["frechet_distance"], last["output"])  # fmt: skip
+    print(markdown_table(results))
     if args.json:
         doc = {"teacher": str(args.teacher), "steps": args.steps, "recipe": with_steps(STUDENT_ARGS, args.steps),
                "variants": results}  # fmt: skip
