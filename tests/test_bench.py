@@ -307,3 +307,6 @@ def test_edit_configuration_variants(study):
         "softmax-bound-mha",
         *("edit-mha", "edit-r8-mha", "edit-s4-mha", "edit-r8-s4-mha", "edit-sep-mha", "edit-nocf-mha"),
     ]
+    Args.resolutions = [2048]  # the workers of a group live together: five of them at 2048²
+    large = plan.plan(Args, desc)[0]["variants"]
+    assert large == ["softmax-bound-mha", "edit-mha", "edit-r8-mha", "edit-sep-mha", "edit-nocf-mha"]
