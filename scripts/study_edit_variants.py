@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -62,15 +63,8 @@ def edit_parameters(transformer: Path) -> int:
         with safe_open(path, "np") as f:
             for key in f.keys():
                 if any(n in key for n in NEW_LAYERS):
-                    count += _numel(f.get_slice(key))
+                    count += math.prod(f.get_slice(key).get_shape())
     return count
-
-
-def _numel(tensor_slice) -> int:
-    n = 1
-    for s in tensor_slice.get_shape():
-        n *= s
-    return n
 
 
 def run_variant(name: str, teacher: Path, work: Path, steps: int, prompts: int) -> dict:
