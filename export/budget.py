@@ -6,9 +6,10 @@
   created.
 - activations P: the largest set of intermediate tensors alive at once when the nodes run in their stored
   (topological) order, every value freed after its last reader: what the memory planner lays out for a run.
-- ONNX Runtime's CPU arena (on by default) keeps what a session's runs touched until the session ends: about P
-  after one run, 2P from the second (the memory pattern's one block of the whole peak comes on top of the first
-  run's pieces). Without the arena, P is freed after each run.
+- ONNX Runtime's CPU arena (on by default) keeps what a session's runs touched until the session ends: about P,
+  the later runs reusing the first run's pieces. With ONNX Runtime's memory pattern (off in our runtime, `generate
+  --mem-pattern`), 2P from the second run: the pattern's one block of the whole peak comes on top of the first
+  run's pieces. Without the arena, P is freed after each run.
 - about 25 MB per session of thread buffers and allocator slack, and the process itself: the resident memory of a
   fresh interpreter that imported the runtime (measured once).
 
@@ -125,18 +126,22 @@ def _component_memory(package: Package, name: str) -> list[dict]:
     return [graph_memory(p.with_suffix(".onnx"), folds) for p in (comp.chunk_paths or (comp.path,))]
 
 
-def arena_mb(peak_mb: float, runs: int) -> float:
+def arena_mb(peak_mb: float, runs: int, mem_pattern: bool = False) -> float:
     """What ONNX Runtime's BFC arena keeps resident after `runs` runs that need `peak_mb` at once. The arena returns
     nothing before the session ends; the first run's tensors are allocated one by one (the pages they touch, about
-    the peak), and from the second run the memory pattern asks for one block of the whole peak, a region of its
-    own (bfc_arena.cc, execution_frame.cc). Regions are reserved in powers of two, but only touched pages count."""
-    return peak_mb * min(runs, 2)
+    the peak) and later runs reuse them, unless the memory pattern is on: from the second run it asks for one block
+    of the whole peak, a region of its own (bfc_arena.cc, execution_frame.cc). Regions are reserved in powers of
+    two, but only touched pages count."""
+    return peak_mb * (min(runs, 2) if mem_pattern else 1)
 
 
-def predict(package: Package | str | Path, baseline_mb: float | None = None, cpu_arena: bool = True) -> dict:
+def predict(
+    package: Package | str | Path, baseline_mb: float | None = None, cpu_arena: bool = True, mem_pattern: bool = False
+) -> dict:
     """{"default": {phase: MB}, "low": {phase: MB}, "components": {name: {weights_mb, activations_mb}},
-    "baseline_mb"}: the predicted peak resident memory of each phase of one image in each memory mode (`cpu_arena`:
-    the default mode's arena, as `generate --no-cpu-arena` sets it; the low mode runs without)."""
+    "baseline_mb"}: the predicted peak resident memory of each phase of one image in each memory mode (`cpu_arena`,
+    `mem_pattern`: the default mode's arena and memory pattern, as `generate --no-cpu-arena / --mem-pattern` set
+    them; the low mode runs without either)."""
     package = package if isinstance(package, Package) else load_package(package)
     if package.target == "coreml":
         raise UserError("--budget-mb predicts ONNX Runtime memory: ONNX and ORT-mobile packages only")
@@ -150,7 +155,7 @@ def predict(package: Package | str | Path, baseline_mb: float | None = None, cpu
 
     def kept(name: str) -> float:  # what a component's sessions keep once they ran, in the default mode
         runs = 1 if name == "vae_decoder" else 2  # per image: the decoder once; prompts and steps at least twice
-        arena = sum(arena_mb(g["activations"], runs) for g in graphs[name]) if cpu_arena else 0.0
+        arena = sum(arena_mb(g["activations"], runs, mem_pattern) for g in graphs[name]) if cpu_arena else 0.0
         return arena + SESSION_MB * len(graphs[name])
 
     def running(name: str) -> float:  # the extra while it runs, over what it keeps
@@ -181,6 +186,7 @@ def predict(package: Package | str | Path, baseline_mb: float | None = None, cpu
     return {
         "baseline_mb": round(base, 1),
         "cpu_arena": cpu_arena,
+        "mem_pattern": mem_pattern,
         "components": components,
         "default": {p: round(v, 1) for p, v in default.items()},
         "low": {p: round(v, 1) for p, v in low.items()},

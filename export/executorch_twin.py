@@ -31,7 +31,7 @@ from diffusers.models.normalization import RMSNorm
 from torch import nn
 from transformers.models.t5.modeling_t5 import T5LayerNorm
 
-from ..models.edit_attention import ConvFusion
+from ..models.edit_attention import ConvFusion, grid_to_tokens
 from .coreml_twin import check_twin
 
 
@@ -42,7 +42,7 @@ class ConvFusionXNNPACK(nn.Module):
         super().__init__()
         self.conv_in, self.norm, self.conv_out = reference.conv_in, reference.norm, reference.conv_out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, h, w)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, h, w) -> Z: (B, N, C)
         # The identity pooling puts x in XNNPACK's NHWC layout before the convolution. With a dynamically quantized
         # conv_in (int8 packages), XNNPACK's layout pass (ExecuTorch 1.5.1) otherwise walks from the int8 input
         # back through the graph to its first node, the (B, N, C) tokens, and fails to make that 3-D tensor NHWC.
@@ -58,7 +58,7 @@ class ConvFusionXNNPACK(nn.Module):
         # The affine applies to y itself, per channel: a reshape of the activations between here and conv_out
         # breaks XNNPACK's dynamically quantized convolution (its shapes fail to propagate at run time).
         z = F.leaky_relu(y * scale.reshape(b, c, 1, 1) + shift.reshape(b, c, 1, 1))  # (B, C/r, h, w)
-        return self.conv_out(z)  # (B, C, h, w)
+        return grid_to_tokens(self.conv_out(z))  # (B, N, C), as the reference returns Z
 
 
 def _mean_last(x: torch.Tensor) -> torch.Tensor:

@@ -78,7 +78,8 @@ class ConvFusion(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, h, w), channels-last from tokens_to_grid
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: the (B, C, h, w) grid, channels-last from tokens_to_grid. Returns Z as tokens, (B, N, C)."""
         y = self.conv_in(x)  # (B, C/r, h, w), channels-last like x
         b, c, h, w = y.shape
         g = self.norm.num_groups
@@ -91,7 +92,11 @@ class ConvFusion(nn.Module):
         scale = torch.rsqrt(var + self.norm.eps) * self.norm.weight.view(g, c // g)  # (B, 1, G, C/r/G)
         shift = self.norm.bias.view(g, c // g) - mean * scale
         yt = F.leaky_relu(torch.addcmul(shift, yt, scale), inplace=True)  # (B, N, G, C/r/G)
-        return self.conv_out(yt.reshape(b, h, w, c).permute(0, 3, 1, 2))  # (B, C, h, w), channels-last
+        # conv_out is a 1x1 convolution, i.e. the same linear map of every token: applied to the token-major view
+        # it exports as one MatMul. As a Conv, ONNX Runtime's CPU provider would wrap it in NCHWc layout copies
+        # (ReorderInput, ReorderOutput): two more (B, N, C) tensors per block, 0.15 GB at 2048² (docs/memory.md).
+        weight = self.conv_out.weight.view(self.conv_out.out_channels, c)  # (C, C/r, 1, 1) -> (C, C/r)
+        return F.linear(yt.reshape(b, h * w, c), weight, self.conv_out.bias)  # (B, N, C)
 
 
 class SpatialCompressor(nn.Module):
@@ -174,7 +179,7 @@ def edit_qkv(attn: Attention, x: torch.Tensor, grid_size: tuple[int, int]):
     # The residual add and the ReLUs run in place on fresh conv / linear outputs, whose backward never reads them:
     # at 2048² every avoided (B, N, C) temporary saves a 75 MB allocation (and its page faults).
     fusion = getattr(attn, "conv_fusion", None)  # None: EDiTConfig.convfusion == "off"
-    xz = x if fusion is None else grid_to_tokens(fusion(grid)).add_(x)  # (B, N, C): X + Z
+    xz = x if fusion is None else fusion(grid).add_(x)  # (B, N, C): X + Z
     q = attn.to_q(xz).relu_()  # (B, N, C)
     k = grid_to_tokens(attn.k_compressor(tokens_to_grid(attn.to_k(x), grid_size))).relu_()  # (B, M, C)
     v = grid_to_tokens(attn.v_compressor(tokens_to_grid(attn.to_v(x), grid_size)))  # (B, M, C)

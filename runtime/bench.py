@@ -51,7 +51,7 @@ class BenchOptions:
     memory_phases: bool = False  # also profile memory per phase in both memory modes (two more images)
     cpu_arena: bool = True  # ONNX Runtime's CPU memory arena (runtime/ort_backend.py)
     shared_arena: bool = False  # one CPU arena for every component's session instead of one each
-    mem_pattern: bool = True  # ONNX Runtime's pre-planned activation buffers
+    mem_pattern: bool = False  # ONNX Runtime's pre-planned activation buffers (runtime/ort_backend.py)
     size: str | None = None  # image size "WxH" of a multi-size package (None: its default size)
 
     def check(self) -> None:

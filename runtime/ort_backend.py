@@ -58,13 +58,16 @@ class OrtBackend:
         providers: list[str] | None = None,
         session_config: dict[str, str] | None = None,
         cpu_arena: bool = True,
-        mem_pattern: bool = True,
+        mem_pattern: bool = False,
         shared_weights=None,
         shared_arena: bool = False,
     ):
         """`cpu_arena`: ONNX Runtime's CPU memory arena (fast reuse of freed blocks, which it keeps until the session
-        ends); `mem_pattern`: pre-planned activation buffers (allocated once per run shape). Both on is ONNX
-        Runtime's default; off trades speed for a lower peak (docs/memory.md). `shared_arena` (with `cpu_arena`):
+        ends; ONNX Runtime's default, kept: off trades speed for a lower peak). `mem_pattern`: pre-planned
+        activation buffers, ONNX Runtime's default but off here: from the second run the pattern asks the arena for
+        one block of the whole run's activations on top of the pieces the first run left in it, which costs up to
+        1.8x the peak (EDiT at 2048²: 4.3 GB with it, 2.4 GB without) and saved no measurable time
+        (docs/memory.md). `shared_arena` (with `cpu_arena`):
         the session allocates from one CPU arena that every session of the process shares (ONNX Runtime's
         environment allocator, `session.use_env_allocators`) instead of an arena of its own; measured to save
         nothing on ONNX Runtime 1.32's CPU provider for our packages (docs/memory.md), so off by default.

@@ -66,7 +66,7 @@ class Text2ImagePipeline:
         backends: dict | None = None,
         memory: str = "default",
         cpu_arena: bool = True,
-        mem_pattern: bool = True,
+        mem_pattern: bool = False,
         shared_weights=None,
         shared_arena: bool = False,
     ):

@@ -310,3 +310,20 @@ def test_edit_configuration_variants(study):
     Args.resolutions = [2048]  # the workers of a group live together: five of them at 2048²
     large = plan.plan(Args, desc)[0]["variants"]
     assert large == ["softmax-bound-mha", "edit-mha", "edit-r8-mha", "edit-sep-mha", "edit-nocf-mha"]
+
+
+def test_memory_group_measures_the_runtime_setting_and_onnx_runtimes_default(study):
+    """The memory group: each fused graph with ONNX Runtime's memory pattern off (as our runtime runs packages) and
+    on ("+pattern", ONNX Runtime's default), at the arena resolutions; the worker spec carries the choice."""
+    plan = study("studies.scaling.plan")
+
+    class Args:
+        quick, int8, torch, with_optimum, full_depth, full_depth_res = False, True, False, False, False, 2048
+        archs, resolutions, sd3_resolutions, groups = ["pixart", "sd3"], [1024], [1024], ["memory"]
+        depth, warmup, runs, runs_large, call_timeout, arena_resolutions = 2, 1, 3, 2, 900.0, [2048]
+
+    steps = plan.plan(Args, {"pixart": {"full_depth": 28}, "sd3": {"full_depth": 24}})
+    assert [(s["arch"], s["res"], s["group"]) for s in steps] == [("pixart", 2048, "memory")]
+    variants = steps[0]["variants"]
+    assert sorted(v for v in variants if v.endswith("+pattern")) == sorted(f"{v}+pattern" for v in variants if "+" not in v)
+    assert {v.partition("+")[0] for v in variants} == {"softmax-mha", "softmax-bound-mha", "edit-mha"}

@@ -457,3 +457,13 @@ def test_export_then_generate_is_deterministic(tmp_path, capsys):
     assert configs == {"1"}
     assert main([*args, "--shared-arena", "--no-cpu-arena", "--out", str(tmp_path / "f.png")]) == 2
     assert "--shared-arena needs the CPU arena" in capsys.readouterr().err and not (tmp_path / "f.png").exists()
+
+    # ONNX Runtime's memory pattern is off unless asked for (its one block per run costs up to 1.8x the peak,
+    # docs/memory.md); `--mem-pattern` turns it on, and the image is the same
+    def patterns(pipe):
+        return {b.session.get_session_options().enable_mem_pattern for b in pipe.models.values()}
+
+    assert patterns(Text2ImagePipeline(pkg, progress=False)) == {False}
+    assert patterns(Text2ImagePipeline(pkg, progress=False, mem_pattern=True)) == {True}
+    assert main([*args, "--mem-pattern", "--out", str(tmp_path / "pattern.png")]) == 0
+    assert (tmp_path / "pattern.png").read_bytes() == (tmp_path / "a.png").read_bytes()

@@ -65,6 +65,16 @@ GROUPS = {
         "softmax-mha",
         "softmax-mha+noarena",
     ],
+    # ONNX Runtime's memory pattern (its default, off in our runtime) on and off, fused graphs as `export` ships
+    # them: what the pattern's one block costs each of them, and EDiT against the teacher and the bound either way
+    "memory": [
+        "softmax-mha",
+        "softmax-mha+pattern",
+        "softmax-bound-mha",
+        "softmax-bound-mha+pattern",
+        "@student-mha",
+        "@student-mha+pattern",
+    ],
 }
 # The complete PixArt-Σ-XL EDiT (the preset's depth, 28 blocks) at --full-depth-res: one group per variant, so that
 # one ~8-16 GB worker is alive at a time. The plain graph with ONNX Runtime's CPU arena and without it, and the
@@ -75,7 +85,7 @@ FULL_DEPTH = {
     "full-depth-fused": "edit-mha",
     "full-depth-fused-int8": "edit-mha-int8",
 }
-ALL_GROUPS = ["attention", "int8", "edit-config", "torch", "optimum", "arena", *FULL_DEPTH]
+ALL_GROUPS = ["attention", "int8", "edit-config", "torch", "optimum", "arena", "memory", *FULL_DEPTH]
 
 
 def tokens(res: int, desc: dict) -> int:
@@ -143,9 +153,10 @@ def plan(args, descs: dict[str, dict]) -> list[dict]:
                 add(arch, res, depth, "torch")
             if "optimum" in args.groups and arch == "sd3" and args.with_optimum and res == args.optimum_resolution:
                 add(arch, res, depth, "optimum")
-    if "arena" in args.groups and "pixart" in args.archs:
-        for res in args.arena_resolutions:
-            add("pixart", res, depth, "arena")
+    for group in ("arena", "memory"):
+        if group in args.groups and "pixart" in args.archs:
+            for res in args.arena_resolutions:
+                add("pixart", res, depth, group)
     if args.full_depth and "pixart" in args.archs:
         # One cold call each: its time and its peak memory.
         for group, variant in FULL_DEPTH.items():
@@ -199,7 +210,7 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
         nargs="+",
         type=int,
         default=[2048],
-        help="PixArt resolutions of the arena group (default 2048)",
+        help="PixArt resolutions of the arena and memory groups (default 2048)",
     )
     p.add_argument(
         "--groups", nargs="+", choices=ALL_GROUPS, default=ALL_GROUPS, help="which groups to run (default all)"

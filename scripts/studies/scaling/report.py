@@ -137,6 +137,10 @@ def ratios(results: list[dict]) -> list[dict]:
         ("@s", "@s+noarena", "ONNX Runtime CPU arena on vs off (EDiT): time on / time off, memory on / off"),
         ("@s-mha", "@s-mha+noarena", "CPU arena on vs off (EDiT, fused): time on / time off, memory on / off"),
         ("softmax-mha+noarena", "@s-mha+noarena", "EDiT vs teacher, both fused, CPU arena off"),
+        ("@s-mha+pattern", "@s-mha", "memory pattern on vs off (EDiT, fused): time on / time off, memory on / off"),
+        ("softmax-mha+pattern", "softmax-mha", "memory pattern on vs off (fused teacher): time, memory on / off"),
+        ("softmax-bound-mha+pattern", "softmax-bound-mha", "memory pattern on vs off (bound, fused): time, memory"),
+        ("softmax-mha+pattern", "@s-mha+pattern", "EDiT vs teacher, both fused, memory pattern on (ORT's default)"),
     ]
     keyed = {}
     for r in results:

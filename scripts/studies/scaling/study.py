@@ -222,6 +222,7 @@ class Study:
                     "profile": profile,
                     "profile_dir": str(self.work / "profiles"),
                     "arena": option != "noarena",
+                    "mem_pattern": option == "pattern",
                 }
                 if graph_variant.endswith("-int8"):
                     # the session options `edit-mobile quantize` records for int8-dynamic components (the package

@@ -117,6 +117,9 @@ def child_worker(args) -> None:
             opts.intra_op_num_threads = spec["threads"]
             if spec.get("arena") is False:  # "+noarena" variants: plain malloc / free instead of the BFC arena
                 opts.enable_cpu_mem_arena = False
+            # as our runtime runs a package (runtime/ort_backend.py): ONNX Runtime's memory pattern off, unless a
+            # "+pattern" variant asks for it
+            opts.enable_mem_pattern = bool(spec.get("mem_pattern", False))
             for key, value in (spec.get("session_config") or {}).items():  # what the runtime applies to a package
                 opts.add_session_config_entry(key, value)
             if spec.get("profile"):
