@@ -94,7 +94,7 @@ class ConvFusion(nn.Module):
         yt = F.leaky_relu(torch.addcmul(shift, yt, scale), inplace=True)  # (B, N, G, C/r/G)
         # conv_out is a 1x1 convolution, i.e. the same linear map of every token: applied to the token-major view
         # it exports as one MatMul. As a Conv, ONNX Runtime's CPU provider would wrap it in NCHWc layout copies
-        # (ReorderInput, ReorderOutput): two more (B, N, C) tensors per block, 0.15 GB at 2048² (docs/memory.md).
+        # (ReorderInput, ReorderOutput): two more (B, N, C) tensors per block, 75 MB each at 2048² (docs/memory.md).
         weight = self.conv_out.weight.view(self.conv_out.out_channels, c)  # (C, C/r, 1, 1) -> (C, C/r)
         return F.linear(yt.reshape(b, h * w, c), weight, self.conv_out.bias)  # (B, N, C)
 
